@@ -1,0 +1,33 @@
+"""Language-modelling data: corpora (PTB, WikiText-2), vocabulary, batching for BPTT."""
+
+from .batching import batchify, bptt_segments, check_min_size, get_batch, sample_seq_len
+from .corpus import (
+    DATASETS,
+    Corpus,
+    DataError,
+    DatasetSpec,
+    SplitSpec,
+    Vocab,
+    download_dataset,
+    load_corpus,
+    read_tokens,
+    sha256_file,
+)
+
+__all__ = [
+    "DATASETS",
+    "Corpus",
+    "DataError",
+    "DatasetSpec",
+    "SplitSpec",
+    "Vocab",
+    "batchify",
+    "bptt_segments",
+    "check_min_size",
+    "download_dataset",
+    "get_batch",
+    "load_corpus",
+    "read_tokens",
+    "sample_seq_len",
+    "sha256_file",
+]
