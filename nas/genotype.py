@@ -1,0 +1,226 @@
+"""Genotypes: the discrete architecture a search returns, as a small frozen value stored as JSON.
+
+A genotype names its search space, the candidate op list of that space, and for every intermediate
+node the incoming edges it keeps as ``(op name, input node)`` pairs.  Ops are stored by *name*, never
+by index, so a genotype file stays valid when an op list is reordered.  Node numbering follows DARTS
+(Liu et al. 2019, sec. 2.1): node 0 is the cell's initial state and intermediate node ``i`` (1-based)
+may take inputs from nodes ``0 .. i-1``; ``concat`` lists the nodes averaged into the cell output.
+
+``derive`` turns architecture parameters α into a genotype the DARTS way (sec. 2.4): per node, keep the
+``k`` predecessors whose strongest non-zero op has the largest *softmax* weight, each with that op.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Iterable, Sequence, Tuple
+
+import torch
+
+#: op names that mean "no edge"; they are never part of a derived genotype.
+ZERO_OPS = frozenset({"none", "zero"})
+
+
+class GenotypeError(ValueError):
+    """A genotype (or genotype file) is malformed or does not fit the space it is used with."""
+
+
+@dataclass(frozen=True)
+class Edge:
+    """One kept edge: ``op`` applied to the state of node ``input``."""
+
+    op: str
+    input: int
+
+
+@dataclass(frozen=True)
+class Genotype:
+    """A discrete architecture.
+
+    Attributes:
+        space: name of the search space it belongs to (``"darts_rnn"``, ``"hybrid"``).
+        ops: the space's candidate op names, in the order of the α columns during search.
+        nodes: ``nodes[i-1]`` holds the incoming edges of intermediate node ``i``.
+        concat: indices of the nodes whose mean (or combination) forms the cell output.
+
+    Raises:
+        GenotypeError: on construction, if an op is unknown or zero, an input is not an earlier node,
+            a node has no edge, or ``concat`` names a node that does not exist.
+    """
+
+    space: str
+    ops: Tuple[str, ...]
+    nodes: Tuple[Tuple[Edge, ...], ...]
+    concat: Tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ops", tuple(self.ops))
+        object.__setattr__(self, "nodes", tuple(tuple(Edge(*e) if not isinstance(e, Edge) else e
+                                                      for e in node) for node in self.nodes))
+        object.__setattr__(self, "concat", tuple(int(c) for c in self.concat))
+        self.validate()
+
+    @property
+    def steps(self) -> int:
+        """Number of intermediate nodes."""
+        return len(self.nodes)
+
+    def validate(self) -> None:
+        """Check internal consistency (see class docstring). Raises GenotypeError."""
+        if not self.space or not isinstance(self.space, str):
+            raise GenotypeError("genotype has no 'space' name")
+        if len(set(self.ops)) != len(self.ops):
+            raise GenotypeError(f"duplicate op names in {list(self.ops)}")
+        if not self.nodes:
+            raise GenotypeError("genotype has no nodes")
+        for i, node in enumerate(self.nodes, start=1):
+            if not node:
+                raise GenotypeError(f"node {i} has no incoming edge")
+            for edge in node:
+                if edge.op not in self.ops:
+                    raise GenotypeError(
+                        f"node {i}: unknown op {edge.op!r}; this space's ops are {list(self.ops)}")
+                if edge.op in ZERO_OPS:
+                    raise GenotypeError(f"node {i}: a genotype never keeps a {edge.op!r} edge")
+                if not isinstance(edge.input, int) or not 0 <= edge.input < i:
+                    raise GenotypeError(
+                        f"node {i}: input {edge.input!r} is not an earlier node (0..{i - 1})")
+        if not self.concat or any(not 0 <= c <= self.steps for c in self.concat):
+            raise GenotypeError(f"concat {list(self.concat)} must name nodes 0..{self.steps}")
+
+    # -- JSON -------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """A JSON-ready dict: ``{"space", "ops", "nodes": [[{"op", "input"}, ...], ...], "concat"}``."""
+        return {
+            "space": self.space,
+            "ops": list(self.ops),
+            "nodes": [[{"op": e.op, "input": e.input} for e in node] for node in self.nodes],
+            "concat": list(self.concat),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "genotype") -> "Genotype":
+        """Inverse of :meth:`to_dict`. Raises GenotypeError naming ``where`` on any malformed field."""
+        if not isinstance(d, dict):
+            raise GenotypeError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        missing = [k for k in ("space", "ops", "nodes", "concat") if k not in d]
+        if missing:
+            raise GenotypeError(f"{where}: missing field(s) {missing}")
+        try:
+            nodes = tuple(tuple(Edge(str(e["op"]), _as_int(e["input"])) for e in node)
+                          for node in d["nodes"])
+            return cls(space=str(d["space"]), ops=tuple(str(o) for o in d["ops"]), nodes=nodes,
+                       concat=tuple(_as_int(c) for c in d["concat"]))
+        except GenotypeError as err:
+            raise GenotypeError(f"{where}: {err}") from None
+        except (KeyError, TypeError, ValueError) as err:
+            raise GenotypeError(f"{where}: malformed nodes/concat ({err!r})") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "genotype") -> "Genotype":
+        """Parse JSON text. Raises GenotypeError if it is not JSON or not a valid genotype."""
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise GenotypeError(f"{where} is not valid JSON: {err}") from None
+        return cls.from_dict(d, where)
+
+    def save(self, path: str) -> None:
+        """Write the JSON atomically (temporary file in the same folder, then rename)."""
+        atomic_write_text(path, self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str) -> "Genotype":
+        """Read a genotype file. Raises GenotypeError (unreadable, not JSON, invalid)."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as err:
+            raise GenotypeError(f"cannot read genotype file {path}: {err}") from None
+        return cls.from_json(text, where=f"genotype file {path}")
+
+    def __str__(self) -> str:
+        nodes = "; ".join(f"{i}<-" + ",".join(f"{e.op}({e.input})" for e in node)
+                          for i, node in enumerate(self.nodes, start=1))
+        return f"{self.space}[{nodes}] concat={list(self.concat)}"
+
+
+def _as_int(x) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise ValueError(f"expected an integer node index, got {x!r}")
+    return x
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (never half-written)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def edge_count(steps: int) -> int:
+    """Number of mixed edges in a DAG with ``steps`` intermediate nodes: node i has i inputs."""
+    return steps * (steps + 1) // 2
+
+
+def derive(alphas: torch.Tensor, ops: Sequence[str], space: str, k: int = 1,
+           concat: Iterable[int] | None = None) -> Genotype:
+    """Discretize architecture parameters into a genotype (DARTS, Liu et al. 2019, sec. 2.4).
+
+    For each intermediate node ``i`` (1..steps), with edges from nodes ``0..i-1`` stored in
+    consecutive α rows: take the row-wise softmax, score each predecessor by its largest weight over
+    the non-zero ops, keep the ``k`` best predecessors (ties: lower node index), each with its
+    strongest non-zero op (ties: earlier op).  Softmax, not raw logits, decides between predecessors,
+    and adding a constant to a row changes nothing.
+
+    Args:
+        alphas: [E, K] architecture logits, ``E = steps*(steps+1)/2`` edges in node order.
+        ops: the K op names (columns of α).
+        space: space name recorded in the genotype.
+        k: edges kept per node (DARTS RNN: 1; capped at the node's number of inputs).
+        concat: output nodes; default ``1..steps`` (all intermediate nodes, as DARTS RNN).
+
+    Returns:
+        the derived :class:`Genotype` (it never contains a zero op).
+
+    Raises:
+        GenotypeError: if α's shape does not match ``ops`` / a triangular edge count, or every op is zero.
+    """
+    if alphas.dim() != 2 or alphas.size(1) != len(ops):
+        raise GenotypeError(f"alphas of shape {tuple(alphas.shape)} do not fit {len(ops)} ops {list(ops)}")
+    keep = [j for j, name in enumerate(ops) if name not in ZERO_OPS]
+    if not keep:
+        raise GenotypeError(f"op list {list(ops)} has no non-zero op")
+    steps = _steps_for(alphas.size(0))
+    probs = torch.softmax(alphas.detach().double().cpu(), dim=-1)[:, keep]  # [E, K']
+    nodes, offset = [], 0
+    for i in range(1, steps + 1):
+        w = probs[offset:offset + i]  # [i, K'] rows = predecessors 0..i-1
+        best_w, best_k = w.max(dim=1)  # max returns the first maximal index on ties
+        order = sorted(range(i), key=lambda j: (-best_w[j].item(), j))[:min(k, i)]
+        nodes.append(tuple(Edge(ops[keep[best_k[j].item()]], j) for j in sorted(order)))
+        offset += i
+    return Genotype(space=space, ops=tuple(ops), nodes=tuple(nodes),
+                    concat=tuple(concat) if concat is not None else tuple(range(1, steps + 1)))
+
+
+def _steps_for(num_edges: int) -> int:
+    steps = int(round(((8 * num_edges + 1) ** 0.5 - 1) / 2))
+    if edge_count(steps) != num_edges:
+        raise GenotypeError(f"{num_edges} α rows is not a triangular edge count n(n+1)/2")
+    return steps

@@ -1,0 +1,37 @@
+"""Regularizing layers of AWD-LSTM (Merity et al. 2018, sec. 4) used by the DARTS language models."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def dropout_mask(like: torch.Tensor, shape, p: float) -> torch.Tensor:
+    """A Bernoulli(1-p) mask scaled by 1/(1-p) (inverted dropout), with ``like``'s dtype and device."""
+    return like.new_empty(shape).bernoulli_(1.0 - p).div_(1.0 - p)
+
+
+class LockedDropout(nn.Module):
+    """Variational ("locked") dropout: one mask per sequence, shared across time steps.
+
+    Gal & Ghahramani 2016; AWD-LSTM sec. 4.2.  Input and output: [T, B, D]; the mask is [1, B, D], so it
+    is constant along time and differs across batch rows.  Identity in eval mode or when ``p == 0``.
+    """
+
+    def forward(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        if not self.training or p <= 0:
+            return x
+        return x * dropout_mask(x, (1, x.size(1), x.size(2)), p)
+
+
+def embedded_dropout(embed: nn.Embedding, words: torch.Tensor, p: float) -> torch.Tensor:
+    """Embedding lookup with word-level dropout: whole rows of the embedding matrix are dropped.
+
+    AWD-LSTM sec. 4.3 (Gal & Ghahramani 2016): every occurrence of a dropped word type in the batch is
+    zeroed, the kept rows scaled by 1/(1-p).  ``words``: [T, B] LongTensor -> [T, B, D].
+    Call with ``p = 0`` in eval mode (the caller decides; this function has no mode).
+    """
+    weight = embed.weight
+    if p > 0:
+        weight = weight * dropout_mask(weight, (weight.size(0), 1), p)
+    return F.embedding(words, weight, embed.padding_idx)

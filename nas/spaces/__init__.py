@@ -1,0 +1,15 @@
+"""Search spaces, one module each, registered by name in :data:`SPACES`.
+
+A space builds both the supernet (``build_supernet``) and, from a genotype, the discrete model
+(``freeze``) with the same code, and turns α into a genotype (``derive``).
+"""
+from nas.registry import Registry
+
+SPACES = Registry("space")
+
+from nas.spaces import darts_rnn  # noqa: E402,F401  (registers itself)
+
+
+def build_space(cfg):
+    """Instantiate the space named ``cfg.name`` with its config. Raises KeyError for an unknown name."""
+    return SPACES.get(cfg.name)(cfg)

@@ -1,0 +1,222 @@
+"""The DARTS recurrent-cell search space (Liu et al. 2019, sec. 2.1, 3.2 and appendix A.1.2).
+
+Per time step, ``x_t`` and ``h_{t-1}`` give the initial node through a highway-style gate::
+
+    [c0; h0] = [x_t ; h_{t-1}] W0,   s0 = h_{t-1} + sigmoid(c0) * (tanh(h0) - h_{t-1})
+
+Intermediate node i (1..N) receives an edge from every earlier node j; an edge with op ``f`` computes
+``s_j + sigmoid(c_j) * (f(h_j) - s_j)`` with ``[c_j; h_j] = s_j W_i`` (W_i belongs to the *node*, as in
+the reference code).  The supernet mixes the ops of every edge with the weights given by the strategy
+(DARTS: softmax(α)); the frozen cell keeps one edge per node.  The cell output ``h_t`` is the mean of the
+``concat`` nodes (search: nodes 1..N).  Both cells are the same :class:`DartsCell`; only ``genotype``
+differs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from nas.genotype import Genotype, GenotypeError, derive, edge_count
+from nas.layers import dropout_mask
+from nas.ops import DARTS_RNN_OPS, cell_activation, check_cell_ops
+from nas.spaces import SPACES
+from nas.spaces.lm import RNNLanguageModel
+
+
+@dataclass
+class DartsRNNConfig:
+    """``space=darts_rnn``: the cell's op list and node count, and the language model around it.
+
+    Dropouts as named in AWD-LSTM / DARTS: ``dropout`` (output), ``dropouth`` (hidden state, inside the
+    cell), ``dropoutx`` (cell input), ``dropouti`` (embedding output), ``dropoute`` (word-level).
+    Defaults are the DARTS search settings (DESIGN.md).
+    """
+
+    name: str = "darts_rnn"
+    ops: List[str] = field(default_factory=lambda: list(DARTS_RNN_OPS))
+    steps: int = 8
+    emsize: int = 300
+    nhid: int = 300
+    dropout: float = 0.75
+    dropouth: float = 0.25
+    dropoutx: float = 0.75
+    dropouti: float = 0.2
+    dropoute: float = 0.0
+    #: BatchNorm (no affine, batch statistics only) on every node of the *search* cell, as in the DARTS
+    #: search code; it keeps the mixed states of differently scaled ops comparable.  Never in a frozen cell.
+    batchnorm: bool = True
+    init_range: float = 0.04
+
+
+class DartsCell(nn.Module):
+    """The DARTS recurrent cell, as supernet (``genotype=None``) or frozen to a genotype.
+
+    Args:
+        ninp: input size E; nhid: hidden size H; ops: candidate op names (α columns);
+        steps: intermediate nodes N (ignored when a genotype is given: it has its own);
+        genotype: a darts_rnn genotype (one edge per node) to freeze to, or None for the supernet;
+        dropouth / dropoutx: variational dropout on states / inputs (one mask per sequence);
+        batchnorm: batch-statistics BatchNorm on each node (supernet only);
+        init_range: weights ~ U(-r, r) as in the reference code.
+    Forward:
+        inputs [T, B, E], hidden [B, H], weights [E_edges, K] (supernet: required; frozen: ignored)
+        -> (outputs [T, B, H], last hidden [B, H]).
+    Raises:
+        GenotypeError: if the genotype is of another space or keeps more than one edge per node.
+        ValueError: for an invalid op list, or a supernet forward without weights of shape [E, K].
+    """
+
+    def __init__(self, ninp: int, nhid: int, ops, steps: int = 8, genotype: Optional[Genotype] = None,
+                 dropouth: float = 0.0, dropoutx: float = 0.0, batchnorm: bool = False,
+                 init_range: float = 0.04):
+        super().__init__()
+        ops = tuple(ops)
+        check_cell_ops(ops)
+        if genotype is not None:
+            if any(len(node) != 1 for node in genotype.nodes):
+                raise GenotypeError("a darts_rnn genotype keeps exactly one edge per node")
+            steps = genotype.steps
+            batchnorm = False
+        self.ninp, self.nhid, self.ops, self.steps, self.genotype = ninp, nhid, ops, steps, genotype
+        self.dropouth, self.dropoutx = dropouth, dropoutx
+        self.W0 = nn.Parameter(torch.empty(ninp + nhid, 2 * nhid).uniform_(-init_range, init_range))
+        self.Ws = nn.ParameterList(
+            [nn.Parameter(torch.empty(nhid, 2 * nhid).uniform_(-init_range, init_range)) for _ in range(steps)])
+        self.batchnorm = batchnorm
+        self._active = [(k, cell_activation(o)) for k, o in enumerate(ops) if cell_activation(o) is not None]
+        self.concat = list(genotype.concat) if genotype is not None else list(range(1, steps + 1))
+        if genotype is not None:
+            self._frozen = [(cell_activation(node[0].op), node[0].input) for node in genotype.nodes]
+
+    def forward(self, inputs: torch.Tensor, hidden: torch.Tensor,
+                weights: Optional[torch.Tensor] = None):
+        T, B = inputs.shape[:2]
+        if self.genotype is None:
+            n_edges = edge_count(self.steps)
+            if weights is None or tuple(weights.shape) != (n_edges, len(self.ops)):
+                got = None if weights is None else tuple(weights.shape)
+                raise ValueError(f"supernet cell needs edge weights of shape ({n_edges}, {len(self.ops)}), got {got}")
+        x_mask = h_mask = None
+        if self.training and self.dropoutx > 0:
+            x_mask = dropout_mask(inputs, (B, self.ninp), self.dropoutx)
+        if self.training and self.dropouth > 0:
+            h_mask = dropout_mask(inputs, (B, self.nhid), self.dropouth)
+        x = inputs if x_mask is None else inputs * x_mask
+        # the input half of W0 for all time steps in one matrix product: [T*B, E] @ [E, 2H]
+        xw = (x.reshape(T * B, self.ninp) @ self.W0[: self.ninp]).view(T, B, 2 * self.nhid)
+        wh = self.W0[self.ninp:]
+        outputs = []
+        h = hidden
+        for t in range(T):
+            hm = h if h_mask is None else h * h_mask
+            c0, h0 = torch.addmm(xw[t], hm, wh).chunk(2, dim=-1)
+            s0 = h + torch.sigmoid(c0) * (torch.tanh(h0) - h)
+            if self.batchnorm:
+                s0 = _batch_norm(s0)
+            h = self._supernet_nodes(s0, h_mask, weights) if self.genotype is None else self._frozen_nodes(s0, h_mask)
+            outputs.append(h)
+        return torch.stack(outputs), h
+
+    def _supernet_nodes(self, s0, h_mask, weights):
+        B, H = s0.shape
+        states = s0.unsqueeze(0)  # [n, B, H]: nodes 0..i-1
+        offset = 0
+        for i in range(self.steps):
+            n = i + 1
+            masked = states if h_mask is None else states * h_mask
+            ch = (masked.reshape(n * B, H) @ self.Ws[i]).view(n, B, 2 * H)  # all predecessors at once
+            c = torch.sigmoid(ch[..., :H])
+            hh = ch[..., H:]
+            w = weights[offset:offset + n]  # [n, K]
+            # Σ_k w_k (s + c (f_k(h) - s)) = P s + c (F - P s), P = Σ_k w_k, F = Σ_k w_k f_k(h)  (k non-zero)
+            mix = sum(w[:, k, None, None] * f(hh) for k, f in self._active)  # [n, B, H]
+            p = sum(w[:, k] for k, _ in self._active)[:, None, None]  # [n, 1, 1]
+            ps = p * states
+            s = (ps + c * (mix - ps)).sum(0)  # [B, H]
+            if self.batchnorm:
+                s = _batch_norm(s)
+            states = torch.cat([states, s.unsqueeze(0)], 0)
+            offset += n
+        return states[self.concat].mean(0)
+
+    def _frozen_nodes(self, s0, h_mask):
+        H = self.nhid
+        states = [s0]
+        for i, (f, j) in enumerate(self._frozen):
+            sp = states[j]
+            ch = (sp if h_mask is None else sp * h_mask) @ self.Ws[i]
+            states.append(sp + torch.sigmoid(ch[:, :H]) * (f(ch[:, H:]) - sp))
+        return torch.stack([states[c] for c in self.concat]).mean(0)
+
+
+def _batch_norm(s: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """BatchNorm without affine parameters or running statistics over the batch rows of s [B, H].
+
+    Equal to ``nn.BatchNorm1d(H, affine=False, track_running_stats=False)`` in train and eval mode (kept
+    stateless so the unrolled second-order step and resume need no buffers); written out because that
+    module's CPU kernel is an order of magnitude slower on these small [B, H] inputs.
+    """
+    var, mean = torch.var_mean(s, dim=0, unbiased=False, keepdim=True)
+    return (s - mean) * torch.rsqrt(var + eps)
+
+
+@SPACES.register("darts_rnn", config=DartsRNNConfig)
+class DartsRNNSpace:
+    """``space=darts_rnn``: builds the supernet LM, the frozen LM of a genotype, and derives genotypes.
+
+    Raises:
+        ValueError: for an invalid op list or non-positive steps (at construction).
+    """
+
+    name = "darts_rnn"
+
+    def __init__(self, cfg: DartsRNNConfig):
+        self.cfg = cfg
+        self.ops = tuple(cfg.ops)
+        check_cell_ops(self.ops)
+        if cfg.steps < 1:
+            raise ValueError(f"space.steps must be >= 1, got {cfg.steps}")
+
+    @property
+    def alpha_shape(self):
+        """(edges, ops) = (N(N+1)/2, K); DARTS: (36, 5)."""
+        return (edge_count(self.cfg.steps), len(self.ops))
+
+    def _lm(self, ntoken: int, cell: DartsCell) -> RNNLanguageModel:
+        c = self.cfg
+        return RNNLanguageModel(ntoken, cell, c.emsize, c.dropout, c.dropouti, c.dropoute)
+
+    def build_supernet(self, ntoken: int) -> RNNLanguageModel:
+        """The supernet LM over ``ntoken`` words; its forward takes edge weights [E, K]."""
+        c = self.cfg
+        cell = DartsCell(c.emsize, c.nhid, self.ops, c.steps, None, c.dropouth, c.dropoutx,
+                         c.batchnorm, c.init_range)
+        return self._lm(ntoken, cell)
+
+    def freeze(self, genotype: Genotype, ntoken: int) -> RNNLanguageModel:
+        """The discrete LM of ``genotype`` (same cell code, one op per node, no BatchNorm).
+
+        Raises:
+            GenotypeError: if the genotype belongs to another space or uses an op this space lacks.
+        """
+        self.check_genotype(genotype)
+        c = self.cfg
+        cell = DartsCell(c.emsize, c.nhid, genotype.ops, genotype.steps, genotype, c.dropouth,
+                         c.dropoutx, False, c.init_range)
+        return self._lm(ntoken, cell)
+
+    def check_genotype(self, genotype: Genotype) -> None:
+        """Raise GenotypeError unless ``genotype`` is a valid darts_rnn genotype."""
+        if genotype.space != self.name:
+            raise GenotypeError(f"genotype is for space {genotype.space!r}, not {self.name!r}")
+        try:
+            check_cell_ops(genotype.ops)
+        except ValueError as err:
+            raise GenotypeError(str(err)) from None
+
+    def derive(self, alphas: torch.Tensor) -> Genotype:
+        """DARTS discretization: per node, one edge (see :func:`nas.genotype.derive`)."""
+        return derive(alphas, self.ops, self.name, k=1)

@@ -1,0 +1,71 @@
+"""The language-model wrapper around a recurrent cell (DARTS RNN; AWD-LSTM regularization).
+
+embedding (word-level dropout ``dropoute``) -> locked dropout ``dropouti`` -> cell over time ->
+locked dropout ``dropout`` -> decoder tied to the embedding (Press & Wolf 2017; Inan et al. 2017).
+Tensor layout: tokens [T, B], states [B, H], sequences [T, B, H], logits [T, B, V].
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from nas.layers import LockedDropout, embedded_dropout
+
+
+class LMOutput(NamedTuple):
+    """What :class:`RNNLanguageModel` returns.
+
+    logits: [T, B, V] unnormalized next-token scores; hidden: [B, H] last state (for the next segment);
+    raw_output: [T, B, H] cell outputs before output dropout (for temporal activation regularization);
+    output: [T, B, H] after output dropout (for activation regularization).
+    """
+
+    logits: torch.Tensor
+    hidden: torch.Tensor
+    raw_output: torch.Tensor
+    output: torch.Tensor
+
+
+class RNNLanguageModel(nn.Module):
+    """Word-level language model around a cell ``cell(x [T,B,E], h [B,H], weights) -> ([T,B,H], [B,H])``.
+
+    Args:
+        ntoken: vocabulary size V.
+        cell: the recurrent cell module (supernet or frozen).
+        ninp: embedding size E; must equal the cell's hidden size H (tied decoder, as in DARTS).
+        dropout, dropouti, dropoute: output, embedding-output and word-level dropout probabilities.
+    Raises:
+        ValueError: if ``ninp`` differs from ``cell.nhid`` (the decoder is tied to the embedding).
+    """
+
+    def __init__(self, ntoken: int, cell: nn.Module, ninp: int, dropout: float = 0.0,
+                 dropouti: float = 0.0, dropoute: float = 0.0):
+        super().__init__()
+        if ninp != cell.nhid:
+            raise ValueError(f"emsize ({ninp}) must equal nhid ({cell.nhid}): the decoder is tied to the embedding")
+        self.ntoken, self.ninp = ntoken, ninp
+        self.dropout, self.dropouti, self.dropoute = dropout, dropouti, dropoute
+        self.lockdrop = LockedDropout()
+        self.encoder = nn.Embedding(ntoken, ninp)
+        self.cell = cell
+        self.decoder = nn.Linear(ninp, ntoken)
+        self.decoder.weight = self.encoder.weight
+        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)  # DARTS/AWD-LSTM init
+        nn.init.zeros_(self.decoder.bias)
+
+    def init_hidden(self, batch_size: int) -> torch.Tensor:
+        """Zero state [B, H] on the model's device and dtype."""
+        w = self.encoder.weight
+        return w.new_zeros(batch_size, self.cell.nhid)
+
+    def forward(self, tokens: torch.Tensor, hidden: torch.Tensor,
+                weights: Optional[torch.Tensor] = None) -> LMOutput:
+        """tokens [T, B] LongTensor, hidden [B, H], weights [E, K] edge weights (supernet only)."""
+        emb = embedded_dropout(self.encoder, tokens, self.dropoute if self.training else 0.0)
+        emb = self.lockdrop(emb, self.dropouti)
+        raw_output, hidden = self.cell(emb, hidden, weights)
+        output = self.lockdrop(raw_output, self.dropout)
+        logits = self.decoder(output)
+        return LMOutput(logits, hidden, raw_output, output)
