@@ -1,0 +1,194 @@
+"""DARTS: bilevel gradient-based search of α (Liu et al. 2019, sec. 2.3, eq. 3-8).
+
+The strategy owns the architecture parameters α [E, K] and their Adam optimizer; the weights w belong
+to the engine's optimizer.  ``step`` makes one α update on a held-out batch:
+
+* first order (``unrolled=false``): ∇α L_val(w, α)                                     (eq. 6 with ξ=0)
+* second order (``unrolled=true``): ∇α L_val(w', α) - ξ ∇²_{α,w} L_train(w, α) ∇_{w'} L_val(w', α),
+  w' = w - ξ ∇w L_train(w, α) (eq. 6), the Hessian-vector product by central finite differences
+  (eq. 7-8) around the *original* w with ε = r / ‖∇_{w'} L_val(w', α)‖, r = ``fd_epsilon``.
+
+Correctness details the reference ports get wrong, handled here:
+* w is never modified in place (the virtual step and the ±ε points are evaluated functionally with
+  ``torch.func.functional_call``), so w is bit-exactly unchanged after a step;
+* the two finite-difference passes replay the random state of the training pass, so dropout masks are
+  the same in L_train(w), L_train(w+) and L_train(w-) (otherwise the difference quotient is noise);
+* the vector ∇_{w'} L_val is not clipped (clipping it would rescale the implicit term).
+As in the reference code, ξ is the current weight learning rate and, when the training gradient is
+clipped in the virtual step, the implicit term is scaled by the same clip coefficient (held constant).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, NamedTuple, Optional
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from nas.genotype import Genotype
+from nas.mixed import edge_weights
+from nas.strategies import STRATEGIES
+
+ALPHA_SPLITS = ("valid", "train_half")
+
+
+@dataclass
+class DartsConfig:
+    """``strategy=darts``. Defaults: DARTS recurrent search (DESIGN.md)."""
+
+    name: str = "darts"
+    unrolled: bool = False
+    arch_lr: float = 3e-3
+    arch_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    arch_weight_decay: float = 1e-3
+    #: r in ε = r / ‖∇w' L_val(w', α)‖ (paper eq. 8 uses 0.01)
+    fd_epsilon: float = 0.01
+    #: where α's batches come from: ``valid`` (DARTS RNN: PTB's validation split) or ``train_half``
+    #: (the training split's second half; w then trains on the first half only)
+    alpha_split: str = "valid"
+    alpha_init_std: float = 1e-3
+
+
+class Batch(NamedTuple):
+    """One BPTT segment: tokens [T, B], targets [T, B], the incoming (detached) hidden state [B, H]."""
+
+    data: torch.Tensor
+    targets: torch.Tensor
+    hidden: torch.Tensor
+
+
+def _rng_state(device: torch.device):
+    return (torch.get_rng_state(),
+            torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(state, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in nats: logits [T, B, V], targets [T, B] -> scalar."""
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+@STRATEGIES.register("darts", config=DartsConfig)
+class DartsStrategy:
+    """One-shot DARTS strategy over a supernet.
+
+    Args:
+        cfg: :class:`DartsConfig`.
+        space: the search space (gives α's shape, op names and ``derive``).
+        model: the supernet; ``model(data, hidden, weights)`` returns an ``LMOutput``.
+        train_objective: ``f(output, targets) -> scalar`` the weights are trained with (the virtual
+            step of the second-order update uses the same objective as the real weight step).
+        weight_decay: the weight optimizer's L2 coefficient (enters w' = w - ξ(∇L + λw)).
+        clip: the weight optimizer's gradient-norm clip (0 or None: no clipping).
+    Raises:
+        ValueError: for an unknown ``alpha_split`` or a non-positive ``fd_epsilon``.
+    """
+
+    kind = "one_shot"
+
+    def __init__(self, cfg: DartsConfig, space, model: nn.Module,
+                 train_objective: Callable, weight_decay: float = 0.0, clip: Optional[float] = None):
+        if cfg.alpha_split not in ALPHA_SPLITS:
+            raise ValueError(f"strategy.alpha_split={cfg.alpha_split!r}; valid: {', '.join(ALPHA_SPLITS)}")
+        if cfg.fd_epsilon <= 0:
+            raise ValueError(f"strategy.fd_epsilon must be > 0, got {cfg.fd_epsilon}")
+        self.cfg, self.space, self.model = cfg, space, model
+        self.train_objective = train_objective
+        self.weight_decay, self.clip = weight_decay, clip
+        p = next(model.parameters())
+        self.alphas = nn.Parameter(
+            torch.randn(*space.alpha_shape, dtype=p.dtype).mul_(cfg.alpha_init_std).to(p.device))
+        self.optimizer = torch.optim.Adam([self.alphas], lr=cfg.arch_lr, betas=tuple(cfg.arch_betas),
+                                          weight_decay=cfg.arch_weight_decay)
+
+    # -- what the engine uses ------------------------------------------------------------------
+    def edge_weights(self) -> torch.Tensor:
+        """softmax(α) [E, K], detached: the weight step must not touch α."""
+        return edge_weights(self.alphas.detach())
+
+    def step(self, train: Batch, valid: Batch, eta: float) -> torch.Tensor:
+        """One α update (Adam) from a training and a held-out segment; ``eta`` = ξ, the weight lr.
+
+        Returns the held-out hidden state after ``valid`` [B, H], detached, to carry to the next segment.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        grad, hidden = self.arch_gradient(train, valid, eta)
+        self.alphas.grad = grad
+        self.optimizer.step()
+        return hidden
+
+    def export(self) -> Genotype:
+        """The genotype derived from the current α (DARTS discretization)."""
+        return self.space.derive(self.alphas.detach())
+
+    def state_dict(self) -> dict:
+        return {"alphas": self.alphas.detach().clone(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore α and Adam's state. Raises ValueError if α's shape does not match the space."""
+        alphas = state["alphas"]
+        if tuple(alphas.shape) != tuple(self.alphas.shape):
+            raise ValueError(f"checkpoint α has shape {tuple(alphas.shape)}, this space needs {tuple(self.alphas.shape)}")
+        with torch.no_grad():
+            self.alphas.copy_(alphas)
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    # -- the hypergradient ---------------------------------------------------------------------
+    def arch_gradient(self, train: Batch, valid: Batch, eta: float):
+        """∇α of the validation loss, first or second order (see module docstring).
+
+        Returns ``(grad [E, K], hidden_valid [B, H] detached)``; changes neither w nor α.
+        """
+        if not self.cfg.unrolled:
+            out = self.model(valid.data, valid.hidden, edge_weights(self.alphas))
+            (grad,) = torch.autograd.grad(nll(out.logits, valid.targets), [self.alphas])
+            return grad, out.hidden.detach()
+        return self._unrolled_gradient(train, valid, eta)
+
+    def _params(self) -> Dict[str, torch.Tensor]:
+        return dict(self.model.named_parameters())
+
+    def _forward(self, params, alphas, batch: Batch):
+        return functional_call(self.model, params, (batch.data, batch.hidden), {"weights": edge_weights(alphas)})
+
+    def _unrolled_gradient(self, train: Batch, valid: Batch, eta: float):
+        params = self._params()
+        names, w = list(params), list(params.values())
+        device = w[0].device
+        rng = _rng_state(device)  # replayed below so the ±ε passes see the same dropout masks
+        alphas = self.alphas.detach()
+        loss = self.train_objective(self._forward(params, alphas, train), train.targets)
+        g = torch.autograd.grad(loss, w)
+        coef = 1.0
+        if self.clip:
+            norm = torch.sqrt(sum(x.pow(2).sum() for x in g)).item()
+            coef = min(1.0, self.clip / (norm + 1e-6))
+        # virtual step w' = w - ξ (c ∇w L_train + λ w); fresh leaves, w itself untouched
+        w_prime = [(p - eta * (coef * gi + self.weight_decay * p)).detach().requires_grad_(True)
+                   for p, gi in zip(w, g)]
+        alphas_v = self.alphas.detach().requires_grad_(True)
+        out = self._forward(dict(zip(names, w_prime)), alphas_v, valid)
+        grads = torch.autograd.grad(nll(out.logits, valid.targets), [alphas_v] + w_prime)
+        d_alpha, v = grads[0], grads[1:]
+        vnorm = torch.sqrt(sum(x.pow(2).sum() for x in v))
+        if vnorm.item() == 0.0:  # no dependence of L_val on w: the implicit term vanishes
+            return d_alpha, out.hidden.detach()
+        eps = self.cfg.fd_epsilon / vnorm
+        hvp = self._alpha_grad_at([p + eps * vi for p, vi in zip(w, v)], names, train, rng)
+        hvp = hvp - self._alpha_grad_at([p - eps * vi for p, vi in zip(w, v)], names, train, rng)
+        return d_alpha - (eta * coef) * hvp / (2 * eps), out.hidden.detach()
+
+    def _alpha_grad_at(self, w_point, names, train: Batch, rng) -> torch.Tensor:
+        """∇α L_train(w_point, α) with the training pass's random state replayed."""
+        _set_rng_state(rng, w_point[0].device)
+        alphas = self.alphas.detach().requires_grad_(True)
+        params = {n: p.detach() for n, p in zip(names, w_point)}
+        loss = self.train_objective(self._forward(params, alphas, train), train.targets)
+        (grad,) = torch.autograd.grad(loss, [alphas])
+        return grad
