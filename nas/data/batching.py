@@ -148,13 +148,15 @@ def bptt_segments(
         i += seq_len
 
 
-def check_min_size(source: torch.Tensor, bptt: int, what: str) -> None:
+def check_min_size(source: torch.Tensor, bptt: int, what: str, full: bool = False) -> None:
     """Fail early if a batchified split cannot yield a single (input, target) pair.
 
     Args:
         source: ``[T, B]`` (or ``[T]``) batchified ids.
         bptt: configured BPTT length, reported in the message.
         what: split name for the message (e.g. ``'valid'``).
+        full: require one whole segment, ``T >= bptt + 1`` rows (a training split smaller than one
+            batch x bptt is a configuration mistake); otherwise ``T >= 2`` (evaluation).
 
     Raises:
         DataError: ``T < 2``; the message gives the split, its size in tokens, the batch
@@ -162,6 +164,12 @@ def check_min_size(source: torch.Tensor, bptt: int, what: str) -> None:
     """
     rows = source.size(0) if source.dim() > 0 else 0
     cols = source.size(1) if source.dim() == 2 else 1
+    if full and rows < bptt + 1:
+        raise DataError(
+            f"{what} split is smaller than one batch x bptt: {rows * cols} tokens in batches of "
+            f"{cols} give {rows} rows, fewer than bptt + 1 = {bptt + 1}. Use a smaller batch_size "
+            f"(at most {max(1, (rows * cols) // (bptt + 1))}) or bptt, or a larger corpus."
+        )
     if rows < 2:
         raise DataError(
             f"{what} split is too small: {rows * cols} tokens batchified into {rows} row(s) x "

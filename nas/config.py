@@ -1,0 +1,81 @@
+"""Typed config schemas, stored in Hydra's ConfigStore.
+
+Every YAML file in ``conf/`` lists one of these schemas first in its defaults, so the composed config is
+type-checked and in struct mode: a misspelled key or override is an error, never a new key.  Defaults live
+here (and in each space's / strategy's own schema); YAML presets only override.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class DatasetConfig:
+    """``dataset=ptb|wikitext2``: which corpus and where it is.
+
+    root: folder holding ``train.txt valid.txt test.txt`` (or its parent holding ``ptb/``...); a relative
+    path is taken from the launch directory.  null: ``$NAS_DATA/<folder>``, then the download cache.
+    download: fetch from the public location (SHA-256 checked) when the files are not found.
+    """
+
+    name: str = "ptb"
+    root: Optional[str] = None
+    download: bool = False
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class LMRunConfig:
+    """What search and retraining share: data, device, seed, optimizer and regularization settings."""
+
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    space: Any = MISSING
+    seed: int = 0
+    #: ``auto`` (cuda when available, else cpu), ``cpu``, ``cuda``, ``cuda:1`` ...
+    device: str = "auto"
+    epochs: int = 50
+    batch_size: int = 256
+    eval_batch_size: int = 10
+    bptt: int = 35
+    #: variable-length bptt is capped at bptt + this (DARTS --max_seq_len_delta)
+    max_seq_len_delta: int = 20
+    lr: float = 20.0
+    weight_decay: float = 5e-7
+    clip: float = 0.25
+    #: activation regularization α·mean(h²) on the dropped output (AWD-LSTM sec. 4.6)
+    ar_alpha: float = 0.0
+    #: temporal activation regularization β·mean((h_t - h_{t-1})²) on the raw output
+    tar_beta: float = 1e-3
+    #: cap on training segments per epoch (null: the whole split) -- for quick presets only
+    limit_train_batches: Optional[int] = None
+    #: cap on evaluation segments (null: the whole split, which exact perplexity needs)
+    limit_eval_batches: Optional[int] = None
+    log_every: int = 50
+    #: torch intra-op threads (null: torch's default)
+    num_threads: Optional[int] = None
+    #: show a tqdm progress bar
+    progress: bool = True
+
+
+@dataclass
+class SearchConfig(LMRunConfig):
+    """``search.py``: a one-shot search (weights on train, α on the held-out split)."""
+
+    strategy: Any = MISSING
+
+
+def register_configs() -> None:
+    """Store the schemas (idempotent).  Importing the spaces and strategies registers theirs."""
+    import nas.spaces  # noqa: F401
+    import nas.strategies  # noqa: F401
+
+    cs = ConfigStore.instance()
+    cs.store(name="search_schema", node=SearchConfig)
+    cs.store(group="dataset", name="dataset_schema", node=DatasetConfig)
+
+
+register_configs()

@@ -1,0 +1,1 @@
+"""Training, evaluation and search loops; checkpoints; TensorBoard logging."""

@@ -1,0 +1,138 @@
+"""Language-model objective, exact perplexity, and data preparation shared by search and retraining."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from nas.data import batchify, bptt_segments, check_min_size, get_batch, load_corpus
+from nas.engine.common import absolute_path
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss or gradient became NaN/inf."""
+
+
+def perplexity(total_nll: float, tokens: int) -> float:
+    """exp(total NLL / number of target tokens); an overflow gives ``inf`` (never an exception).
+
+    Args:
+        total_nll: summed negative log-likelihood in nats; tokens: count of predicted tokens (> 0).
+    Raises:
+        ValueError: if ``tokens`` is not positive.
+    """
+    if tokens <= 0:
+        raise ValueError("perplexity of zero tokens is undefined")
+    try:
+        return math.exp(total_nll / tokens)
+    except OverflowError:
+        return math.inf
+
+
+def lm_objective(out, targets: torch.Tensor, ar_alpha: float = 0.0, tar_beta: float = 0.0) -> torch.Tensor:
+    """Training loss: mean cross-entropy + AR + TAR (Merity et al. 2018, AWD-LSTM sec. 4.6).
+
+    ``out`` is an LMOutput (logits [T, B, V], raw_output and output [T, B, H]); targets [T, B].
+    AR = ar_alpha · mean(output²) on the dropped output, TAR = tar_beta · mean((raw_t - raw_{t-1})²).
+    """
+    loss = nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.size(-1)), targets.reshape(-1))
+    if ar_alpha:
+        loss = loss + ar_alpha * out.output.pow(2).mean()
+    if tar_beta and out.raw_output.size(0) > 1:
+        loss = loss + tar_beta * (out.raw_output[1:] - out.raw_output[:-1]).pow(2).mean()
+    return loss
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Summed NLL (nats) over ``tokens`` predicted tokens, and the resulting perplexity."""
+
+    nll: float
+    tokens: int
+
+    @property
+    def loss(self) -> float:
+        return self.nll / self.tokens
+
+    @property
+    def ppl(self) -> float:
+        return perplexity(self.nll, self.tokens)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, source: torch.Tensor, bptt: int, weights: Optional[torch.Tensor] = None,
+             max_batches: Optional[int] = None) -> EvalResult:
+    """Exact perplexity of ``model`` on a batchified split.
+
+    Every target position of ``source`` [T, B] is scored once, in fixed segments of ``bptt`` (the last
+    may be shorter, down to length 1), carrying the hidden state; the NLL is summed in float64 and divided
+    by the number of target tokens, so the result does not depend on batch size or bptt (up to the
+    columns' hidden-state resets).  Runs in eval mode and restores the model's ``training`` flag;
+    touches no parameter and no optimizer.
+
+    Args:
+        model: a language model ``model(data, hidden, weights) -> LMOutput``.
+        source: [T, B] token ids; weights: supernet edge weights [E, K] or None.
+        max_batches: score only the first segments (a partial, still exact, figure).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        hidden = model.init_hidden(source.size(1))
+        total, count = 0.0, 0
+        for n, (i, seq_len) in enumerate(bptt_segments(source, bptt)):
+            if max_batches is not None and n >= max_batches:
+                break
+            data, targets = get_batch(source, i, seq_len)
+            out = model(data, hidden, weights)
+            total += nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.size(-1)).double(),
+                                                 targets.reshape(-1), reduction="sum").item()
+            count += targets.numel()
+            hidden = out.hidden
+        return EvalResult(total, count)
+    finally:
+        model.train(was_training)
+
+
+@dataclass
+class LMData:
+    """Batchified splits for one run: ``train`` [T, B] (weights), ``search`` [T, B] (α; None when
+    retraining), ``valid`` / ``test`` [T, B_eval]; ``ntoken`` the vocabulary size."""
+
+    ntoken: int
+    train: torch.Tensor
+    search: Optional[torch.Tensor]
+    valid: torch.Tensor
+    test: torch.Tensor
+
+
+def prepare_lm_data(cfg, device: torch.device, alpha_split: Optional[str] = None,
+                    test_batch_size: Optional[int] = None) -> LMData:
+    """Load the corpus named in ``cfg.dataset`` and batchify it for a run.
+
+    alpha_split: ``valid`` (α on the validation split, DARTS RNN), ``train_half`` (weights on the first
+    half of train, α on the second), or None (retraining: no α data).
+    Raises:
+        nas.data.DataError: missing data, or a split smaller than one batch x bptt.
+    """
+    d = cfg.dataset
+    corpus = load_corpus(d.name, absolute_path(d.root), d.download, absolute_path(d.cache_dir))
+    train_tokens, search = corpus.train, None
+    if alpha_split == "train_half":
+        half = corpus.train.size(0) // 2
+        train_tokens, search_tokens = corpus.train[:half], corpus.train[half:]
+        search = batchify(search_tokens, cfg.batch_size, device)
+    elif alpha_split == "valid":
+        search = batchify(corpus.valid, cfg.batch_size, device)
+    train = batchify(train_tokens, cfg.batch_size, device)
+    valid = batchify(corpus.valid, cfg.eval_batch_size, device)
+    test = batchify(corpus.test, test_batch_size or cfg.eval_batch_size, device)
+    check_min_size(train, cfg.bptt, f"{d.name} train", full=True)
+    if search is not None:
+        check_min_size(search, cfg.bptt, f"{d.name} {alpha_split} (alpha split)", full=True)
+    check_min_size(valid, cfg.bptt, f"{d.name} valid")
+    check_min_size(test, cfg.bptt, f"{d.name} test")
+    return LMData(len(corpus.vocab), train, search, valid, test)

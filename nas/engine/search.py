@@ -1,0 +1,159 @@
+"""The one-shot search loop (DARTS, Liu et al. 2019, Algorithm 1; RNN settings of sec. 3.2 / A.1.2).
+
+Per training segment: sample a variable bptt length (AWD-LSTM sec. 4.1) and scale the weight learning
+rate by ``seq_len / bptt``; update α on a held-out segment (``strategy.step``); then update the weights on
+the training segment with SGD, gradient clipping and AR/TAR.  Hidden states are carried across segments
+and detached.  Each epoch: exact validation perplexity of the supernet, the derived genotype, TensorBoard,
+and an atomic checkpoint.  Everything lands in the run directory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from functools import partial
+from typing import Optional
+
+import torch
+from omegaconf import OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from nas.data import bptt_segments, get_batch
+from nas.engine.common import atomic_torch_save, resolve_device, rng_state, run_dir_from_hydra, seed_everything
+from nas.engine.lm import NonFiniteLossError, evaluate, lm_objective, prepare_lm_data
+from nas.engine.tb import log_alphas, log_genotype
+from nas.genotype import atomic_write_text
+from nas.spaces import build_space
+from nas.strategies import STRATEGIES
+from nas.strategies.darts import Batch
+
+log = logging.getLogger(__name__)
+
+
+def search(cfg, run_dir: Optional[str] = None) -> dict:
+    """Run a one-shot architecture search as configured; return the metrics written to ``metrics.json``.
+
+    Args:
+        cfg: a composed :class:`nas.config.SearchConfig` (``conf/search.yaml``).
+        run_dir: output folder (default: the Hydra run directory).
+    Outputs in ``run_dir``: ``genotype.json`` (final), ``genotypes/epoch_NNN.json``, ``metrics.json``,
+        ``checkpoint.pt``, ``tb/`` (TensorBoard events), ``config.yaml`` (resolved config).
+    Raises:
+        nas.data.DataError: data missing or too small.  NonFiniteLossError: the loss became NaN/inf
+        (the last checkpoint is kept and nothing non-finite is written).
+    """
+    run_dir = run_dir or run_dir_from_hydra()
+    os.makedirs(run_dir, exist_ok=True)
+    atomic_write_text(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    np_rng = seed_everything(cfg.seed)
+    strategy_cls = STRATEGIES.get(cfg.strategy.name)
+    alpha_split = cfg.strategy.get("alpha_split", "valid")
+    data = prepare_lm_data(cfg, device, alpha_split=alpha_split)
+    space = build_space(cfg.space)
+    model = space.build_supernet(data.ntoken).to(device)
+    objective = partial(lm_objective, ar_alpha=cfg.ar_alpha, tar_beta=cfg.tar_beta)
+    strategy = strategy_cls(cfg.strategy, space, model, objective, weight_decay=cfg.weight_decay, clip=cfg.clip)
+    w_optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("search: space=%s strategy=%s (unrolled=%s) on %s, device %s, %d weights, alphas %s, run dir %s",
+             cfg.space.name, cfg.strategy.name, cfg.strategy.get("unrolled", False), cfg.dataset.name,
+             device, n_params, tuple(strategy.alphas.shape), run_dir)
+
+    writer = SummaryWriter(os.path.join(run_dir, "tb"))
+    writer.add_text("config", f"```\n{OmegaConf.to_yaml(cfg, resolve=True)}\n```", 0)
+    per_epoch = len(range(0, data.train.size(0) - 1, cfg.bptt))
+    if cfg.limit_train_batches:
+        per_epoch = min(per_epoch, cfg.limit_train_batches)
+    bar = tqdm(total=per_epoch * cfg.epochs, desc="search", unit="step", disable=not cfg.progress,
+               dynamic_ncols=True)
+    state = {"step": 0, "tokens": 0, "best_valid_ppl": math.inf, "history": []}
+    start = time.time()
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            train_ppl = _train_epoch(cfg, model, strategy, w_optimizer, objective, data, np_rng, writer, bar, state)
+            valid = evaluate(model, data.valid, cfg.bptt, strategy.edge_weights(), cfg.limit_eval_batches)
+            genotype = strategy.export()
+            state["best_valid_ppl"] = min(state["best_valid_ppl"], valid.ppl)
+            state["history"].append({"epoch": epoch, "train_ppl": train_ppl, "valid_ppl": valid.ppl,
+                                     "genotype": genotype.to_dict()})
+            genotype.save(os.path.join(run_dir, "genotypes", f"epoch_{epoch:03d}.json"))
+            writer.add_scalar("valid/ppl", valid.ppl, epoch)
+            writer.add_scalar("valid/loss", valid.loss, epoch)
+            writer.add_scalar("train/epoch_ppl", train_ppl, epoch)
+            log_alphas(writer, strategy.alphas, space.ops, epoch)
+            log_genotype(writer, genotype, epoch)
+            writer.flush()
+            atomic_torch_save({"epoch": epoch, "step": state["step"], "model": model.state_dict(),
+                               "strategy": strategy.state_dict(), "w_optimizer": w_optimizer.state_dict(),
+                               "rng": rng_state(), "np_rng": np_rng.bit_generator.state,
+                               "config": OmegaConf.to_container(cfg, resolve=True),
+                               "genotype": genotype.to_dict()}, os.path.join(run_dir, "checkpoint.pt"))
+            log.info("epoch %d: train ppl %.2f, valid ppl %.2f, genotype %s", epoch, train_ppl, valid.ppl, genotype)
+            bar.set_postfix(valid_ppl=f"{valid.ppl:.1f}")
+    finally:
+        bar.close()
+        writer.close()
+    wall = time.time() - start
+    genotype = strategy.export()
+    genotype.save(os.path.join(run_dir, "genotype.json"))
+    metrics = {"final_valid_ppl": state["history"][-1]["valid_ppl"], "best_valid_ppl": state["best_valid_ppl"],
+               "epochs": cfg.epochs, "steps": state["step"], "train_tokens": state["tokens"],
+               "wall_seconds": wall, "tokens_per_second": state["tokens"] / max(wall, 1e-9),
+               "params": n_params, "genotype": genotype.to_dict(), "history": state["history"]}
+    atomic_write_text(os.path.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
+    log.info("done in %.1f s: genotype %s written to %s", wall, genotype, os.path.join(run_dir, "genotype.json"))
+    return metrics
+
+
+def _train_epoch(cfg, model, strategy, w_optimizer, objective, data, np_rng, writer, bar, state) -> float:
+    """One pass over the training split; returns its training perplexity (raw NLL, no AR/TAR)."""
+    model.train()
+    hidden = model.init_hidden(cfg.batch_size)
+    hidden_valid = model.init_hidden(cfg.batch_size)
+    total_nll, total_tokens = 0.0, 0
+    segments = bptt_segments(data.train, cfg.bptt, variable=True, rng=np_rng, max_len=cfg.bptt + cfg.max_seq_len_delta)
+    for n, (i, seq_len) in enumerate(segments):
+        if cfg.limit_train_batches and n >= cfg.limit_train_batches:
+            break
+        data_t, targets_t = get_batch(data.train, i, seq_len)
+        # DARTS reads the held-out segment at the same row (wrapped), with the nominal bptt
+        data_v, targets_v = get_batch(data.search, i % (data.search.size(0) - 1), cfg.bptt)
+        lr = cfg.lr * data_t.size(0) / cfg.bptt  # AWD-LSTM: longer segments get a larger step
+        for group in w_optimizer.param_groups:
+            group["lr"] = lr
+        hidden_valid = strategy.step(Batch(data_t, targets_t, hidden), Batch(data_v, targets_v, hidden_valid), lr)
+
+        w_optimizer.zero_grad(set_to_none=True)
+        out = model(data_t, hidden, strategy.edge_weights())
+        loss = objective(out, targets_t)
+        raw = torch.nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.size(-1)).detach(),
+                                                targets_t.reshape(-1)).item()
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLossError(f"training loss became {loss.item()} at step {state['step']} "
+                                     f"(lr {lr:.3g}); the last checkpoint was kept. Lower lr or clip.")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        w_optimizer.step()
+        hidden = out.hidden.detach()
+
+        tokens = targets_t.numel()
+        total_nll += raw * tokens
+        total_tokens += tokens
+        state["step"] += 1
+        state["tokens"] += tokens
+        if state["step"] % cfg.log_every == 0 or n == 0:
+            writer.add_scalar("train/loss", raw, state["step"])
+            writer.add_scalar("train/ppl", math.exp(min(raw, 700)), state["step"])
+            writer.add_scalar("lr/weights", lr, state["step"])
+            writer.add_scalar("lr/alphas", strategy.optimizer.param_groups[0]["lr"], state["step"])
+        bar.update(1)
+        bar.set_postfix(loss=f"{raw:.3f}")
+    for group in w_optimizer.param_groups:
+        group["lr"] = cfg.lr
+    return math.exp(min(total_nll / max(total_tokens, 1), 700))
