@@ -86,7 +86,8 @@ class DartsCell(nn.Module):
         self.Ws = nn.ParameterList(
             [nn.Parameter(torch.empty(nhid, 2 * nhid).uniform_(-init_range, init_range)) for _ in range(steps)])
         self.batchnorm = batchnorm
-        self._active = [(k, cell_activation(o)) for k, o in enumerate(ops) if cell_activation(o) is not None]
+        self._active_idx = [k for k, o in enumerate(ops) if cell_activation(o) is not None]
+        self._active_fns = [cell_activation(ops[k]) for k in self._active_idx]
         self.concat = list(genotype.concat) if genotype is not None else list(range(1, steps + 1))
         if genotype is not None:
             self._frozen = [(cell_activation(node[0].op), node[0].input) for node in genotype.nodes]
@@ -94,11 +95,7 @@ class DartsCell(nn.Module):
     def forward(self, inputs: torch.Tensor, hidden: torch.Tensor,
                 weights: Optional[torch.Tensor] = None):
         T, B = inputs.shape[:2]
-        if self.genotype is None:
-            n_edges = edge_count(self.steps)
-            if weights is None or tuple(weights.shape) != (n_edges, len(self.ops)):
-                got = None if weights is None else tuple(weights.shape)
-                raise ValueError(f"supernet cell needs edge weights of shape ({n_edges}, {len(self.ops)}), got {got}")
+        node_weights = self._node_weights(weights) if self.genotype is None else None
         x_mask = h_mask = None
         if self.training and self.dropoutx > 0:
             x_mask = dropout_mask(inputs, (B, self.ninp), self.dropoutx)
@@ -110,45 +107,59 @@ class DartsCell(nn.Module):
         wh = self.W0[self.ninp:]
         outputs = []
         h = hidden
-        for t in range(T):
-            hm = h if h_mask is None else h * h_mask
-            c0, h0 = torch.addmm(xw[t], hm, wh).chunk(2, dim=-1)
-            s0 = h + torch.sigmoid(c0) * (torch.tanh(h0) - h)
+        # unbind/chunk rather than indexing: their backward is one stack/cat, where an index or slice
+        # backward zero-fills a full-size gradient per use (a large share of the step time on CPU)
+        for xw_t in xw.unbind(0):
+            c0, h0 = torch.addmm(xw_t, h if h_mask is None else h * h_mask, wh).chunk(2, dim=-1)
+            s0 = torch.lerp(h, torch.tanh(h0), torch.sigmoid(c0))  # h + sigmoid(c0) (tanh(h0) - h)
             if self.batchnorm:
                 s0 = _batch_norm(s0)
-            h = self._supernet_nodes(s0, h_mask, weights) if self.genotype is None else self._frozen_nodes(s0, h_mask)
+            if self.genotype is None:
+                h = self._supernet_nodes(s0, h_mask, node_weights)
+            else:
+                h = self._frozen_nodes(s0, h_mask)
             outputs.append(h)
         return torch.stack(outputs), h
 
-    def _supernet_nodes(self, s0, h_mask, weights):
-        B, H = s0.shape
-        states = s0.unsqueeze(0)  # [n, B, H]: nodes 0..i-1
-        offset = 0
-        for i in range(self.steps):
-            n = i + 1
-            masked = states if h_mask is None else states * h_mask
-            ch = (masked.reshape(n * B, H) @ self.Ws[i]).view(n, B, 2 * H)  # all predecessors at once
-            c = torch.sigmoid(ch[..., :H])
-            hh = ch[..., H:]
-            w = weights[offset:offset + n]  # [n, K]
-            # Σ_k w_k (s + c (f_k(h) - s)) = P s + c (F - P s), P = Σ_k w_k, F = Σ_k w_k f_k(h)  (k non-zero)
-            mix = sum(w[:, k, None, None] * f(hh) for k, f in self._active)  # [n, B, H]
-            p = sum(w[:, k] for k, _ in self._active)[:, None, None]  # [n, 1, 1]
-            ps = p * states
-            s = (ps + c * (mix - ps)).sum(0)  # [B, H]
+    def _node_weights(self, weights):
+        """Per node i: (w [i, K'] over the non-zero ops, P [i, 1, 1] = their sum), sliced once per forward."""
+        n_edges = edge_count(self.steps)
+        if weights is None or tuple(weights.shape) != (n_edges, len(self.ops)):
+            got = None if weights is None else tuple(weights.shape)
+            raise ValueError(f"supernet cell needs edge weights of shape ({n_edges}, {len(self.ops)}), got {got}")
+        w = weights[:, self._active_idx]  # [E, K']: zero ops contribute nothing
+        p = w.sum(1)
+        out, offset = [], 0
+        for i in range(1, self.steps + 1):
+            out.append((w[offset:offset + i], p[offset:offset + i].view(i, 1, 1)))
+            offset += i
+        return out
+
+    def _supernet_nodes(self, s0, h_mask, node_weights):
+        H = self.nhid
+        states = s0.unsqueeze(0)  # [n, B, H]: nodes 0..n-1
+        nodes = [s0]
+        for i, (w, p) in enumerate(node_weights):
+            ch = torch.matmul(states if h_mask is None else states * h_mask, self.Ws[i])  # [n, B, 2H]
+            c, hh = ch.chunk(2, dim=-1)
+            c = torch.sigmoid(c)
+            # Σ_k w_k (s + c (f_k(h) - s)) = lerp(P s, F, c) with P = Σ_k w_k, F = Σ_k w_k f_k(h), k non-zero
+            acts = torch.stack([f(hh) for f in self._active_fns])  # [K', n, B, H]
+            mix = torch.einsum("nk,knbh->nbh", w, acts)
+            s = torch.lerp(p * states, mix, c).sum(0)  # [B, H]
             if self.batchnorm:
                 s = _batch_norm(s)
             states = torch.cat([states, s.unsqueeze(0)], 0)
-            offset += n
-        return states[self.concat].mean(0)
+            nodes.append(s)
+        return torch.stack([nodes[c] for c in self.concat]).mean(0)
 
     def _frozen_nodes(self, s0, h_mask):
         H = self.nhid
         states = [s0]
         for i, (f, j) in enumerate(self._frozen):
             sp = states[j]
-            ch = (sp if h_mask is None else sp * h_mask) @ self.Ws[i]
-            states.append(sp + torch.sigmoid(ch[:, :H]) * (f(ch[:, H:]) - sp))
+            c, hh = ((sp if h_mask is None else sp * h_mask) @ self.Ws[i]).chunk(2, dim=-1)
+            states.append(torch.lerp(sp, f(hh), torch.sigmoid(c)))
         return torch.stack([states[c] for c in self.concat]).mean(0)
 
 
@@ -156,11 +167,9 @@ def _batch_norm(s: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """BatchNorm without affine parameters or running statistics over the batch rows of s [B, H].
 
     Equal to ``nn.BatchNorm1d(H, affine=False, track_running_stats=False)`` in train and eval mode (kept
-    stateless so the unrolled second-order step and resume need no buffers); written out because that
-    module's CPU kernel is an order of magnitude slower on these small [B, H] inputs.
+    stateless so the unrolled second-order step and resume need no buffers).
     """
-    var, mean = torch.var_mean(s, dim=0, unbiased=False, keepdim=True)
-    return (s - mean) * torch.rsqrt(var + eps)
+    return nn.functional.batch_norm(s, None, None, training=True, eps=eps)
 
 
 @SPACES.register("darts_rnn", config=DartsRNNConfig)
