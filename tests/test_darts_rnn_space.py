@@ -1,0 +1,122 @@
+"""The DARTS recurrent-cell space: shapes, agreement with a plain implementation, supernet == frozen cell."""
+import pytest
+import torch
+
+from nas.genotype import Edge, Genotype, GenotypeError
+from nas.ops import DARTS_RNN_OPS
+from nas.spaces import SPACES
+from nas.spaces.darts_rnn import DartsCell, DartsRNNConfig
+from reference_cell import reference_forward
+
+E, H, T, B = 6, 6, 5, 3
+
+
+def test_alpha_shape_is_36_by_5_for_the_paper_space():
+    space = SPACES.get("darts_rnn")(DartsRNNConfig())
+    assert space.alpha_shape == (36, 5)
+    assert space.ops == DARTS_RNN_OPS
+
+
+def test_every_space_is_registered_with_a_schema():
+    for name in SPACES:
+        assert SPACES.schema(name) is not None
+
+
+def _cell(genotype=None, dropout=0.0, batchnorm=True, ops=DARTS_RNN_OPS, steps=4):
+    torch.manual_seed(0)
+    return DartsCell(E, H, ops, steps, genotype, dropouth=dropout, dropoutx=dropout,
+                     batchnorm=batchnorm).double()
+
+
+def _compare(cell, weights, train):
+    cell.train(train)
+    x = torch.randn(T, B, E, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(B, H, dtype=torch.float64)
+    torch.manual_seed(5)
+    out, last = cell(x, h, weights)
+    torch.manual_seed(5)
+    ref, ref_last = reference_forward(cell, x, h, weights)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last, ref_last, rtol=1e-5, atol=1e-5)
+    loss_w = torch.randn_like(out)
+    params = [x] + list(cell.parameters()) + ([weights] if weights is not None else [])
+    g = torch.autograd.grad((out * loss_w).sum(), params)
+    g_ref = torch.autograd.grad((ref * loss_w).sum(), params)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_supernet_matches_plain_implementation(train, batchnorm):
+    cell = _cell(dropout=0.3, batchnorm=batchnorm)
+    weights = torch.softmax(torch.randn(10, 5, dtype=torch.float64), -1).requires_grad_(True)
+    _compare(cell, weights, train)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_frozen_cell_matches_plain_implementation(train):
+    g = Genotype("darts_rnn", DARTS_RNN_OPS, [[Edge("tanh", 0)], [Edge("relu", 1)], [Edge("identity", 1)],
+                                             [Edge("sigmoid", 2)]], range(1, 5))
+    _compare(_cell(genotype=g, dropout=0.3), None, train)
+
+
+def test_supernet_with_one_hot_weights_is_the_frozen_cell():
+    """One model definition: the supernet restricted to a genotype's edges computes the frozen cell."""
+    g = Genotype("darts_rnn", DARTS_RNN_OPS, [[Edge("sigmoid", 0)], [Edge("relu", 1)], [Edge("tanh", 0)],
+                                             [Edge("identity", 2)]], range(1, 5))
+    sup = _cell(batchnorm=False)
+    frozen = _cell(genotype=g)
+    frozen.load_state_dict(sup.state_dict())
+    weights = torch.zeros(10, 5, dtype=torch.float64)
+    offset = 0
+    for i, node in enumerate(g.nodes, start=1):
+        weights[offset + node[0].input, DARTS_RNN_OPS.index(node[0].op)] = 1.0
+        offset += i
+    x, h = torch.randn(T, B, E, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64)
+    sup.eval(), frozen.eval()
+    torch.testing.assert_close(sup(x, h, weights)[0], frozen(x, h)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_none_is_handled_by_name_not_position():
+    ops = ("tanh", "identity", "none", "relu")
+    cell = _cell(ops=ops, batchnorm=False)
+    w = torch.softmax(torch.randn(10, 4, dtype=torch.float64), -1)
+    w_none_only = torch.zeros_like(w)
+    w_none_only[:, 2] = 1.0
+    x, h = torch.randn(T, B, E, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64)
+    cell.eval()
+    # all weight on `none`: every intermediate node is exactly zero
+    out, _ = cell(x, h, w_none_only)
+    assert torch.count_nonzero(out) == 0
+    _compare(cell, w.requires_grad_(True), True)
+
+
+def test_space_builds_supernet_and_frozen_lm_and_rejects_foreign_genotypes():
+    space = SPACES.get("darts_rnn")(DartsRNNConfig(emsize=8, nhid=8, steps=3))
+    sup = space.build_supernet(30)
+    tokens = torch.randint(30, (4, 2))
+    out = sup(tokens, sup.init_hidden(2), torch.softmax(torch.zeros(space.alpha_shape), -1))
+    assert out.logits.shape == (4, 2, 30) and out.hidden.shape == (2, 8)
+    with pytest.raises(ValueError, match="edge weights of shape"):
+        sup(tokens, sup.init_hidden(2), None)
+    g = space.derive(torch.randn(space.alpha_shape))
+    frozen = space.freeze(g, 30)
+    assert frozen(tokens, frozen.init_hidden(2)).logits.shape == (4, 2, 30)
+    other = Genotype("hybrid", ("zero", "identity"), [[Edge("identity", 0)]], [1])
+    with pytest.raises(GenotypeError, match="space 'hybrid'"):
+        space.freeze(other, 30)
+    two_edges = Genotype("darts_rnn", DARTS_RNN_OPS, [[Edge("tanh", 0)], [Edge("tanh", 0), Edge("relu", 1)]], [1, 2])
+    with pytest.raises(GenotypeError, match="one edge per node"):
+        space.freeze(two_edges, 30)
+
+
+def test_tied_decoder_needs_equal_sizes():
+    space = SPACES.get("darts_rnn")(DartsRNNConfig(emsize=8, nhid=16))
+    with pytest.raises(ValueError, match="must equal nhid"):
+        space.build_supernet(30)
+
+
+def test_unknown_op_in_config_is_rejected():
+    with pytest.raises(ValueError, match="unknown recurrent-cell op 'tanhh'"):
+        SPACES.get("darts_rnn")(DartsRNNConfig(ops=["none", "tanhh"]))

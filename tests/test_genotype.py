@@ -1,0 +1,100 @@
+"""Genotype value: derivation (softmax, not logits), JSON round trip by name, validation errors."""
+import json
+
+import pytest
+import torch
+
+from nas.genotype import Edge, Genotype, GenotypeError, derive
+from nas.ops import DARTS_RNN_OPS
+
+OPS = list(DARTS_RNN_OPS)  # none, tanh, relu, sigmoid, identity
+
+
+def test_derivation_uses_softmax_not_raw_logits():
+    # node 1 has one predecessor; node 2 has two: rows 1 (from node 0) and 2 (from node 1)
+    alphas = torch.tensor([[0.0, 1, 0, 0, 0],
+                           [0.0, 3, 0, 0, 0],  # softmax: tanh 0.834
+                           [9.0, 9, 10, 9, 9]])  # raw max 10, but softmax relu only 0.405
+    g = derive(alphas, OPS, "darts_rnn")
+    assert g.nodes[1] == (Edge("tanh", 0),)
+    # the logit-based choice would have been relu from node 1
+    assert g.nodes[1] != (Edge("relu", 1),)
+
+
+def test_adding_a_constant_to_a_row_changes_nothing():
+    torch.manual_seed(0)
+    alphas = torch.randn(36, 5)
+    shifted = alphas + torch.randn(36, 1) * 100
+    assert derive(alphas, OPS, "darts_rnn") == derive(shifted, OPS, "darts_rnn")
+
+
+def test_never_contains_none_even_when_none_dominates():
+    alphas = torch.zeros(36, 5)
+    alphas[:, 0] = 50.0  # `none` is by far the strongest everywhere
+    alphas[:, 3] = 1.0
+    g = derive(alphas, OPS, "darts_rnn")
+    assert all(e.op == "sigmoid" for node in g.nodes for e in node)
+    assert g.steps == 8 and g.concat == tuple(range(1, 9))
+
+
+def test_none_is_found_by_name_in_any_column():
+    ops = ["tanh", "none", "relu"]
+    alphas = torch.tensor([[0.0, 9.0, 1.0]])
+    assert derive(alphas, ops, "darts_rnn").nodes == ((Edge("relu", 0),),)
+
+
+def test_top_k_edges_per_node():
+    alphas = torch.zeros(6, 3)
+    alphas[3:6] = torch.tensor([[0.0, 1, 0], [0.0, 5, 0], [0.0, 3, 0]])  # node 3 from nodes 0, 1, 2
+    g = derive(alphas, ["zero", "identity", "conv"], "hybrid", k=2)
+    assert g.nodes[2] == (Edge("identity", 1), Edge("identity", 2))
+    assert len(g.nodes[0]) == 1  # node 1 has a single possible input
+
+
+def test_json_round_trip_by_op_name(tmp_path):
+    g = derive(torch.randn(36, 5), OPS, "darts_rnn")
+    path = tmp_path / "g.json"
+    g.save(str(path))
+    d = json.loads(path.read_text())
+    assert d["space"] == "darts_rnn" and d["ops"] == OPS
+    assert all(isinstance(e["op"], str) for node in d["nodes"] for e in node)
+    assert Genotype.load(str(path)) == g
+    # reordering the op list keeps the same architecture (ops are names, not indices)
+    d["ops"] = list(reversed(OPS))
+    g2 = Genotype.from_dict(d)
+    assert g2.nodes == g.nodes
+
+
+@pytest.mark.parametrize("text,match", [
+    ("{not json", "not valid JSON"),
+    ('["a"]', "expected a JSON object"),
+    ('{"space": "darts_rnn", "ops": ["none", "tanh"]}', "missing field"),
+    ('{"space": "darts_rnn", "ops": ["none", "tanh"], "nodes": [[{"op": "conv9", "input": 0}]], "concat": [1]}',
+     "unknown op 'conv9'"),
+    ('{"space": "darts_rnn", "ops": ["none", "tanh"], "nodes": [[{"op": "none", "input": 0}]], "concat": [1]}',
+     "never keeps a 'none' edge"),
+    ('{"space": "darts_rnn", "ops": ["none", "tanh"], "nodes": [[{"op": "tanh", "input": 1}]], "concat": [1]}',
+     "not an earlier node"),
+    ('{"space": "darts_rnn", "ops": ["none", "tanh"], "nodes": [[{"op": "tanh", "input": 0}]], "concat": [5]}',
+     "concat"),
+    ('{"space": "darts_rnn", "ops": ["none", "tanh"], "nodes": [[{"op": "tanh"}]], "concat": [1]}',
+     "malformed"),
+])
+def test_corrupt_genotype_files_give_clear_errors(tmp_path, text, match):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(GenotypeError, match=match) as err:
+        Genotype.load(str(path))
+    assert str(path) in str(err.value)
+
+
+def test_missing_file_is_a_genotype_error(tmp_path):
+    with pytest.raises(GenotypeError, match="cannot read"):
+        Genotype.load(str(tmp_path / "nope.json"))
+
+
+def test_derive_rejects_wrong_shapes():
+    with pytest.raises(GenotypeError, match="do not fit"):
+        derive(torch.zeros(36, 4), OPS, "darts_rnn")
+    with pytest.raises(GenotypeError, match="triangular"):
+        derive(torch.zeros(35, 5), OPS, "darts_rnn")

@@ -1,0 +1,156 @@
+"""search.py end to end: outputs, TensorBoard tags, determinism, config hygiene, the CLI."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigAttributeError
+
+import nas.config  # noqa: F401  (stores the config schemas)
+from nas.engine.search import search
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["experiment=smoke", "batch_size=4", "eval_batch_size=4", "bptt=8", "limit_train_batches=5",
+        "limit_eval_batches=3", "progress=false", "space.steps=3"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A tiny synthetic corpus: 40-word vocabulary, train/valid/test.txt."""
+    d = tmp_path_factory.mktemp("corpus")
+    g = torch.Generator().manual_seed(0)
+    words = [f"w{i}" for i in range(40)]
+    for split, lines in (("train", 300), ("valid", 60), ("test", 60)):
+        with open(d / f"{split}.txt", "w", encoding="utf-8") as f:
+            for _ in range(lines):
+                n = int(torch.randint(3, 12, (1,), generator=g))
+                f.write(" " + " ".join(words[int(i)] for i in torch.randint(40, (n,), generator=g)) + " \n")
+    return str(d)
+
+
+def cfg_for(overrides):
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
+        return compose("search", overrides=overrides)
+
+
+def run(tmp_path, corpus, extra=()):
+    cfg = cfg_for(TINY + [f"dataset.root={corpus}"] + list(extra))
+    out = str(tmp_path)
+    metrics = search(cfg, run_dir=out)
+    return out, metrics
+
+
+@pytest.mark.parametrize("unrolled", [False, True])
+def test_search_writes_every_output(tmp_path, corpus, unrolled):
+    out, metrics = run(tmp_path, corpus, [f"strategy.unrolled={str(unrolled).lower()}"])
+    g = json.load(open(os.path.join(out, "genotype.json")))
+    assert g["space"] == "darts_rnn" and len(g["nodes"]) == 3
+    assert all(e["op"] != "none" for node in g["nodes"] for e in node)
+    assert sorted(os.listdir(os.path.join(out, "genotypes"))) == ["epoch_001.json", "epoch_002.json"]
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert m["steps"] == 10 and m["train_tokens"] > 0 and m["final_valid_ppl"] > 1
+    assert os.path.isfile(os.path.join(out, "config.yaml"))
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    assert ckpt["epoch"] == 2 and ckpt["strategy"]["alphas"].shape == (6, 5)
+    assert not glob.glob(os.path.join(out, ".tmp-*"))  # atomic writes leave no temporaries
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(os.path.join(out, "tb"))
+    ea.Reload()
+    tags = ea.Tags()
+    for tag in ("train/loss", "train/ppl", "valid/ppl", "lr/weights", "lr/alphas"):
+        assert tag in tags["scalars"], tag
+    assert "alphas/softmax" in tags["images"]
+    assert any(t.startswith("genotype") for t in tags["tensors"])
+
+
+def test_same_seed_gives_identical_alphas_and_genotype(tmp_path, corpus):
+    a, m1 = run(tmp_path / "a", corpus)
+    b, m2 = run(tmp_path / "b", corpus)
+    c, m3 = run(tmp_path / "c", corpus, ["seed=1"])
+    alphas = [torch.load(os.path.join(d, "checkpoint.pt"), weights_only=False)["strategy"]["alphas"] for d in (a, b, c)]
+    assert torch.equal(alphas[0], alphas[1])
+    assert m1["genotype"] == m2["genotype"] and m1["final_valid_ppl"] == m2["final_valid_ppl"]
+    assert not torch.equal(alphas[0], alphas[2])
+
+
+@pytest.mark.parametrize("override,exc", [
+    ("epoch=3", ConfigCompositionException),
+    ("strategy.unrolld=true", ConfigCompositionException),
+    ("space.nhidd=10", ConfigCompositionException),
+    ("space=darts_rn", ConfigCompositionException),
+    ("strategy=dartz", ConfigCompositionException),
+    ("epochs=many", ConfigCompositionException),
+])
+def test_misspelled_keys_and_values_are_errors(override, exc):
+    with pytest.raises(exc):
+        cfg_for([override])
+
+
+def test_config_is_struct_so_code_cannot_invent_keys():
+    cfg = cfg_for([])
+    with pytest.raises(ConfigAttributeError):
+        cfg.not_a_key = 1
+
+
+def test_paper_presets_hold_the_paper_settings():
+    cfg = cfg_for(["experiment=darts_ptb_2nd"])
+    assert cfg.strategy.unrolled is True
+    assert (cfg.space.emsize, cfg.space.nhid, cfg.batch_size, cfg.bptt, cfg.epochs) == (300, 300, 256, 35, 50)
+    assert (cfg.lr, cfg.weight_decay, cfg.clip) == (20.0, 5e-7, 0.25)
+    assert (cfg.strategy.arch_lr, list(cfg.strategy.arch_betas), cfg.strategy.arch_weight_decay) == (3e-3, [0.9, 0.999], 1e-3)
+    s = cfg.space
+    assert (s.dropout, s.dropouth, s.dropoutx, s.dropouti, s.dropoute) == (0.75, 0.25, 0.75, 0.2, 0.0)
+    assert list(s.ops) == ["none", "tanh", "relu", "sigmoid", "identity"] and s.steps == 8
+    assert cfg.strategy.alpha_split == "valid" and cfg_for(["experiment=darts_ptb"]).strategy.unrolled is False
+
+
+def test_corpus_smaller_than_one_batch_is_a_clear_error(tmp_path, corpus):
+    from nas.data import DataError
+
+    with pytest.raises(DataError, match="smaller than one batch"):
+        run(tmp_path, corpus, ["batch_size=200", "bptt=35"])
+
+
+def _cli(args, cwd, env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, os.path.join(ROOT, "search.py")] + args, cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_relative_paths_resolve_against_launch_dir_and_multirun_gives_separate_dirs(tmp_path, corpus):
+    os.symlink(corpus, tmp_path / "mycorpus")
+    r = _cli(["-m"] + TINY + ["epochs=1", "dataset.root=mycorpus", "seed=1,2"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    genotypes = sorted(glob.glob(str(tmp_path / "multirun/search/*/*/*/genotype.json")))
+    assert len(genotypes) == 2 and os.path.dirname(genotypes[0]) != os.path.dirname(genotypes[1])
+
+
+def test_cli_typo_fails_with_a_message(tmp_path):
+    r = _cli(["epoch=3"], cwd=tmp_path)
+    assert r.returncode != 0 and "epoch" in r.stderr
+
+
+def test_cli_missing_data_says_where_it_looked(tmp_path):
+    r = _cli(["experiment=smoke", f"dataset.root={tmp_path}/nothing", f"dataset.cache_dir={tmp_path}/cache"],
+             cwd=tmp_path, env_extra={"NAS_DATA": str(tmp_path / "none")})
+    assert r.returncode != 0
+    assert "nothing" in r.stderr and "NAS_DATA" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("unrolled", ["false", "true"])
+def test_smoke_preset_on_real_ptb(tmp_path, unrolled):
+    if "NAS_DATA" not in os.environ:
+        pytest.skip("NAS_DATA not set")
+    r = _cli(["experiment=smoke", f"strategy.unrolled={unrolled}", "progress=false",
+              f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert os.path.isfile(tmp_path / "run" / "genotype.json")
+    assert glob.glob(str(tmp_path / "run" / "tb" / "events.out.tfevents.*"))
