@@ -45,9 +45,10 @@ def run(tmp_path, corpus, extra=()):
     return out, metrics
 
 
-@pytest.mark.parametrize("unrolled", [False, True])
-def test_search_writes_every_output(tmp_path, corpus, unrolled):
-    out, metrics = run(tmp_path, corpus, [f"strategy.unrolled={str(unrolled).lower()}"])
+@pytest.mark.parametrize("unrolled,alpha_split", [(False, "valid"), (True, "valid"), (False, "train_half")])
+def test_search_writes_every_output(tmp_path, corpus, unrolled, alpha_split):
+    out, metrics = run(tmp_path, corpus, [f"strategy.unrolled={str(unrolled).lower()}",
+                                          f"strategy.alpha_split={alpha_split}"])
     g = json.load(open(os.path.join(out, "genotype.json")))
     assert g["space"] == "darts_rnn" and len(g["nodes"]) == 3
     assert all(e["op"] != "none" for node in g["nodes"] for e in node)
