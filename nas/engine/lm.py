@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -39,11 +39,20 @@ def lm_objective(out, targets: torch.Tensor, ar_alpha: float = 0.0, tar_beta: fl
     AR = ar_alpha · mean(output²) on the dropped output, TAR = tar_beta · mean((raw_t - raw_{t-1})²).
     """
     loss = nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.size(-1)), targets.reshape(-1))
+    return loss + activation_regularization(out, ar_alpha, tar_beta)
+
+
+def activation_regularization(out, ar_alpha: float = 0.0, tar_beta: float = 0.0):
+    """The AR + TAR terms of :func:`lm_objective` alone (a 0-dim tensor, or ``0.0`` when both are off).
+
+    For loops that need the raw cross-entropy too: ``raw = CE; loss = raw + activation_regularization(...)``.
+    """
+    reg = 0.0
     if ar_alpha:
-        loss = loss + ar_alpha * out.output.pow(2).mean()
+        reg = reg + ar_alpha * out.output.pow(2).mean()
     if tar_beta and out.raw_output.size(0) > 1:
-        loss = loss + tar_beta * (out.raw_output[1:] - out.raw_output[:-1]).pow(2).mean()
-    return loss
+        reg = reg + tar_beta * (out.raw_output[1:] - out.raw_output[:-1]).pow(2).mean()
+    return reg
 
 
 @dataclass(frozen=True)
@@ -64,7 +73,8 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, source: torch.Tensor, bptt: int, weights: Optional[torch.Tensor] = None,
-             max_batches: Optional[int] = None) -> EvalResult:
+             max_batches: Optional[int] = None,
+             progress: Optional[Callable[[int], None]] = None) -> EvalResult:
     """Exact perplexity of ``model`` on a batchified split.
 
     Every target position of ``source`` [T, B] is scored once, in fixed segments of ``bptt`` (the last
@@ -77,6 +87,7 @@ def evaluate(model: nn.Module, source: torch.Tensor, bptt: int, weights: Optiona
         model: a language model ``model(data, hidden, weights) -> LMOutput``.
         source: [T, B] token ids; weights: supernet edge weights [E, K] or None.
         max_batches: score only the first segments (a partial, still exact, figure).
+        progress: called after each segment with its number of target tokens (e.g. ``tqdm.update``).
     """
     was_training = model.training
     model.eval()
@@ -92,6 +103,8 @@ def evaluate(model: nn.Module, source: torch.Tensor, bptt: int, weights: Optiona
                                                  targets.reshape(-1), reduction="sum").item()
             count += targets.numel()
             hidden = out.hidden
+            if progress is not None:
+                progress(targets.numel())
         return EvalResult(total, count)
     finally:
         model.train(was_training)
