@@ -68,6 +68,26 @@ class SearchConfig(LMRunConfig):
     strategy: Any = MISSING
 
 
+@dataclass
+class TrainConfig(LMRunConfig):
+    """``train.py``: retrain a genotype from scratch and report test perplexity (DARTS sec. 3.3 / A.2.2).
+
+    ``space`` gives the model sizes and dropouts; the cell itself comes from ``arch``.
+    """
+
+    #: a published genotype name (darts_v1, darts_v2, enas), a genotype JSON file, or a search run dir
+    arch: str = MISSING
+    #: ``ntasgd``: SGD, then averaged SGD once the non-monotone trigger fires (AWD-LSTM sec. 3, DARTS);
+    #: ``sgd``: never average; ``asgd``: averaged SGD from the first step
+    optimizer: str = "ntasgd"
+    #: non-monotone interval: switch when valid loss is worse than the best of all but the last ``nonmono``
+    nonmono: int = 5
+    #: batch size of the test split (DARTS / AWD-LSTM: 1, one long sequence)
+    test_batch_size: int = 1
+    #: bptt of the evaluation passes (null: ``bptt``); exact perplexity does not depend on it
+    eval_bptt: Optional[int] = None
+
+
 def register_configs() -> None:
     """Store the schemas (idempotent).  Importing the spaces and strategies registers theirs."""
     import nas.spaces  # noqa: F401
@@ -75,6 +95,7 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="search_schema", node=SearchConfig)
+    cs.store(name="train_schema", node=TrainConfig)
     cs.store(group="dataset", name="dataset_schema", node=DatasetConfig)
 
 

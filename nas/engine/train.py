@@ -1,0 +1,268 @@
+"""Retraining a genotype from scratch (DARTS, Liu et al. 2019, sec. 3.3 and A.2.2; AWD-LSTM regimen).
+
+The discrete model is the space's frozen supernet (``space.freeze(genotype, ntoken)``).  Training: variable
+bptt with the learning rate scaled by ``seq_len / bptt`` (AWD-LSTM sec. 4.1), SGD with weight decay, gradient
+clipping, AR/TAR, and NT-ASGD (:mod:`nas.engine.asgd`).  After each epoch the model is evaluated on the whole
+validation split (with the averaged weights once ASGD is on); the best one is checkpointed with its genotype
+and resolved config, and at the end it is reloaded and scored on the test split.  Perplexity is always
+exp(total NLL / target tokens) (:func:`nas.engine.lm.evaluate`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import NamedTuple, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from nas.data import bptt_segments, get_batch
+from nas.engine.asgd import (OPTIMIZERS, averaged_weights, is_averaging, make_asgd, make_sgd, nonmono_trigger,
+                             set_lr)
+from nas.engine.common import (CheckpointError, absolute_path, atomic_torch_save, load_checkpoint, resolve_device,
+                               run_dir_from_hydra, seed_everything)
+from nas.engine.lm import (EvalResult, NonFiniteLossError, activation_regularization, evaluate, perplexity,
+                           prepare_lm_data)
+from nas.engine.tb import log_genotype
+from nas.genotype import Genotype, GenotypeError, atomic_write_text
+from nas.published import resolve_arch
+from nas.spaces import build_space
+
+log = logging.getLogger(__name__)
+
+BEST_CHECKPOINT = "best.pt"
+
+
+def evaluate_lm(model, source: torch.Tensor, bptt: int, optimizer: Optional[torch.optim.Optimizer] = None,
+                max_batches: Optional[int] = None, progress=None) -> EvalResult:
+    """Exact perplexity of ``model`` on ``source`` [T, B], with ASGD's averaged weights if ``optimizer`` averages.
+
+    Leaves the model's ``training`` flag, its parameters and the optimizer state exactly as they were
+    (the averaged weights are copied in and the raw ones back, see :func:`nas.engine.asgd.averaged_weights`).
+    An overflowing loss gives ``ppl == inf``, not an exception.
+    """
+    with averaged_weights(model, optimizer):
+        return evaluate(model, source, bptt, max_batches=max_batches, progress=progress)
+
+
+def train(cfg, run_dir: Optional[str] = None) -> dict:
+    """Retrain ``cfg.arch`` from scratch as configured; return the metrics written to ``metrics.json``.
+
+    Args:
+        cfg: a composed :class:`nas.config.TrainConfig` (``conf/train.yaml``).
+        run_dir: output folder (default: the Hydra run directory).
+    Outputs in ``run_dir``: ``metrics.json`` (best valid ppl, test ppl, params, epochs, tokens/s, wall time,
+        per-epoch history), ``best.pt`` (best-valid weights -- averaged ones under ASGD -- with genotype and
+        resolved config; :func:`load_trained` rebuilds it), ``genotype.json``, ``config.yaml``, ``tb/``.
+    Raises:
+        GenotypeError: ``arch`` unknown, or its file unreadable / invalid / of another space.
+        nas.data.DataError: data missing or too small.  ValueError: an invalid setting.
+        NonFiniteLossError: the training loss became NaN/inf (``best.pt`` is kept).
+    """
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.structured(cfg)
+    _check(cfg)
+    run_dir = run_dir or run_dir_from_hydra()
+    os.makedirs(run_dir, exist_ok=True)
+    genotype, arch_desc = resolve_arch(cfg.arch, base_dir=absolute_path("."))
+    space = build_space(cfg.space)
+    try:
+        space.check_genotype(genotype)
+    except GenotypeError as err:
+        raise GenotypeError(f"arch={cfg.arch} ({arch_desc}): {err}") from None
+    atomic_write_text(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
+    genotype.save(os.path.join(run_dir, "genotype.json"))
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    np_rng = seed_everything(cfg.seed)
+    data = prepare_lm_data(cfg, device, alpha_split=None, test_batch_size=cfg.test_batch_size)
+    try:
+        model = space.freeze(genotype, data.ntoken).to(device)
+    except GenotypeError as err:
+        raise GenotypeError(f"arch={cfg.arch} ({arch_desc}): {err}") from None
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("train: arch %s\n  genotype %s\n  %d parameters, %s, device %s, run dir %s",
+             arch_desc, genotype, n_params, cfg.dataset.name, device, run_dir)
+
+    writer = SummaryWriter(os.path.join(run_dir, "tb"))
+    writer.add_text("config", f"```\n{OmegaConf.to_yaml(cfg, resolve=True)}\n```", 0)
+    log_genotype(writer, genotype, 0)
+    optimizer = (make_asgd if cfg.optimizer == "asgd" else make_sgd)(model.parameters(), cfg.lr, cfg.weight_decay)
+    eval_bptt = cfg.eval_bptt or cfg.bptt
+    per_epoch = len(range(0, data.train.size(0) - 1, cfg.bptt))
+    if cfg.limit_train_batches:
+        per_epoch = min(per_epoch, cfg.limit_train_batches)
+    state = {"step": 0, "tokens": 0, "train_seconds": 0.0}
+    history, val_losses = [], []
+    best = {"loss": math.inf, "epoch": None, "ppl": math.inf}
+    asgd_epoch = 0 if cfg.optimizer == "asgd" else None
+    best_path = os.path.join(run_dir, BEST_CHECKPOINT)
+    start = time.time()
+    bar = tqdm(total=per_epoch * cfg.epochs, desc="train", unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            t0 = time.time()
+            train_ppl = _train_epoch(cfg, model, optimizer, data.train, np_rng, writer, bar, state)
+            state["train_seconds"] += time.time() - t0
+            averaged = is_averaging(optimizer)
+            valid = evaluate_lm(model, data.valid, eval_bptt, optimizer, cfg.limit_eval_batches)
+            loss = valid.loss if math.isfinite(valid.loss) else math.inf
+            if loss < best["loss"] or best["epoch"] is None:
+                best = {"loss": loss, "epoch": epoch, "ppl": valid.ppl}
+                with averaged_weights(model, optimizer):
+                    _save_best(best_path, model, genotype, cfg, data.ntoken, n_params, epoch, valid, averaged)
+            switched = False
+            if cfg.optimizer == "ntasgd" and not averaged and nonmono_trigger(val_losses, loss, cfg.nonmono):
+                optimizer, asgd_epoch, switched = make_asgd(model.parameters(), cfg.lr, cfg.weight_decay), epoch, True
+            if not averaged:
+                val_losses.append(loss)  # the trigger compares SGD-phase losses only, as AWD-LSTM / DARTS
+            history.append({"epoch": epoch, "train_ppl": train_ppl, "valid_ppl": valid.ppl,
+                            "valid_loss": valid.loss, "averaged": averaged, "seconds": time.time() - t0})
+            writer.add_scalar("valid/ppl", valid.ppl, epoch)
+            writer.add_scalar("valid/loss", valid.loss, epoch)
+            writer.add_scalar("train/epoch_ppl", train_ppl, epoch)
+            writer.add_scalar("optim/averaged", float(averaged), epoch)
+            writer.flush()
+            log.info("epoch %d: train ppl %.2f, valid ppl %.2f%s (best %.2f at epoch %d)%s", epoch, train_ppl,
+                     valid.ppl, " [averaged weights]" if averaged else "", best["ppl"], best["epoch"],
+                     "; switching to averaged SGD (non-monotone trigger)" if switched else "")
+            bar.set_postfix(valid_ppl=f"{valid.ppl:.1f}")
+    finally:
+        bar.close()
+
+    # test: the best-valid checkpoint, reloaded from disk (so the file is what is reported)
+    model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
+    t0 = time.time()
+    test_segments = len(range(0, data.test.size(0) - 1, eval_bptt))
+    with tqdm(total=min(test_segments, cfg.limit_eval_batches or test_segments), desc="test", unit="seg",
+              disable=not cfg.progress, dynamic_ncols=True) as tbar:
+        test = evaluate_lm(model, data.test, eval_bptt, None, cfg.limit_eval_batches, lambda n: tbar.update(1))
+    test_seconds = time.time() - t0
+    writer.add_scalar("test/ppl", test.ppl, best["epoch"])
+    writer.close()
+    wall = time.time() - start
+    metrics = {
+        "arch": cfg.arch, "best_valid_ppl": best["ppl"], "best_epoch": best["epoch"], "test_ppl": test.ppl,
+        "test_loss": test.loss, "test_tokens": test.tokens, "valid_tokens": valid.tokens,
+        "exact_eval": _whole(valid, data.valid) and _whole(test, data.test), "params": n_params, "epochs": cfg.epochs,
+        "steps": state["step"], "train_tokens": state["tokens"], "asgd_epoch": asgd_epoch,
+        "tokens_per_second": state["tokens"] / max(state["train_seconds"], 1e-9),
+        "train_seconds": state["train_seconds"], "test_seconds": test_seconds, "wall_seconds": wall,
+        "test_batch_size": cfg.test_batch_size, "eval_batch_size": cfg.eval_batch_size, "device": str(device),
+        "genotype": genotype.to_dict(), "history": history,
+    }
+    atomic_write_text(os.path.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
+    log.info("done in %.1f s: best valid ppl %.2f (epoch %d), test ppl %.2f (%d tokens, batch %d, %.1f s); "
+             "%d params; %s", wall, best["ppl"], best["epoch"], test.ppl, test.tokens, cfg.test_batch_size,
+             test_seconds, n_params, os.path.join(run_dir, "metrics.json"))
+    return metrics
+
+
+def _train_epoch(cfg, model, optimizer, source, np_rng, writer, bar, state) -> float:
+    """One pass over the training split [T, B]; returns its perplexity (raw NLL, without AR/TAR)."""
+    model.train()
+    hidden = model.init_hidden(cfg.batch_size)
+    total_nll, total_tokens = 0.0, 0
+    segments = bptt_segments(source, cfg.bptt, variable=True, rng=np_rng, max_len=cfg.bptt + cfg.max_seq_len_delta)
+    for n, (i, seq_len) in enumerate(segments):
+        if cfg.limit_train_batches and n >= cfg.limit_train_batches:
+            break
+        data, targets = get_batch(source, i, seq_len)
+        lr = cfg.lr * data.size(0) / cfg.bptt  # AWD-LSTM: longer segments take a larger step
+        set_lr(optimizer, lr)
+        optimizer.zero_grad(set_to_none=True)
+        out = model(data, hidden)
+        raw = torch.nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.size(-1)), targets.reshape(-1))
+        loss = raw + activation_regularization(out, cfg.ar_alpha, cfg.tar_beta)
+        raw_value, loss_value = raw.item(), loss.item()
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(f"training loss became {loss_value} at step {state['step']} (lr {lr:.3g}); "
+                                     f"the best checkpoint so far was kept. Lower lr or clip.")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        optimizer.step()
+        hidden = out.hidden.detach()
+        tokens = targets.numel()
+        total_nll += raw_value * tokens
+        total_tokens += tokens
+        state["step"] += 1
+        state["tokens"] += tokens
+        if state["step"] % cfg.log_every == 0 or n == 0:
+            writer.add_scalar("train/loss", raw_value, state["step"])
+            writer.add_scalar("train/ppl", perplexity(raw_value, 1), state["step"])
+            writer.add_scalar("lr", lr, state["step"])
+        bar.update(1)
+        bar.set_postfix(loss=f"{raw_value:.3f}")
+    set_lr(optimizer, cfg.lr)
+    return perplexity(total_nll, max(total_tokens, 1))
+
+
+def _whole(result: EvalResult, source: torch.Tensor) -> bool:
+    """True when ``result`` scored every target of ``source`` [T, B] (no ``limit_eval_batches`` cut)."""
+    return result.tokens == (source.size(0) - 1) * source.size(1)
+
+
+def _save_best(path, model, genotype: Genotype, cfg, ntoken: int, n_params: int, epoch: int, valid: EvalResult,
+               averaged: bool) -> None:
+    atomic_torch_save({"model": model.state_dict(), "genotype": genotype.to_dict(),
+                       "config": OmegaConf.to_container(cfg, resolve=True), "ntoken": ntoken, "params": n_params,
+                       "epoch": epoch, "valid_nll": valid.nll, "valid_tokens": valid.tokens, "valid_ppl": valid.ppl,
+                       "averaged": averaged}, path)
+
+
+class Trained(NamedTuple):
+    """What :func:`load_trained` returns: the rebuilt model (eval mode), its genotype, config and raw checkpoint."""
+
+    model: torch.nn.Module
+    genotype: Genotype
+    cfg: object
+    checkpoint: dict
+
+
+def load_trained(path: str, device: Optional[torch.device] = None) -> Trained:
+    """Rebuild a retrained model from ``best.pt`` alone (its genotype and resolved config are inside).
+
+    Args:
+        path: a ``best.pt`` file, or the run directory holding it.  device: where to put it (default cpu).
+    Raises:
+        CheckpointError: missing / corrupt file, or one whose genotype, config or weights do not fit together.
+    """
+    from nas.config import TrainConfig
+
+    if os.path.isdir(path):
+        path = os.path.join(path, BEST_CHECKPOINT)
+    ckpt = load_checkpoint(path, map_location=device or torch.device("cpu"))
+    missing = [k for k in ("model", "genotype", "config", "ntoken") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not a train.py checkpoint (missing {missing})")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), ckpt["config"])
+        genotype = Genotype.from_dict(ckpt["genotype"], where=f"genotype in {path}")
+        model = build_space(cfg.space).freeze(genotype, ckpt["ntoken"])
+        model.load_state_dict(ckpt["model"])
+    except (GenotypeError, OmegaConfBaseException, RuntimeError, KeyError, ValueError) as err:
+        raise CheckpointError(f"cannot rebuild the model of {path}: {err}") from None
+    model.to(device or torch.device("cpu")).eval()
+    return Trained(model, genotype, cfg, ckpt)
+
+
+def _check(cfg) -> None:
+    if OmegaConf.is_missing(cfg, "arch"):
+        from nas.published import published_names
+
+        raise GenotypeError(f"arch= is required: a published genotype ({', '.join(published_names())}) or a "
+                            "genotype.json written by search.py, e.g. `python train.py arch=darts_v2`")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={cfg.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    for key in ("epochs", "batch_size", "eval_batch_size", "test_batch_size", "bptt"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.nonmono < 0:
+        raise ValueError(f"nonmono must be >= 0, got {cfg.nonmono}")
