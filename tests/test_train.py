@@ -253,3 +253,16 @@ def test_cli_smoke(tmp_path, corpus_root):
     assert (run / "best.pt").is_file() and (run / "config.yaml").is_file()
     assert OmegaConf.load(run / "config.yaml").arch == "darts_v2"
     assert os.path.isfile(run / "train.log")
+
+
+@pytest.mark.slow
+def test_smoke_on_real_ptb(tmp_path):
+    """``experiment=smoke`` on the real corpus (needs $NAS_DATA/ptb): runs, full vocabulary, finite ppl."""
+    if not os.path.isdir(os.path.join(os.environ.get("NAS_DATA", "/nonexistent"), "ptb")):
+        pytest.skip("needs $NAS_DATA/ptb")
+    cfg = compose_train("experiment=smoke", "arch=darts_v2", "progress=false", "device=cpu")
+    metrics = train(cfg, run_dir=str(tmp_path / "run"))
+    emsize = cfg.space.emsize
+    assert load_trained(str(tmp_path / "run")).model.encoder.weight.shape == (10000, emsize)
+    assert 100 < metrics["best_valid_ppl"] < 10000 and 100 < metrics["test_ppl"] < 10000
+    assert not metrics["exact_eval"]  # smoke scores the first limit_eval_batches segments only

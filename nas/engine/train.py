@@ -65,6 +65,7 @@ def train(cfg, run_dir: Optional[str] = None) -> dict:
         nas.data.DataError: data missing or too small.  ValueError: an invalid setting.
         NonFiniteLossError: the training loss became NaN/inf (``best.pt`` is kept).
     """
+    start = time.time()
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.structured(cfg)
     _check(cfg)
@@ -104,7 +105,6 @@ def train(cfg, run_dir: Optional[str] = None) -> dict:
     best = {"loss": math.inf, "epoch": None, "ppl": math.inf}
     asgd_epoch = 0 if cfg.optimizer == "asgd" else None
     best_path = os.path.join(run_dir, BEST_CHECKPOINT)
-    start = time.time()
     bar = tqdm(total=per_epoch * cfg.epochs, desc="train", unit="step", disable=not cfg.progress, dynamic_ncols=True)
     try:
         for epoch in range(1, cfg.epochs + 1):
@@ -134,19 +134,14 @@ def train(cfg, run_dir: Optional[str] = None) -> dict:
                      valid.ppl, " [averaged weights]" if averaged else "", best["ppl"], best["epoch"],
                      "; switching to averaged SGD (non-monotone trigger)" if switched else "")
             bar.set_postfix(valid_ppl=f"{valid.ppl:.1f}")
+        bar.close()
+        t0 = time.time()
+        test = _test_best(cfg, model, best_path, data.test, eval_bptt, device)
+        test_seconds = time.time() - t0
+        writer.add_scalar("test/ppl", test.ppl, best["epoch"])
     finally:
         bar.close()
-
-    # test: the best-valid checkpoint, reloaded from disk (so the file is what is reported)
-    model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
-    t0 = time.time()
-    test_segments = len(range(0, data.test.size(0) - 1, eval_bptt))
-    with tqdm(total=min(test_segments, cfg.limit_eval_batches or test_segments), desc="test", unit="seg",
-              disable=not cfg.progress, dynamic_ncols=True) as tbar:
-        test = evaluate_lm(model, data.test, eval_bptt, None, cfg.limit_eval_batches, lambda n: tbar.update(1))
-    test_seconds = time.time() - t0
-    writer.add_scalar("test/ppl", test.ppl, best["epoch"])
-    writer.close()
+        writer.close()
     wall = time.time() - start
     metrics = {
         "arch": cfg.arch, "best_valid_ppl": best["ppl"], "best_epoch": best["epoch"], "test_ppl": test.ppl,
@@ -202,6 +197,15 @@ def _train_epoch(cfg, model, optimizer, source, np_rng, writer, bar, state) -> f
         bar.set_postfix(loss=f"{raw_value:.3f}")
     set_lr(optimizer, cfg.lr)
     return perplexity(total_nll, max(total_tokens, 1))
+
+
+def _test_best(cfg, model, best_path: str, source: torch.Tensor, bptt: int, device) -> EvalResult:
+    """Test perplexity of the best-valid checkpoint, reloaded from disk (so the file is what is reported)."""
+    model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
+    segments = len(range(0, source.size(0) - 1, bptt))
+    total = min(segments, cfg.limit_eval_batches or segments)
+    with tqdm(total=total, desc="test", unit="seg", disable=not cfg.progress, dynamic_ncols=True) as bar:
+        return evaluate_lm(model, source, bptt, None, cfg.limit_eval_batches, lambda n: bar.update(1))
 
 
 def _whole(result: EvalResult, source: torch.Tensor) -> bool:
