@@ -97,15 +97,17 @@ def train(cfg, run_dir: Optional[str] = None) -> dict:
     log_genotype(writer, genotype, 0)
     optimizer = (make_asgd if cfg.optimizer == "asgd" else make_sgd)(model.parameters(), cfg.lr, cfg.weight_decay)
     eval_bptt = cfg.eval_bptt or cfg.bptt
-    per_epoch = len(range(0, data.train.size(0) - 1, cfg.bptt))
+    # the bar counts target tokens: an epoch scores every training row once whatever the sampled lengths
+    per_epoch = (data.train.size(0) - 1) * data.train.size(1)
     if cfg.limit_train_batches:
-        per_epoch = min(per_epoch, cfg.limit_train_batches)
+        per_epoch = min(per_epoch, cfg.limit_train_batches * cfg.bptt * data.train.size(1))
     state = {"step": 0, "tokens": 0, "train_seconds": 0.0}
     history, val_losses = [], []
     best = {"loss": math.inf, "epoch": None, "ppl": math.inf}
     asgd_epoch = 0 if cfg.optimizer == "asgd" else None
     best_path = os.path.join(run_dir, BEST_CHECKPOINT)
-    bar = tqdm(total=per_epoch * cfg.epochs, desc="train", unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=per_epoch * cfg.epochs, desc="train", unit="tok", unit_scale=True, disable=not cfg.progress,
+               dynamic_ncols=True)
     try:
         for epoch in range(1, cfg.epochs + 1):
             t0 = time.time()
@@ -193,8 +195,8 @@ def _train_epoch(cfg, model, optimizer, source, np_rng, writer, bar, state) -> f
             writer.add_scalar("train/loss", raw_value, state["step"])
             writer.add_scalar("train/ppl", perplexity(raw_value, 1), state["step"])
             writer.add_scalar("lr", lr, state["step"])
-        bar.update(1)
-        bar.set_postfix(loss=f"{raw_value:.3f}")
+        bar.update(tokens)
+        bar.set_postfix(loss=f"{raw_value:.3f}", refresh=False)
     set_lr(optimizer, cfg.lr)
     return perplexity(total_nll, max(total_tokens, 1))
 
