@@ -12,12 +12,12 @@ may take inputs from nodes ``0 .. i-1``; ``concat`` lists the nodes averaged int
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from typing import Iterable, Sequence, Tuple
 
 import torch
+
+from nas.atomic import atomic_write_text
 
 #: op names that mean "no edge"; they are never part of a derived genotype.
 ZERO_OPS = frozenset({"none", "zero"})
@@ -154,23 +154,6 @@ def _as_int(x) -> int:
     if isinstance(x, bool) or not isinstance(x, int):
         raise ValueError(f"expected an integer node index, got {x!r}")
     return x
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (never half-written)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def edge_count(steps: int) -> int:

@@ -98,3 +98,16 @@ def test_derive_rejects_wrong_shapes():
         derive(torch.zeros(36, 4), OPS, "darts_rnn")
     with pytest.raises(GenotypeError, match="triangular"):
         derive(torch.zeros(35, 5), OPS, "darts_rnn")
+
+
+def test_saved_files_have_ordinary_permissions(tmp_path):
+    """Atomic writes go through mkstemp (mode 0600); the final file gets the umask's usual mode."""
+    import os
+    import stat
+
+    g = derive(torch.randn(3, 5), OPS, "darts_rnn")
+    path = tmp_path / "g.json"
+    g.save(str(path))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask

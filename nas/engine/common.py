@@ -4,11 +4,12 @@ from __future__ import annotations
 import logging
 import os
 import random
-import tempfile
 from typing import Any, Optional
 
 import numpy as np
 import torch
+
+from nas.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -49,23 +50,11 @@ def rng_state() -> dict:
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``.
+    """``torch.save`` atomically: temporary file in the same folder, fsync, then ``os.replace``.
 
     A crash or a full disk leaves the previous file at ``path`` intact (the temporary file is removed).
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str, map_location: Optional[torch.device] = None) -> dict:

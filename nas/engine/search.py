@@ -25,7 +25,7 @@ from nas.data import bptt_segments, get_batch
 from nas.engine.common import atomic_torch_save, resolve_device, rng_state, run_dir_from_hydra, seed_everything
 from nas.engine.lm import NonFiniteLossError, evaluate, lm_objective, prepare_lm_data
 from nas.engine.tb import log_alphas, log_genotype
-from nas.genotype import atomic_write_text
+from nas.atomic import atomic_write_text
 from nas.spaces import build_space
 from nas.strategies import STRATEGIES
 from nas.strategies.darts import Batch

@@ -30,7 +30,8 @@ from nas.engine.common import (CheckpointError, absolute_path, atomic_torch_save
 from nas.engine.lm import (EvalResult, NonFiniteLossError, activation_regularization, evaluate, perplexity,
                            prepare_lm_data)
 from nas.engine.tb import log_genotype
-from nas.genotype import Genotype, GenotypeError, atomic_write_text
+from nas.atomic import atomic_write_text
+from nas.genotype import Genotype, GenotypeError
 from nas.published import resolve_arch
 from nas.spaces import build_space
 
