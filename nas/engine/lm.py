@@ -55,6 +55,33 @@ def activation_regularization(out, ar_alpha: float = 0.0, tar_beta: float = 0.0)
     return reg
 
 
+def weight_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: torch.Tensor, targets: torch.Tensor,
+                hidden: torch.Tensor, clip: float, ar_alpha: float = 0.0, tar_beta: float = 0.0,
+                weights: Optional[torch.Tensor] = None):
+    """One weight update on a training segment: CE + AR + TAR, backward, clip the gradient norm, step.
+
+    Args:
+        data, targets: [T, B] token ids; hidden: [B, H] incoming state (detached);
+        clip: max gradient 2-norm (AWD-LSTM / DARTS 0.25); weights: supernet edge weights [E, K] (detached).
+    Returns:
+        ``(raw NLL in nats/token without AR/TAR, outgoing hidden [B, H] detached)``.
+    Raises:
+        NonFiniteLossError: if the loss is NaN/inf; nothing has been updated then.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    out = model(data, hidden, weights)
+    raw = nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.size(-1)), targets.reshape(-1))
+    loss = raw + activation_regularization(out, ar_alpha, tar_beta)
+    raw_value, loss_value = raw.item(), loss.item()
+    if not math.isfinite(loss_value):
+        raise NonFiniteLossError(f"training loss became {loss_value} (lr {optimizer.param_groups[0]['lr']:.3g}); "
+                                 f"lower lr or clip")
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    return raw_value, out.hidden.detach()
+
+
 @dataclass(frozen=True)
 class EvalResult:
     """Summed NLL (nats) over ``tokens`` predicted tokens, and the resulting perplexity."""

@@ -14,7 +14,7 @@ import math
 import os
 import time
 from functools import partial
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from nas.data import bptt_segments, get_batch
 from nas.engine.common import atomic_torch_save, resolve_device, rng_state, run_dir_from_hydra, seed_everything
-from nas.engine.lm import NonFiniteLossError, evaluate, lm_objective, prepare_lm_data
+from nas.engine.lm import (LMData, NonFiniteLossError, evaluate, lm_objective, perplexity, prepare_lm_data,
+                           weight_step)
 from nas.engine.tb import log_alphas, log_genotype
 from nas.atomic import atomic_write_text
 from nas.spaces import build_space
@@ -31,6 +32,57 @@ from nas.strategies import STRATEGIES
 from nas.strategies.darts import Batch
 
 log = logging.getLogger(__name__)
+
+
+class SearchSetup(NamedTuple):
+    """Everything a one-shot search step needs (see :func:`build_search`)."""
+
+    device: torch.device
+    data: LMData
+    space: object
+    model: torch.nn.Module
+    strategy: object
+    w_optimizer: torch.optim.Optimizer
+
+
+def build_search(cfg, data: Optional[LMData] = None) -> SearchSetup:
+    """Build data, space, supernet, strategy and the weight optimizer from a SearchConfig.
+
+    Call :func:`nas.engine.common.seed_everything` first for a reproducible initialization.
+    ``data`` may be passed to reuse already batchified splits.
+    Raises:
+        KeyError: unknown space or strategy.  nas.data.DataError: data missing or too small.
+    """
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    strategy_cls = STRATEGIES.get(cfg.strategy.name)
+    if data is None:
+        data = prepare_lm_data(cfg, device, alpha_split=cfg.strategy.get("alpha_split", "valid"))
+    space = build_space(cfg.space)
+    model = space.build_supernet(data.ntoken).to(device)
+    objective = partial(lm_objective, ar_alpha=cfg.ar_alpha, tar_beta=cfg.tar_beta)
+    strategy = strategy_cls(cfg.strategy, space, model, objective, weight_decay=cfg.weight_decay, clip=cfg.clip)
+    w_optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return SearchSetup(device, data, space, model, strategy, w_optimizer)
+
+
+def search_step(setup: SearchSetup, cfg, train: Batch, valid: Batch):
+    """One bilevel step: α on the held-out segment, then the weights on the training segment.
+
+    The weight lr is ``cfg.lr * seq_len / bptt`` (AWD-LSTM sec. 4.1) for this step, and ξ of the
+    second-order update is that same lr (DARTS reference code).
+    Returns ``(raw training NLL in nats/token, hidden [B, H], hidden_valid [B, H])``, both detached.
+    Raises:
+        NonFiniteLossError: the training loss is NaN/inf (no weight update was made).
+    """
+    lr = cfg.lr * train.data.size(0) / cfg.bptt
+    for group in setup.w_optimizer.param_groups:
+        group["lr"] = lr
+    hidden_valid = setup.strategy.step(train, valid, lr)
+    raw, hidden = weight_step(setup.model, setup.w_optimizer, train.data, train.targets, train.hidden, cfg.clip,
+                              cfg.ar_alpha, cfg.tar_beta, setup.strategy.edge_weights())
+    return raw, hidden, hidden_valid
 
 
 def search(cfg, run_dir: Optional[str] = None) -> dict:
@@ -48,18 +100,11 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
     run_dir = run_dir or run_dir_from_hydra()
     os.makedirs(run_dir, exist_ok=True)
     atomic_write_text(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
     np_rng = seed_everything(cfg.seed)
-    strategy_cls = STRATEGIES.get(cfg.strategy.name)
-    alpha_split = cfg.strategy.get("alpha_split", "valid")
-    data = prepare_lm_data(cfg, device, alpha_split=alpha_split)
-    space = build_space(cfg.space)
-    model = space.build_supernet(data.ntoken).to(device)
-    objective = partial(lm_objective, ar_alpha=cfg.ar_alpha, tar_beta=cfg.tar_beta)
-    strategy = strategy_cls(cfg.strategy, space, model, objective, weight_decay=cfg.weight_decay, clip=cfg.clip)
-    w_optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    setup = build_search(cfg)
+    data, space, model, strategy, w_optimizer = (setup.data, setup.space, setup.model, setup.strategy,
+                                                 setup.w_optimizer)
+    device = setup.device
     n_params = sum(p.numel() for p in model.parameters())
     log.info("search: space=%s strategy=%s (unrolled=%s) on %s, device %s, %d weights, alphas %s, run dir %s",
              cfg.space.name, cfg.strategy.name, cfg.strategy.get("unrolled", False), cfg.dataset.name,
@@ -67,16 +112,17 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
 
     writer = SummaryWriter(os.path.join(run_dir, "tb"))
     writer.add_text("config", f"```\n{OmegaConf.to_yaml(cfg, resolve=True)}\n```", 0)
-    per_epoch = len(range(0, data.train.size(0) - 1, cfg.bptt))
+    # the bar counts target tokens: an epoch scores every training row once whatever the sampled lengths
+    per_epoch = (data.train.size(0) - 1) * data.train.size(1)
     if cfg.limit_train_batches:
-        per_epoch = min(per_epoch, cfg.limit_train_batches)
-    bar = tqdm(total=per_epoch * cfg.epochs, desc="search", unit="step", disable=not cfg.progress,
+        per_epoch = min(per_epoch, cfg.limit_train_batches * cfg.bptt * data.train.size(1))
+    bar = tqdm(total=per_epoch * cfg.epochs, desc="search", unit="tok", unit_scale=True, disable=not cfg.progress,
                dynamic_ncols=True)
     state = {"step": 0, "tokens": 0, "best_valid_ppl": math.inf, "history": []}
     start = time.time()
     try:
         for epoch in range(1, cfg.epochs + 1):
-            train_ppl = _train_epoch(cfg, model, strategy, w_optimizer, objective, data, np_rng, writer, bar, state)
+            train_ppl = _train_epoch(cfg, setup, np_rng, writer, bar, state)
             valid = evaluate(model, data.valid, cfg.bptt, strategy.edge_weights(), cfg.limit_eval_batches)
             genotype = strategy.export()
             state["best_valid_ppl"] = min(state["best_valid_ppl"], valid.ppl)
@@ -111,8 +157,9 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
     return metrics
 
 
-def _train_epoch(cfg, model, strategy, w_optimizer, objective, data, np_rng, writer, bar, state) -> float:
+def _train_epoch(cfg, setup: SearchSetup, np_rng, writer, bar, state) -> float:
     """One pass over the training split; returns its training perplexity (raw NLL, no AR/TAR)."""
+    model, data, strategy = setup.model, setup.data, setup.strategy
     model.train()
     hidden = model.init_hidden(cfg.batch_size)
     hidden_valid = model.init_hidden(cfg.batch_size)
@@ -124,24 +171,12 @@ def _train_epoch(cfg, model, strategy, w_optimizer, objective, data, np_rng, wri
         data_t, targets_t = get_batch(data.train, i, seq_len)
         # DARTS reads the held-out segment at the same row (wrapped), with the nominal bptt
         data_v, targets_v = get_batch(data.search, i % (data.search.size(0) - 1), cfg.bptt)
-        lr = cfg.lr * data_t.size(0) / cfg.bptt  # AWD-LSTM: longer segments get a larger step
-        for group in w_optimizer.param_groups:
-            group["lr"] = lr
-        hidden_valid = strategy.step(Batch(data_t, targets_t, hidden), Batch(data_v, targets_v, hidden_valid), lr)
-
-        w_optimizer.zero_grad(set_to_none=True)
-        out = model(data_t, hidden, strategy.edge_weights())
-        loss = objective(out, targets_t)
-        raw = torch.nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.size(-1)).detach(),
-                                                targets_t.reshape(-1)).item()
-        if not math.isfinite(loss.item()):
-            raise NonFiniteLossError(f"training loss became {loss.item()} at step {state['step']} "
-                                     f"(lr {lr:.3g}); the last checkpoint was kept. Lower lr or clip.")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        w_optimizer.step()
-        hidden = out.hidden.detach()
-
+        try:
+            raw, hidden, hidden_valid = search_step(setup, cfg, Batch(data_t, targets_t, hidden),
+                                                    Batch(data_v, targets_v, hidden_valid))
+        except NonFiniteLossError as err:
+            raise NonFiniteLossError(f"step {state['step']}: {err}; the last checkpoint was kept") from None
+        lr = setup.w_optimizer.param_groups[0]["lr"]
         tokens = targets_t.numel()
         total_nll += raw * tokens
         total_tokens += tokens
@@ -149,11 +184,11 @@ def _train_epoch(cfg, model, strategy, w_optimizer, objective, data, np_rng, wri
         state["tokens"] += tokens
         if state["step"] % cfg.log_every == 0 or n == 0:
             writer.add_scalar("train/loss", raw, state["step"])
-            writer.add_scalar("train/ppl", math.exp(min(raw, 700)), state["step"])
+            writer.add_scalar("train/ppl", perplexity(raw, 1), state["step"])
             writer.add_scalar("lr/weights", lr, state["step"])
             writer.add_scalar("lr/alphas", strategy.optimizer.param_groups[0]["lr"], state["step"])
-        bar.update(1)
-        bar.set_postfix(loss=f"{raw:.3f}")
-    for group in w_optimizer.param_groups:
+        bar.update(tokens)
+        bar.set_postfix(loss=f"{raw:.3f}", refresh=False)
+    for group in setup.w_optimizer.param_groups:
         group["lr"] = cfg.lr
-    return math.exp(min(total_nll / max(total_tokens, 1), 700))
+    return perplexity(total_nll, max(total_tokens, 1))

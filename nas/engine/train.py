@@ -27,8 +27,7 @@ from nas.engine.asgd import (OPTIMIZERS, averaged_weights, is_averaging, make_as
                              set_lr)
 from nas.engine.common import (CheckpointError, absolute_path, atomic_torch_save, load_checkpoint, resolve_device,
                                run_dir_from_hydra, seed_everything)
-from nas.engine.lm import (EvalResult, NonFiniteLossError, activation_regularization, evaluate, perplexity,
-                           prepare_lm_data)
+from nas.engine.lm import EvalResult, NonFiniteLossError, evaluate, perplexity, prepare_lm_data, weight_step
 from nas.engine.tb import log_genotype
 from nas.atomic import atomic_write_text
 from nas.genotype import Genotype, GenotypeError
@@ -175,18 +174,11 @@ def _train_epoch(cfg, model, optimizer, source, np_rng, writer, bar, state) -> f
         data, targets = get_batch(source, i, seq_len)
         lr = cfg.lr * data.size(0) / cfg.bptt  # AWD-LSTM: longer segments take a larger step
         set_lr(optimizer, lr)
-        optimizer.zero_grad(set_to_none=True)
-        out = model(data, hidden)
-        raw = torch.nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.size(-1)), targets.reshape(-1))
-        loss = raw + activation_regularization(out, cfg.ar_alpha, cfg.tar_beta)
-        raw_value, loss_value = raw.item(), loss.item()
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(f"training loss became {loss_value} at step {state['step']} (lr {lr:.3g}); "
-                                     f"the best checkpoint so far was kept. Lower lr or clip.")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        optimizer.step()
-        hidden = out.hidden.detach()
+        try:
+            raw_value, hidden = weight_step(model, optimizer, data, targets, hidden, cfg.clip, cfg.ar_alpha,
+                                            cfg.tar_beta)
+        except NonFiniteLossError as err:
+            raise NonFiniteLossError(f"step {state['step']}: {err}; the best checkpoint so far was kept") from None
         tokens = targets.numel()
         total_nll += raw_value * tokens
         total_tokens += tokens

@@ -1,0 +1,191 @@
+"""Search and retrain throughput benchmark: seconds per step, training tokens/s, peak memory, FLOPs, MFU.
+
+    python experiments/benchmark.py                      # every case + the scaling sweep, JSON on stdout
+    python experiments/benchmark.py --cases search_small_first search_small_second --no-sweep
+    python experiments/benchmark.py --device cuda        # the same figures on a GPU
+
+One search step = one α update on a validation segment + one weight update on a training segment
+(DARTS, Algorithm 1), both of batch B and length bptt = 35, on real PTB ($NAS_DATA).  A retrain step = one
+weight update of the frozen genotype.  Timing: ``--warmup`` steps, then ``--steps`` timed steps.  Each case
+runs in a fresh subprocess so that its peak memory (CPU: peak RSS; CUDA: max allocated) is its own.
+FLOPs are counted analytically (matrix products of cell and decoder, forward + 2x backward, every pass of a
+step); the matrix-multiply peak is measured in the same process (fp32 2048x2048 products), and model FLOP
+utilization (MFU) = achieved FLOP/s / that peak.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+BPTT = 35
+# name -> (kind, hidden, batch, steps(nodes), unrolled)
+CASES = {
+    "search_small_first": ("search", 64, 64, 8, False),
+    "search_small_second": ("search", 64, 64, 8, True),
+    "search_paper_first": ("search", 300, 256, 8, False),
+    "search_paper_second": ("search", 300, 256, 8, True),
+    "retrain_darts_v2_850": ("retrain", 850, 64, 8, False),
+}
+SWEEP = ([("search", h, 64, 8, False) for h in (64, 128, 300)]
+         + [("search", 64, 64, n, False) for n in (4, 8)]
+         + [("search", 64, b, 8, False) for b in (32, 64, 256)])
+
+
+def analytic_flops(kind: str, hidden: int, batch: int, nodes: int, unrolled: bool, vocab: int) -> float:
+    """Matrix-product FLOPs of one step: 2·m·n·k per product, backward = 2x forward.
+
+    Per token and forward pass: input and hidden projections of the initial state 2·(E+H)·2H, the node
+    projections 2·H·2H per edge (supernet: N(N+1)/2 edges, each predecessor projected by each later node;
+    frozen: N), and the tied decoder 2·H·V.  A first-order search step has 2 passes (α on valid, w on
+    train), a second-order one 5 (virtual step, validation at w', two finite-difference passes, w step).
+    """
+    edges = nodes * (nodes + 1) // 2 if kind == "search" else nodes
+    per_token = 2 * (2 * hidden) * (2 * hidden) + edges * 2 * hidden * 2 * hidden + 2 * hidden * vocab
+    passes = (5 if unrolled else 2) if kind == "search" else 1
+    return 3.0 * per_token * batch * BPTT * passes
+
+
+def matmul_peak(device, n: int = 2048, reps: int = 10) -> float:
+    """Measured fp32 FLOP/s of an n x n matrix product on ``device`` (best of ``reps``)."""
+    import torch
+
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    best = float("inf")
+    for _ in range(reps + 2):
+        _sync(device)
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 / best
+
+
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory_bytes(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def run_case(kind, hidden, batch, nodes, unrolled, device_name, steps, warmup) -> dict:
+    """Time one configuration in this process; returns its figures as a dict."""
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    import nas.config  # noqa: F401
+    from nas.data import get_batch
+    from nas.engine.common import seed_everything
+    from nas.engine.lm import weight_step
+    from nas.engine.search import build_search, search_step
+    from nas.published import load_published
+    from nas.strategies.darts import Batch
+
+    overrides = [f"device={device_name}", f"batch_size={batch}", f"bptt={BPTT}", f"space.emsize={hidden}",
+                 f"space.nhid={hidden}", f"space.steps={nodes}", f"strategy.unrolled={str(unrolled).lower()}",
+                 "progress=false"]
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
+        cfg = compose("search", overrides=overrides)
+    seed_everything(0)
+    setup = build_search(cfg)
+    device, data = setup.device, setup.data
+    if kind == "retrain":
+        model = setup.space.freeze(load_published("darts_v2"), data.ntoken).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=8e-7)
+    model = setup.model if kind == "search" else model
+    model.train()
+    hidden_t = model.init_hidden(batch)
+    hidden_v = model.init_hidden(batch)
+    rows = data.train.size(0) - 1
+
+    def step(k):
+        nonlocal hidden_t, hidden_v
+        i = (k * BPTT) % (rows - BPTT)
+        x, y = get_batch(data.train, i, BPTT)
+        if kind == "retrain":
+            _, hidden_t = weight_step(model, optimizer, x, y, hidden_t, cfg.clip, 0.0, 1e-3)
+            return
+        xv, yv = get_batch(data.search, i % (data.search.size(0) - 1 - BPTT), BPTT)
+        _, hidden_t, hidden_v = search_step(setup, cfg, Batch(x, y, hidden_t), Batch(xv, yv, hidden_v))
+
+    for k in range(warmup):
+        step(k)
+    _sync(device)
+    start = time.perf_counter()
+    for k in range(warmup, warmup + steps):
+        step(k)
+    _sync(device)
+    seconds = (time.perf_counter() - start) / steps
+    flops = analytic_flops(kind, hidden, batch, nodes, unrolled, data.ntoken)
+    peak = matmul_peak(device)
+    return {
+        "kind": kind, "order": ("second" if unrolled else "first") if kind == "search" else None,
+        "emsize": hidden, "nhid": hidden, "batch": batch, "bptt": BPTT, "nodes": nodes,
+        "device": str(device), "threads": torch.get_num_threads(), "timed_steps": steps,
+        "seconds_per_step": round(seconds, 4),
+        "train_tokens_per_second": round(batch * BPTT / seconds, 1),
+        "peak_memory_gb": round(_peak_memory_bytes(device) / 1e9, 3),
+        "flops_per_step": flops,
+        "achieved_gflops": round(flops / seconds / 1e9, 2),
+        "matmul_peak_gflops": round(peak / 1e9, 1),
+        "mfu": round(flops / seconds / peak, 4),
+    }
+
+
+def _in_subprocess(spec, args) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", json.dumps(spec), "--device", args.device,
+           "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        return {"spec": spec, "error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    p.add_argument("--no-sweep", action="store_true")
+    p.add_argument("--sweep-steps", type=int, default=5)
+    p.add_argument("--out", help="also write the JSON to this file")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_case(*json.loads(args.one), args.device, args.steps, args.warmup)))
+        return
+    result = {"cases": {}, "sweep": []}
+    for name in args.cases:
+        result["cases"][name] = _in_subprocess(list(CASES[name]), args)
+        print(f"{name}: {json.dumps(result['cases'][name])}", file=sys.stderr)
+    if not args.no_sweep:
+        sweep_args = argparse.Namespace(**{**vars(args), "steps": args.sweep_steps, "warmup": 2})
+        for spec in SWEEP:
+            result["sweep"].append(_in_subprocess(list(spec), sweep_args))
+            print(f"sweep {spec}: {json.dumps(result['sweep'][-1])}", file=sys.stderr)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
