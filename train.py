@@ -4,7 +4,7 @@
 the launch directory), or a search run directory.
 
 Examples:
-    python train.py arch=darts_v2                                # CPU-sized retrain on PTB (~15 min, 2 cores)
+    python train.py arch=darts_v2                                # CPU-sized retrain on PTB (~11 min, 2 cores)
     python train.py arch=outputs/search/<date>/<time>/genotype.json
     python train.py experiment=darts_ptb_retrain arch=darts_v2   # the paper's setting (GPU, days)
     python train.py experiment=smoke arch=darts_v2               # under a minute
@@ -17,9 +17,10 @@ import nas.config  # noqa: F401  (stores the config schemas)
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    from nas.cli import run_entry
     from nas.engine.train import train
 
-    train(cfg)
+    run_entry(train, cfg)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 
 from nas.genotype import ZERO_OPS
+from nas.errors import ConfigError
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
@@ -50,11 +51,11 @@ def check_cell_ops(ops: Sequence[str]) -> None:
         ValueError: describing the problem.
     """
     if len(set(ops)) != len(ops):
-        raise ValueError(f"duplicate op names in {list(ops)}")
+        raise ConfigError(f"duplicate op names in {list(ops)}")
     for name in ops:
         try:
             cell_activation(name)
         except KeyError as err:
-            raise ValueError(err.args[0]) from None
+            raise ConfigError(err.args[0]) from None
     if all(name in ZERO_OPS for name in ops):
-        raise ValueError(f"op list {list(ops)} has no non-zero op")
+        raise ConfigError(f"op list {list(ops)} has no non-zero op")

@@ -155,3 +155,31 @@ def test_smoke_preset_on_real_ptb(tmp_path, unrolled):
     assert r.returncode == 0, r.stderr[-3000:]
     assert os.path.isfile(tmp_path / "run" / "genotype.json")
     assert glob.glob(str(tmp_path / "run" / "tb" / "events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("override", ["+epoch=3", "++strategy.unrolld=true", "~space.dropout"])
+def test_cli_refuses_adding_or_deleting_keys(tmp_path, corpus, override):
+    r = _cli(TINY + [f"dataset.root={corpus}", override, f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    assert r.returncode == 1
+    # '+' passes Hydra and is refused by the entry point; deleting a schema key is refused by Hydra itself
+    assert "would add or delete config keys" in r.stderr or "does not support deletion" in r.stderr
+    assert not os.path.exists(tmp_path / "run" / "genotype.json")
+
+
+def test_cli_known_errors_are_one_line_without_traceback_and_logged(tmp_path):
+    r = _cli(["experiment=smoke", "device=cuda:7" if torch.cuda.is_available() else "device=cuda",
+              f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    assert r.returncode == 1
+    assert "ConfigError: device=" in r.stderr and "Traceback" not in r.stderr
+    assert "ConfigError: device=" in open(tmp_path / "run" / "search.log").read()
+
+
+def test_cli_simultaneous_runs_get_separate_run_dirs(tmp_path, corpus):
+    """Two runs started in the same second must not share (and overwrite) one run directory."""
+    env = dict(os.environ)
+    args = [sys.executable, os.path.join(ROOT, "search.py")] + TINY + ["epochs=1", f"dataset.root={corpus}"]
+    procs = [subprocess.Popen(args + [f"seed={s}"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for s in (1, 2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    dirs = glob.glob(str(tmp_path / "outputs/search/*/*/genotype.json"))
+    assert len(dirs) == 2

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from nas.atomic import atomic_write
+from nas.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +30,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise ValueError(f"device={name!r} is not a device name (auto, cpu, cuda, cuda:N): {err}") from None
+        raise ConfigError(f"device={name!r} is not a device name (auto, cpu, cuda, cuda:N): {err}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available here; use device=auto or cpu")
+        raise ConfigError(f"device={name!r} but CUDA is not available here; use device=auto or cpu")
     return device
 
 

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from nas.data import batchify, bptt_segments, check_min_size, get_batch, load_corpus
+from nas.data import DataError, batchify, bptt_segments, check_min_size, get_batch, load_corpus
 from nas.engine.common import absolute_path
 
 
@@ -137,6 +137,13 @@ def evaluate(model: nn.Module, source: torch.Tensor, bptt: int, weights: Optiona
         model.train(was_training)
 
 
+def _batchify(tokens: torch.Tensor, batch_size: int, device, what: str) -> torch.Tensor:
+    try:
+        return batchify(tokens, batch_size, device)
+    except DataError as err:
+        raise DataError(f"{what} split: {err}") from None
+
+
 @dataclass
 class LMData:
     """Batchified splits for one run: ``train`` [T, B] (weights), ``search`` [T, B] (α; None when
@@ -164,12 +171,12 @@ def prepare_lm_data(cfg, device: torch.device, alpha_split: Optional[str] = None
     if alpha_split == "train_half":
         half = corpus.train.size(0) // 2
         train_tokens, search_tokens = corpus.train[:half], corpus.train[half:]
-        search = batchify(search_tokens, cfg.batch_size, device)
+        search = _batchify(search_tokens, cfg.batch_size, device, f"{d.name} train_half (alpha split)")
     elif alpha_split == "valid":
-        search = batchify(corpus.valid, cfg.batch_size, device)
-    train = batchify(train_tokens, cfg.batch_size, device)
-    valid = batchify(corpus.valid, cfg.eval_batch_size, device)
-    test = batchify(corpus.test, test_batch_size or cfg.eval_batch_size, device)
+        search = _batchify(corpus.valid, cfg.batch_size, device, f"{d.name} valid (alpha split)")
+    train = _batchify(train_tokens, cfg.batch_size, device, f"{d.name} train")
+    valid = _batchify(corpus.valid, cfg.eval_batch_size, device, f"{d.name} valid")
+    test = _batchify(corpus.test, test_batch_size or cfg.eval_batch_size, device, f"{d.name} test")
     check_min_size(train, cfg.bptt, f"{d.name} train", full=True)
     if search is not None:
         check_min_size(search, cfg.bptt, f"{d.name} {alpha_split} (alpha split)", full=True)

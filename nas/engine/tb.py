@@ -36,9 +36,9 @@ def alpha_heatmap(alphas: torch.Tensor, ops: Sequence[str], title: str = ""):
     return fig
 
 
-def log_alphas(writer, alphas: torch.Tensor, ops: Sequence[str], step: int, tag: str = "alphas") -> None:
-    """Write the α heatmap (softmax per edge) as an image under ``<tag>/softmax``."""
-    writer.add_figure(f"{tag}/softmax", alpha_heatmap(alphas, ops, f"step {step}"), step)
+def log_alphas(writer, alphas: torch.Tensor, ops: Sequence[str], epoch: int, tag: str = "alphas") -> None:
+    """Write the α heatmap (softmax per edge) after ``epoch`` as an image under ``<tag>/softmax``."""
+    writer.add_figure(f"{tag}/softmax", alpha_heatmap(alphas, ops, f"softmax(α) after epoch {epoch}"), epoch)
 
 
 def log_genotype(writer, genotype, step: int) -> None:

@@ -33,6 +33,7 @@ from nas.atomic import atomic_write_text
 from nas.genotype import Genotype, GenotypeError
 from nas.published import resolve_arch
 from nas.spaces import build_space
+from nas.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -259,9 +260,9 @@ def _check(cfg) -> None:
         raise GenotypeError(f"arch= is required: a published genotype ({', '.join(published_names())}) or a "
                             "genotype.json written by search.py, e.g. `python train.py arch=darts_v2`")
     if cfg.optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer={cfg.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+        raise ConfigError(f"optimizer={cfg.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
     for key in ("epochs", "batch_size", "eval_batch_size", "test_batch_size", "bptt"):
         if getattr(cfg, key) < 1:
-            raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+            raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
     if cfg.nonmono < 0:
-        raise ValueError(f"nonmono must be >= 0, got {cfg.nonmono}")
+        raise ConfigError(f"nonmono must be >= 0, got {cfg.nonmono}")

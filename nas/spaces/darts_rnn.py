@@ -24,6 +24,7 @@ from nas.layers import dropout_mask
 from nas.ops import DARTS_RNN_OPS, cell_activation, check_cell_ops
 from nas.spaces import SPACES
 from nas.spaces.lm import RNNLanguageModel
+from nas.errors import ConfigError
 
 
 @dataclass
@@ -32,7 +33,7 @@ class DartsRNNConfig:
 
     Dropouts as named in AWD-LSTM / DARTS: ``dropout`` (output), ``dropouth`` (hidden state, inside the
     cell), ``dropoutx`` (cell input), ``dropouti`` (embedding output), ``dropoute`` (word-level).
-    Defaults are the DARTS search settings (DESIGN.md).
+    Defaults are the DARTS search settings (Liu et al. 2019, sec. 3.2 and A.1.2; its reference code).
     """
 
     name: str = "darts_rnn"
@@ -185,7 +186,7 @@ class DartsRNNSpace:
         self.ops = tuple(cfg.ops)
         check_cell_ops(self.ops)
         if cfg.steps < 1:
-            raise ValueError(f"space.steps must be >= 1, got {cfg.steps}")
+            raise ConfigError(f"space.steps must be >= 1, got {cfg.steps}")
 
     @property
     def alpha_shape(self):

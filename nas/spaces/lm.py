@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from nas.layers import LockedDropout, embedded_dropout
+from nas.errors import ConfigError
 
 
 class LMOutput(NamedTuple):
@@ -44,7 +45,7 @@ class RNNLanguageModel(nn.Module):
                  dropouti: float = 0.0, dropoute: float = 0.0):
         super().__init__()
         if ninp != cell.nhid:
-            raise ValueError(f"emsize ({ninp}) must equal nhid ({cell.nhid}): the decoder is tied to the embedding")
+            raise ConfigError(f"emsize ({ninp}) must equal nhid ({cell.nhid}): the decoder is tied to the embedding")
         self.ntoken, self.ninp = ntoken, ninp
         self.dropout, self.dropouti, self.dropoute = dropout, dropouti, dropoute
         self.lockdrop = LockedDropout()

@@ -29,13 +29,14 @@ from torch.func import functional_call
 from nas.genotype import Genotype
 from nas.mixed import edge_weights
 from nas.strategies import STRATEGIES
+from nas.errors import ConfigError
 
 ALPHA_SPLITS = ("valid", "train_half")
 
 
 @dataclass
 class DartsConfig:
-    """``strategy=darts``. Defaults: DARTS recurrent search (DESIGN.md)."""
+    """``strategy=darts``. Defaults: the DARTS recurrent search (Liu et al. 2019, sec. 3.2 and A.1.2)."""
 
     name: str = "darts"
     unrolled: bool = False
@@ -95,9 +96,9 @@ class DartsStrategy:
     def __init__(self, cfg: DartsConfig, space, model: nn.Module,
                  train_objective: Callable, weight_decay: float = 0.0, clip: Optional[float] = None):
         if cfg.alpha_split not in ALPHA_SPLITS:
-            raise ValueError(f"strategy.alpha_split={cfg.alpha_split!r}; valid: {', '.join(ALPHA_SPLITS)}")
+            raise ConfigError(f"strategy.alpha_split={cfg.alpha_split!r}; valid: {', '.join(ALPHA_SPLITS)}")
         if cfg.fd_epsilon <= 0:
-            raise ValueError(f"strategy.fd_epsilon must be > 0, got {cfg.fd_epsilon}")
+            raise ConfigError(f"strategy.fd_epsilon must be > 0, got {cfg.fd_epsilon}")
         self.cfg, self.space, self.model = cfg, space, model
         self.train_objective = train_objective
         self.weight_decay, self.clip = weight_decay, clip
