@@ -82,6 +82,39 @@ def weight_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: torch.
     return raw_value, out.hidden.detach()
 
 
+class EpochMeter:
+    """Training-epoch bookkeeping shared by search and retraining: token-weighted NLL, run counters,
+    TensorBoard scalars every ``log_every`` steps, and the token progress bar.
+
+    ``state`` is the run's dict with ``step`` and ``tokens`` counters (updated in place).
+    """
+
+    def __init__(self, state: dict, writer, bar, log_every: int):
+        self.state, self.writer, self.bar, self.log_every = state, writer, bar, log_every
+        self.nll, self.tokens, self.first = 0.0, 0, True
+
+    def record(self, raw: float, tokens: int, scalars: dict) -> None:
+        """One step: raw NLL (nats/token) over ``tokens`` targets; ``scalars`` {tag: value} to log."""
+        self.nll += raw * tokens
+        self.tokens += tokens
+        self.state["step"] += 1
+        self.state["tokens"] += tokens
+        step = self.state["step"]
+        if step % self.log_every == 0 or self.first:
+            self.writer.add_scalar("train/loss", raw, step)
+            self.writer.add_scalar("train/ppl", perplexity(raw, 1), step)
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, step)
+        self.first = False
+        self.bar.update(tokens)
+        self.bar.set_postfix(loss=f"{raw:.3f}", refresh=False)
+
+    @property
+    def ppl(self) -> float:
+        """Perplexity of the epoch so far (raw NLL, without AR/TAR)."""
+        return perplexity(self.nll, max(self.tokens, 1))
+
+
 @dataclass(frozen=True)
 class EvalResult:
     """Summed NLL (nats) over ``tokens`` predicted tokens, and the resulting perplexity."""

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from nas.data import bptt_segments, get_batch
 from nas.engine.common import atomic_torch_save, resolve_device, rng_state, run_dir_from_hydra, seed_everything
-from nas.engine.lm import (LMData, NonFiniteLossError, evaluate, lm_objective, perplexity, prepare_lm_data,
+from nas.engine.lm import (EpochMeter, LMData, NonFiniteLossError, evaluate, lm_objective, prepare_lm_data,
                            weight_step)
 from nas.engine.tb import log_alphas, log_genotype
 from nas.atomic import atomic_write_text
@@ -163,7 +163,7 @@ def _train_epoch(cfg, setup: SearchSetup, np_rng, writer, bar, state) -> float:
     model.train()
     hidden = model.init_hidden(cfg.batch_size)
     hidden_valid = model.init_hidden(cfg.batch_size)
-    total_nll, total_tokens = 0.0, 0
+    meter = EpochMeter(state, writer, bar, cfg.log_every)
     segments = bptt_segments(data.train, cfg.bptt, variable=True, rng=np_rng, max_len=cfg.bptt + cfg.max_seq_len_delta)
     for n, (i, seq_len) in enumerate(segments):
         if cfg.limit_train_batches and n >= cfg.limit_train_batches:
@@ -176,19 +176,8 @@ def _train_epoch(cfg, setup: SearchSetup, np_rng, writer, bar, state) -> float:
                                                     Batch(data_v, targets_v, hidden_valid))
         except NonFiniteLossError as err:
             raise NonFiniteLossError(f"step {state['step']}: {err}; the last checkpoint was kept") from None
-        lr = setup.w_optimizer.param_groups[0]["lr"]
-        tokens = targets_t.numel()
-        total_nll += raw * tokens
-        total_tokens += tokens
-        state["step"] += 1
-        state["tokens"] += tokens
-        if state["step"] % cfg.log_every == 0 or n == 0:
-            writer.add_scalar("train/loss", raw, state["step"])
-            writer.add_scalar("train/ppl", perplexity(raw, 1), state["step"])
-            writer.add_scalar("lr/weights", lr, state["step"])
-            writer.add_scalar("lr/alphas", strategy.optimizer.param_groups[0]["lr"], state["step"])
-        bar.update(tokens)
-        bar.set_postfix(loss=f"{raw:.3f}", refresh=False)
+        meter.record(raw, targets_t.numel(), {"lr/weights": setup.w_optimizer.param_groups[0]["lr"],
+                                              "lr/alphas": strategy.optimizer.param_groups[0]["lr"]})
     for group in setup.w_optimizer.param_groups:
         group["lr"] = cfg.lr
-    return perplexity(total_nll, max(total_tokens, 1))
+    return meter.ppl

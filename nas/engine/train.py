@@ -27,7 +27,8 @@ from nas.engine.asgd import (OPTIMIZERS, averaged_weights, is_averaging, make_as
                              set_lr)
 from nas.engine.common import (CheckpointError, absolute_path, atomic_torch_save, load_checkpoint, resolve_device,
                                run_dir_from_hydra, seed_everything)
-from nas.engine.lm import EvalResult, NonFiniteLossError, evaluate, perplexity, prepare_lm_data, weight_step
+from nas.engine.lm import (EpochMeter, EvalResult, NonFiniteLossError, evaluate, prepare_lm_data,
+                           weight_step)
 from nas.engine.tb import log_genotype
 from nas.atomic import atomic_write_text
 from nas.genotype import Genotype, GenotypeError
@@ -167,7 +168,7 @@ def _train_epoch(cfg, model, optimizer, source, np_rng, writer, bar, state) -> f
     """One pass over the training split [T, B]; returns its perplexity (raw NLL, without AR/TAR)."""
     model.train()
     hidden = model.init_hidden(cfg.batch_size)
-    total_nll, total_tokens = 0.0, 0
+    meter = EpochMeter(state, writer, bar, cfg.log_every)
     segments = bptt_segments(source, cfg.bptt, variable=True, rng=np_rng, max_len=cfg.bptt + cfg.max_seq_len_delta)
     for n, (i, seq_len) in enumerate(segments):
         if cfg.limit_train_batches and n >= cfg.limit_train_batches:
@@ -180,19 +181,9 @@ def _train_epoch(cfg, model, optimizer, source, np_rng, writer, bar, state) -> f
                                             cfg.tar_beta)
         except NonFiniteLossError as err:
             raise NonFiniteLossError(f"step {state['step']}: {err}; the best checkpoint so far was kept") from None
-        tokens = targets.numel()
-        total_nll += raw_value * tokens
-        total_tokens += tokens
-        state["step"] += 1
-        state["tokens"] += tokens
-        if state["step"] % cfg.log_every == 0 or n == 0:
-            writer.add_scalar("train/loss", raw_value, state["step"])
-            writer.add_scalar("train/ppl", perplexity(raw_value, 1), state["step"])
-            writer.add_scalar("lr", lr, state["step"])
-        bar.update(tokens)
-        bar.set_postfix(loss=f"{raw_value:.3f}", refresh=False)
+        meter.record(raw_value, targets.numel(), {"lr": lr})
     set_lr(optimizer, cfg.lr)
-    return perplexity(total_nll, max(total_tokens, 1))
+    return meter.ppl
 
 
 def _test_best(cfg, model, best_path: str, source: torch.Tensor, bptt: int, device) -> EvalResult:
