@@ -96,7 +96,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="search_schema", node=SearchConfig)
     cs.store(name="train_schema", node=TrainConfig)
-    cs.store(group="dataset", name="dataset_schema", node=DatasetConfig)
+    cs.store(group="schema/dataset", name="dataset", node=DatasetConfig)
 
 
 register_configs()

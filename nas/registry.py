@@ -1,8 +1,8 @@
 """Name -> object registries, so that adding an op, a space or a strategy is a one-file change.
 
 A registry maps a config name (``space=darts_rnn``) to a factory.  When a dataclass schema is given,
-it is also stored in Hydra's ConfigStore under ``<group>/<name>_schema``, so the YAML file of that
-name can list it in its defaults and get typed, struct-checked keys (a misspelled key is an error).
+it is also stored in Hydra's ConfigStore as ``schema/<group>/<name>`` (outside the group, so it is
+not offered as a choice), and the YAML file of that name lists it in its defaults and get typed, struct-checked keys (a misspelled key is an error).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class Registry:
             self._entries[name] = obj
             if config is not None:
                 self._schemas[name] = config
-                ConfigStore.instance().store(group=self.group, name=f"{name}_schema", node=config)
+                ConfigStore.instance().store(group=f"schema/{self.group}", name=name, node=config)
             return obj
 
         return decorator

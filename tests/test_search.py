@@ -183,3 +183,13 @@ def test_cli_simultaneous_runs_get_separate_run_dirs(tmp_path, corpus):
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     dirs = glob.glob(str(tmp_path / "outputs/search/*/*/genotype.json"))
     assert len(dirs) == 2
+
+
+def test_schemas_are_not_offered_as_group_choices():
+    """The typed schemas live under schema/<group>, so `space=darts_rnn_schema` and the like are not options."""
+    for override in ("space=darts_rnn_schema", "strategy=darts_schema", "dataset=dataset_schema",
+                     "space=darts_rnn@_here_"):
+        with pytest.raises(ConfigCompositionException):
+            cfg_for([override])
+    cfg = cfg_for(["dataset=wikitext2"])
+    assert cfg.dataset.name == "wikitext2" and cfg.space.steps == 8
