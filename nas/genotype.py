@@ -189,7 +189,7 @@ def derive(alphas: torch.Tensor, ops: Sequence[str], space: str, k: int = 1,
     keep = [j for j, name in enumerate(ops) if name not in ZERO_OPS]
     if not keep:
         raise GenotypeError(f"op list {list(ops)} has no non-zero op")
-    steps = _steps_for(alphas.size(0))
+    steps = steps_for_edges(alphas.size(0))
     probs = torch.softmax(alphas.detach().double().cpu(), dim=-1)[:, keep]  # [E, K']
     nodes, offset = [], 0
     for i in range(1, steps + 1):
@@ -202,7 +202,8 @@ def derive(alphas: torch.Tensor, ops: Sequence[str], space: str, k: int = 1,
                     concat=tuple(concat) if concat is not None else tuple(range(1, steps + 1)))
 
 
-def _steps_for(num_edges: int) -> int:
+def steps_for_edges(num_edges: int) -> int:
+    """Inverse of :func:`edge_count`: N with N(N+1)/2 == num_edges. Raises GenotypeError otherwise."""
     steps = int(round(((8 * num_edges + 1) ** 0.5 - 1) / 2))
     if edge_count(steps) != num_edges:
         raise GenotypeError(f"{num_edges} α rows is not a triangular edge count n(n+1)/2")

@@ -23,7 +23,7 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu; anything else is passed to ``torch.device``.
 
     Raises:
-        ValueError: for an unparsable name, or ``cuda`` requested when CUDA is unavailable.
+        ConfigError: for an unparsable name, or ``cuda`` requested when CUDA is unavailable.
     """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

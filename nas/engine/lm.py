@@ -7,6 +7,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from nas.data import DataError, batchify, bptt_segments, check_min_size, get_batch, load_corpus
 from nas.engine.common import absolute_path
@@ -80,6 +81,18 @@ def weight_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: torch.
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     optimizer.step()
     return raw_value, out.hidden.detach()
+
+
+def token_progress_bar(cfg, source: torch.Tensor, desc: str):
+    """A tqdm bar over the training target tokens of the whole run: ``source`` [T, B] is the training split.
+
+    It counts tokens, not steps: an epoch scores every training row once, whatever the sampled lengths.
+    """
+    per_epoch = (source.size(0) - 1) * source.size(1)
+    if cfg.limit_train_batches:
+        per_epoch = min(per_epoch, cfg.limit_train_batches * cfg.bptt * source.size(1))
+    return tqdm(total=per_epoch * cfg.epochs, desc=desc, unit="tok", unit_scale=True, disable=not cfg.progress,
+                dynamic_ncols=True)
 
 
 class EpochMeter:

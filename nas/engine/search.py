@@ -19,12 +19,12 @@ from typing import NamedTuple, Optional
 import torch
 from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 from nas.data import bptt_segments, get_batch
 from nas.engine.common import atomic_torch_save, resolve_device, rng_state, run_dir_from_hydra, seed_everything
+from nas.engine.asgd import set_lr
 from nas.engine.lm import (EpochMeter, LMData, NonFiniteLossError, evaluate, lm_objective, prepare_lm_data,
-                           weight_step)
+                           token_progress_bar, weight_step)
 from nas.engine.tb import log_alphas, log_genotype
 from nas.atomic import atomic_write_text
 from nas.spaces import build_space
@@ -77,8 +77,7 @@ def search_step(setup: SearchSetup, cfg, train: Batch, valid: Batch):
         NonFiniteLossError: the training loss is NaN/inf (no weight update was made).
     """
     lr = cfg.lr * train.data.size(0) / cfg.bptt
-    for group in setup.w_optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(setup.w_optimizer, lr)
     hidden_valid = setup.strategy.step(train, valid, lr)
     raw, hidden = weight_step(setup.model, setup.w_optimizer, train.data, train.targets, train.hidden, cfg.clip,
                               cfg.ar_alpha, cfg.tar_beta, setup.strategy.edge_weights())
@@ -99,7 +98,8 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
     """
     run_dir = run_dir or run_dir_from_hydra()
     os.makedirs(run_dir, exist_ok=True)
-    atomic_write_text(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
+    cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    atomic_write_text(os.path.join(run_dir, "config.yaml"), cfg_yaml)
     np_rng = seed_everything(cfg.seed)
     setup = build_search(cfg)
     data, space, model, strategy, w_optimizer = (setup.data, setup.space, setup.model, setup.strategy,
@@ -111,13 +111,8 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
              device, n_params, tuple(strategy.alphas.shape), run_dir)
 
     writer = SummaryWriter(os.path.join(run_dir, "tb"))
-    writer.add_text("config", f"```\n{OmegaConf.to_yaml(cfg, resolve=True)}\n```", 0)
-    # the bar counts target tokens: an epoch scores every training row once whatever the sampled lengths
-    per_epoch = (data.train.size(0) - 1) * data.train.size(1)
-    if cfg.limit_train_batches:
-        per_epoch = min(per_epoch, cfg.limit_train_batches * cfg.bptt * data.train.size(1))
-    bar = tqdm(total=per_epoch * cfg.epochs, desc="search", unit="tok", unit_scale=True, disable=not cfg.progress,
-               dynamic_ncols=True)
+    writer.add_text("config", f"```\n{cfg_yaml}\n```", 0)
+    bar = token_progress_bar(cfg, data.train, "search")
     state = {"step": 0, "tokens": 0, "best_valid_ppl": math.inf, "history": []}
     start = time.time()
     try:
@@ -178,6 +173,5 @@ def _train_epoch(cfg, setup: SearchSetup, np_rng, writer, bar, state) -> float:
             raise NonFiniteLossError(f"step {state['step']}: {err}; the last checkpoint was kept") from None
         meter.record(raw, targets_t.numel(), {"lr/weights": setup.w_optimizer.param_groups[0]["lr"],
                                               "lr/alphas": strategy.optimizer.param_groups[0]["lr"]})
-    for group in setup.w_optimizer.param_groups:
-        group["lr"] = cfg.lr
+    set_lr(setup.w_optimizer, cfg.lr)
     return meter.ppl

@@ -9,6 +9,8 @@ matplotlib.use("Agg")  # headless: figures are rendered to images, never shown
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from nas.genotype import steps_for_edges  # noqa: E402
+
 
 def edge_labels(steps: int) -> list:
     """Row labels of α for a DAG with ``steps`` intermediate nodes: ``"j->i"``, in α's row order."""
@@ -22,7 +24,7 @@ def alpha_heatmap(alphas: torch.Tensor, ops: Sequence[str], title: str = ""):
     """
     probs = torch.softmax(alphas.detach().float().cpu(), dim=-1).numpy()
     n_edges = probs.shape[0]
-    steps = int(round(((8 * n_edges + 1) ** 0.5 - 1) / 2))
+    steps = steps_for_edges(n_edges)
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(ops), 1.0 + 0.22 * n_edges))
     im = ax.imshow(probs, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(1e-6, float(probs.max())))
     ax.set_xticks(range(len(ops)), labels=list(ops), rotation=30)

@@ -28,7 +28,7 @@ from nas.engine.asgd import (OPTIMIZERS, averaged_weights, is_averaging, make_as
 from nas.engine.common import (CheckpointError, absolute_path, atomic_torch_save, load_checkpoint, resolve_device,
                                run_dir_from_hydra, seed_everything)
 from nas.engine.lm import (EpochMeter, EvalResult, NonFiniteLossError, evaluate, prepare_lm_data,
-                           weight_step)
+                           token_progress_bar, weight_step)
 from nas.engine.tb import log_genotype
 from nas.atomic import atomic_write_text
 from nas.genotype import Genotype, GenotypeError
@@ -79,7 +79,8 @@ def train(cfg, run_dir: Optional[str] = None) -> dict:
         space.check_genotype(genotype)
     except GenotypeError as err:
         raise GenotypeError(f"arch={cfg.arch} ({arch_desc}): {err}") from None
-    atomic_write_text(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
+    cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    atomic_write_text(os.path.join(run_dir, "config.yaml"), cfg_yaml)
     genotype.save(os.path.join(run_dir, "genotype.json"))
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -95,21 +96,16 @@ def train(cfg, run_dir: Optional[str] = None) -> dict:
              arch_desc, genotype, n_params, cfg.dataset.name, device, run_dir)
 
     writer = SummaryWriter(os.path.join(run_dir, "tb"))
-    writer.add_text("config", f"```\n{OmegaConf.to_yaml(cfg, resolve=True)}\n```", 0)
+    writer.add_text("config", f"```\n{cfg_yaml}\n```", 0)
     log_genotype(writer, genotype, 0)
     optimizer = (make_asgd if cfg.optimizer == "asgd" else make_sgd)(model.parameters(), cfg.lr, cfg.weight_decay)
     eval_bptt = cfg.eval_bptt or cfg.bptt
-    # the bar counts target tokens: an epoch scores every training row once whatever the sampled lengths
-    per_epoch = (data.train.size(0) - 1) * data.train.size(1)
-    if cfg.limit_train_batches:
-        per_epoch = min(per_epoch, cfg.limit_train_batches * cfg.bptt * data.train.size(1))
     state = {"step": 0, "tokens": 0, "train_seconds": 0.0}
     history, val_losses = [], []
     best = {"loss": math.inf, "epoch": None, "ppl": math.inf}
     asgd_epoch = 0 if cfg.optimizer == "asgd" else None
     best_path = os.path.join(run_dir, BEST_CHECKPOINT)
-    bar = tqdm(total=per_epoch * cfg.epochs, desc="train", unit="tok", unit_scale=True, disable=not cfg.progress,
-               dynamic_ncols=True)
+    bar = token_progress_bar(cfg, data.train, "train")
     try:
         for epoch in range(1, cfg.epochs + 1):
             t0 = time.time()
