@@ -84,14 +84,14 @@ def _peak_memory_bytes(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def run_case(kind, hidden, batch, nodes, unrolled, device_name, steps, warmup) -> dict:
+def run_case(kind, hidden, batch, nodes, unrolled, device_name, steps, warmup, compile_=False) -> dict:
     """Time one configuration in this process; returns its figures as a dict."""
     import torch
     from hydra import compose, initialize_config_dir
 
     import nas.config  # noqa: F401
     from nas.data import get_batch
-    from nas.engine.common import seed_everything
+    from nas.engine.common import compile_model, seed_everything
     from nas.engine.lm import weight_step
     from nas.engine.search import build_search, search_step
     from nas.published import load_published
@@ -99,7 +99,7 @@ def run_case(kind, hidden, batch, nodes, unrolled, device_name, steps, warmup) -
 
     overrides = [f"device={device_name}", f"batch_size={batch}", f"bptt={BPTT}", f"space.emsize={hidden}",
                  f"space.nhid={hidden}", f"space.steps={nodes}", f"strategy.unrolled={str(unrolled).lower()}",
-                 "progress=false"]
+                 f"compile={str(compile_).lower()}", "progress=false"]
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
         cfg = compose("search", overrides=overrides)
     seed_everything(0)
@@ -107,6 +107,7 @@ def run_case(kind, hidden, batch, nodes, unrolled, device_name, steps, warmup) -
     device, data = setup.device, setup.data
     if kind == "retrain":
         model = setup.space.freeze(load_published("darts_v2"), data.ntoken).to(device)
+        compile_model(model, compile_)
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=8e-7)
     model = setup.model if kind == "search" else model
     model.train()
@@ -124,9 +125,11 @@ def run_case(kind, hidden, batch, nodes, unrolled, device_name, steps, warmup) -
         xv, yv = get_batch(data.search, i % (data.search.size(0) - 1 - BPTT), BPTT)
         _, hidden_t, hidden_v = search_step(setup, cfg, Batch(x, y, hidden_t), Batch(xv, yv, hidden_v))
 
+    start = time.perf_counter()
     for k in range(warmup):
         step(k)
     _sync(device)
+    warmup_seconds = time.perf_counter() - start
     start = time.perf_counter()
     for k in range(warmup, warmup + steps):
         step(k)
@@ -137,7 +140,8 @@ def run_case(kind, hidden, batch, nodes, unrolled, device_name, steps, warmup) -
     return {
         "kind": kind, "order": ("second" if unrolled else "first") if kind == "search" else None,
         "emsize": hidden, "nhid": hidden, "batch": batch, "bptt": BPTT, "nodes": nodes,
-        "device": str(device), "threads": torch.get_num_threads(), "timed_steps": steps,
+        "device": str(device), "threads": torch.get_num_threads(), "compile": compile_,
+        "warmup_seconds": round(warmup_seconds, 2), "timed_steps": steps,
         "seconds_per_step": round(seconds, 4),
         "train_tokens_per_second": round(batch * BPTT / seconds, 1),
         "peak_memory_gb": round(_peak_memory_bytes(device) / 1e9, 3),
@@ -150,7 +154,7 @@ def run_case(kind, hidden, batch, nodes, unrolled, device_name, steps, warmup) -
 
 def _in_subprocess(spec, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--one", json.dumps(spec), "--device", args.device,
-           "--steps", str(args.steps), "--warmup", str(args.warmup)]
+           "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--compile"] if args.compile else [])
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         return {"spec": spec, "error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
@@ -164,12 +168,13 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     p.add_argument("--no-sweep", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the cell time step (config compile=true)")
     p.add_argument("--sweep-steps", type=int, default=5)
     p.add_argument("--out", help="also write the JSON to this file")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(run_case(*json.loads(args.one), args.device, args.steps, args.warmup)))
+        print(json.dumps(run_case(*json.loads(args.one), args.device, args.steps, args.warmup, args.compile)))
         return
     result = {"cases": {}, "sweep": []}
     for name in args.cases:

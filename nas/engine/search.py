@@ -21,7 +21,8 @@ from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 from nas.data import bptt_segments, get_batch
-from nas.engine.common import atomic_torch_save, resolve_device, rng_state, run_dir_from_hydra, seed_everything
+from nas.engine.common import (atomic_torch_save, compile_model, configure_runtime, rng_state, run_dir_from_hydra,
+                               seed_everything)
 from nas.engine.asgd import set_lr
 from nas.engine.lm import (EpochMeter, LMData, NonFiniteLossError, evaluate, lm_objective, prepare_lm_data,
                            token_progress_bar, weight_step)
@@ -53,14 +54,13 @@ def build_search(cfg, data: Optional[LMData] = None) -> SearchSetup:
     Raises:
         KeyError: unknown space or strategy.  nas.data.DataError: data missing or too small.
     """
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
+    device = configure_runtime(cfg)
     strategy_cls = STRATEGIES.get(cfg.strategy.name)
     if data is None:
         data = prepare_lm_data(cfg, device, alpha_split=cfg.strategy.get("alpha_split", "valid"))
     space = build_space(cfg.space)
     model = space.build_supernet(data.ntoken).to(device)
+    compile_model(model, cfg.compile)
     objective = partial(lm_objective, ar_alpha=cfg.ar_alpha, tar_beta=cfg.tar_beta)
     strategy = strategy_cls(cfg.strategy, space, model, objective, weight_decay=cfg.weight_decay, clip=cfg.clip)
     w_optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -25,8 +25,8 @@ from tqdm import tqdm
 from nas.data import bptt_segments, get_batch
 from nas.engine.asgd import (OPTIMIZERS, averaged_weights, is_averaging, make_asgd, make_sgd, nonmono_trigger,
                              set_lr)
-from nas.engine.common import (CheckpointError, absolute_path, atomic_torch_save, load_checkpoint, resolve_device,
-                               run_dir_from_hydra, seed_everything)
+from nas.engine.common import (CheckpointError, absolute_path, atomic_torch_save, compile_model, configure_runtime,
+                               load_checkpoint, run_dir_from_hydra, seed_everything)
 from nas.engine.lm import (EpochMeter, EvalResult, NonFiniteLossError, evaluate, prepare_lm_data,
                            token_progress_bar, weight_step)
 from nas.engine.tb import log_genotype
@@ -82,15 +82,14 @@ def train(cfg, run_dir: Optional[str] = None) -> dict:
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     atomic_write_text(os.path.join(run_dir, "config.yaml"), cfg_yaml)
     genotype.save(os.path.join(run_dir, "genotype.json"))
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
+    device = configure_runtime(cfg)
     np_rng = seed_everything(cfg.seed)
     data = prepare_lm_data(cfg, device, alpha_split=None, test_batch_size=cfg.test_batch_size)
     try:
         model = space.freeze(genotype, data.ntoken).to(device)
     except GenotypeError as err:
         raise GenotypeError(f"arch={cfg.arch} ({arch_desc}): {err}") from None
+    compile_model(model, cfg.compile)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("train: arch %s\n  genotype %s\n  %d parameters, %s, device %s, run dir %s",
              arch_desc, genotype, n_params, cfg.dataset.name, device, run_dir)

@@ -90,6 +90,7 @@ class DartsCell(nn.Module):
         self._active_idx = [k for k, o in enumerate(ops) if cell_activation(o) is not None]
         self._active_fns = [cell_activation(ops[k]) for k in self._active_idx]
         self.concat = list(genotype.concat) if genotype is not None else list(range(1, steps + 1))
+        self._compiled_step = None
         if genotype is not None:
             self._frozen = [(cell_activation(node[0].op), node[0].input) for node in genotype.nodes]
 
@@ -105,22 +106,35 @@ class DartsCell(nn.Module):
         x = inputs if x_mask is None else inputs * x_mask
         # the input half of W0 for all time steps in one matrix product: [T*B, E] @ [E, 2H]
         xw = (x.reshape(T * B, self.ninp) @ self.W0[: self.ninp]).view(T, B, 2 * self.nhid)
-        wh = self.W0[self.ninp:]
+        wh, ws = self.W0[self.ninp:], tuple(self.Ws)
+        step = self._compiled_step or self._time_step
         outputs = []
         h = hidden
-        # unbind/chunk rather than indexing: their backward is one stack/cat, where an index or slice
-        # backward zero-fills a full-size gradient per use (a large share of the step time on CPU)
         for xw_t in xw.unbind(0):
-            c0, h0 = torch.addmm(xw_t, h if h_mask is None else h * h_mask, wh).chunk(2, dim=-1)
-            s0 = torch.lerp(h, torch.tanh(h0), torch.sigmoid(c0))  # h + sigmoid(c0) (tanh(h0) - h)
-            if self.batchnorm:
-                s0 = _batch_norm(s0)
-            if self.genotype is None:
-                h = self._supernet_nodes(s0, h_mask, node_weights)
-            else:
-                h = self._frozen_nodes(s0, h_mask)
+            h = step(xw_t, h, h_mask, wh, ws, node_weights)
             outputs.append(h)
         return torch.stack(outputs), h
+
+    def compile_step(self) -> None:
+        """Run the time step (everything after the input projection) through ``torch.compile``.
+
+        The compiled step computes the same function (tests pin it to the eager step); Inductor fuses its
+        elementwise work and keeps for backward only what backward needs.  Each new input shape (batch,
+        train/eval) compiles once; Inductor caches compiled code on disk across runs.
+        """
+        self._compiled_step = torch.compile(self._time_step, dynamic=False)
+
+    def _time_step(self, xw_t, h, h_mask, wh, ws, node_weights):
+        """One time step: x_t's projection xw_t [B, 2H] and h_{t-1} [B, H] -> h_t [B, H]."""
+        # chunk rather than slicing: its backward is one cat, where a slice backward zero-fills a
+        # full-size gradient per use (a large share of the step time on CPU)
+        c0, h0 = torch.addmm(xw_t, h if h_mask is None else h * h_mask, wh).chunk(2, dim=-1)
+        s0 = torch.lerp(h, torch.tanh(h0), torch.sigmoid(c0))  # h + sigmoid(c0) (tanh(h0) - h)
+        if self.batchnorm:
+            s0 = _batch_norm(s0)
+        if self.genotype is None:
+            return self._supernet_nodes(s0, h_mask, ws, node_weights)
+        return self._frozen_nodes(s0, h_mask, ws)
 
     def _node_weights(self, weights):
         """Per node i: (w [i, K'] over the non-zero ops, P [i, 1, 1] = their sum), sliced once per forward."""
@@ -136,11 +150,11 @@ class DartsCell(nn.Module):
             offset += i
         return out
 
-    def _supernet_nodes(self, s0, h_mask, node_weights):
+    def _supernet_nodes(self, s0, h_mask, ws, node_weights):
         states = s0.unsqueeze(0)  # [n, B, H]: nodes 0..n-1
         nodes = [s0]
         for i, (w, p) in enumerate(node_weights):
-            ch = torch.matmul(states if h_mask is None else states * h_mask, self.Ws[i])  # [n, B, 2H]
+            ch = torch.matmul(states if h_mask is None else states * h_mask, ws[i])  # [n, B, 2H]
             c, hh = ch.chunk(2, dim=-1)
             c = torch.sigmoid(c)
             # Σ_k w_k (s + c (f_k(h) - s)) = lerp(P s, F, c) with P = Σ_k w_k, F = Σ_k w_k f_k(h), k non-zero
@@ -153,11 +167,11 @@ class DartsCell(nn.Module):
             nodes.append(s)
         return torch.stack([nodes[c] for c in self.concat]).mean(0)
 
-    def _frozen_nodes(self, s0, h_mask):
+    def _frozen_nodes(self, s0, h_mask, ws):
         states = [s0]
         for i, (f, j) in enumerate(self._frozen):
             sp = states[j]
-            c, hh = ((sp if h_mask is None else sp * h_mask) @ self.Ws[i]).chunk(2, dim=-1)
+            c, hh = ((sp if h_mask is None else sp * h_mask) @ ws[i]).chunk(2, dim=-1)
             states.append(torch.lerp(sp, f(hh), torch.sigmoid(c)))
         return torch.stack([states[c] for c in self.concat]).mean(0)
 
