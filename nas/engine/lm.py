@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from nas.data import DataError, batchify, bptt_segments, check_min_size, get_batch, load_corpus
 from nas.engine.common import absolute_path
+from nas.losses import lm_nll
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -36,11 +37,11 @@ def perplexity(total_nll: float, tokens: int) -> float:
 def lm_objective(out, targets: torch.Tensor, ar_alpha: float = 0.0, tar_beta: float = 0.0) -> torch.Tensor:
     """Training loss: mean cross-entropy + AR + TAR (Merity et al. 2018, AWD-LSTM sec. 4.6).
 
-    ``out`` is an LMOutput (logits [T, B, V], raw_output and output [T, B, H]); targets [T, B].
-    AR = ar_alpha · mean(output²) on the dropped output, TAR = tar_beta · mean((raw_t - raw_{t-1})²).
+    ``out`` is an LMOutput (fused ``loss``, or logits [T, B, V]; raw_output and output [T, B, H]);
+    targets [T, B].  AR = ar_alpha · mean(output²) on the dropped output, TAR = tar_beta · mean((raw_t -
+    raw_{t-1})²).
     """
-    loss = nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.size(-1)), targets.reshape(-1))
-    return loss + activation_regularization(out, ar_alpha, tar_beta)
+    return lm_nll(out, targets) + activation_regularization(out, ar_alpha, tar_beta)
 
 
 def activation_regularization(out, ar_alpha: float = 0.0, tar_beta: float = 0.0):
@@ -70,8 +71,8 @@ def weight_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: torch.
         NonFiniteLossError: if the loss is NaN/inf; nothing has been updated then.
     """
     optimizer.zero_grad(set_to_none=True)
-    out = model(data, hidden, weights)
-    raw = nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.size(-1)), targets.reshape(-1))
+    out = model(data, hidden, weights, targets)
+    raw = out.loss
     loss = raw + activation_regularization(out, ar_alpha, tar_beta)
     raw_value, loss_value = raw.item(), loss.item()
     if not math.isfinite(loss_value):

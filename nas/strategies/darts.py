@@ -27,6 +27,7 @@ from torch import nn
 from torch.func import functional_call
 
 from nas.genotype import Genotype
+from nas.losses import lm_nll
 from nas.mixed import edge_weights
 from nas.strategies import STRATEGIES
 from nas.errors import ConfigError
@@ -73,6 +74,8 @@ def _set_rng_state(state, device: torch.device) -> None:
 def nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in nats: logits [T, B, V], targets [T, B] -> scalar."""
     return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
 
 
 @STRATEGIES.register("darts", config=DartsConfig)
@@ -147,8 +150,8 @@ class DartsStrategy:
         Returns ``(grad [E, K], hidden_valid [B, H] detached)``; changes neither w nor α.
         """
         if not self.cfg.unrolled:
-            out = self.model(valid.data, valid.hidden, edge_weights(self.alphas))
-            (grad,) = torch.autograd.grad(nll(out.logits, valid.targets), [self.alphas])
+            out = self.model(valid.data, valid.hidden, edge_weights(self.alphas), valid.targets)
+            (grad,) = torch.autograd.grad(lm_nll(out, valid.targets), [self.alphas])
             return grad, out.hidden.detach()
         return self._unrolled_gradient(train, valid, eta)
 
@@ -156,7 +159,8 @@ class DartsStrategy:
         return dict(self.model.named_parameters())
 
     def _forward(self, params, alphas, batch: Batch):
-        return functional_call(self.model, params, (batch.data, batch.hidden), {"weights": edge_weights(alphas)})
+        return functional_call(self.model, params, (batch.data, batch.hidden),
+                               {"weights": edge_weights(alphas), "targets": batch.targets})
 
     def _unrolled_gradient(self, train: Batch, valid: Batch, eta: float):
         params = self._params()
@@ -175,7 +179,7 @@ class DartsStrategy:
                    for p, gi in zip(w, g)]
         alphas_v = self.alphas.detach().requires_grad_(True)
         out = self._forward(dict(zip(names, w_prime)), alphas_v, valid)
-        grads = torch.autograd.grad(nll(out.logits, valid.targets), [alphas_v] + w_prime)
+        grads = torch.autograd.grad(lm_nll(out, valid.targets), [alphas_v] + w_prime)
         d_alpha, v = grads[0], grads[1:]
         vnorm = torch.sqrt(sum(x.pow(2).sum() for x in v))
         if vnorm.item() == 0.0:  # no dependence of L_val on w: the implicit term vanishes
