@@ -40,17 +40,61 @@ SWEEP = ([("search", h, 64, 8, False) for h in (64, 128, 300)]
 
 
 def analytic_flops(kind: str, hidden: int, batch: int, nodes: int, unrolled: bool, vocab: int) -> float:
-    """Matrix-product FLOPs of one step: 2·m·n·k per product, backward = 2x forward.
+    """Matrix-product FLOPs of one step: 2·m·n·k per product.
 
     Per token and forward pass: input and hidden projections of the initial state 2·(E+H)·2H, the node
     projections 2·H·2H per edge (supernet: N(N+1)/2 edges, each predecessor projected by each later node;
-    frozen: N), and the tied decoder 2·H·V.  A first-order search step has 2 passes (α on valid, w on
-    train), a second-order one 5 (virtual step, validation at w', two finite-difference passes, w step).
+    frozen: N), and the tied decoder 2·H·V.  Backward costs 2x forward when it needs the weight gradients
+    and 1x when it needs only the α gradient (input gradients only).  A first-order search step has a
+    weight pass (3F) and an α pass (2F); a second-order one has the virtual step (3F), the validation pass
+    at w' (3F: α and w' gradients), two finite-difference α passes (2 x 2F) and the weight pass (3F).
     """
     edges = nodes * (nodes + 1) // 2 if kind == "search" else nodes
     per_token = 2 * (2 * hidden) * (2 * hidden) + edges * 2 * hidden * 2 * hidden + 2 * hidden * vocab
-    passes = (5 if unrolled else 2) if kind == "search" else 1
-    return 3.0 * per_token * batch * BPTT * passes
+    forwards = (13 if unrolled else 5) if kind == "search" else 3
+    return float(per_token * batch * BPTT * forwards)
+
+
+def pass_seconds(setup, batch, reps: int = 3) -> dict:
+    """Seconds of the three kinds of forward + backward pass a search step is made of (best of ``reps``).
+
+    ``weight``: gradients of w (the weight step, the virtual step); ``alpha``: gradient of α only (the
+    first-order α step, the finite-difference passes); ``full``: gradients of α and w (validation at w').
+    A first-order step is weight + alpha; an exact second-order step is 2 weight + full + 2 alpha, so
+    second / first >= 2 + full / (weight + alpha): the unrolled step cannot cost less than twice the
+    first-order one without changing what it computes.
+    """
+    import torch
+    from torch.func import functional_call
+
+    from nas.mixed import edge_weights
+
+    model, strategy = setup.model, setup.strategy
+    params = dict(model.named_parameters())
+    detached = {n: p.detach() for n, p in params.items()}
+    weights = list(params.values())
+
+    def run(p, alphas, inputs):
+        out = functional_call(model, p, (batch.data, batch.hidden), {"weights": alphas, "targets": batch.targets})
+        torch.autograd.grad(out.loss, inputs)
+
+    kinds = {
+        "weight": lambda: run(params, strategy.edge_weights(), weights),
+        "alpha": lambda: run(detached, edge_weights(strategy.alphas), [strategy.alphas]),
+        "full": lambda: run(params, edge_weights(strategy.alphas), [strategy.alphas] + weights),
+    }
+    result = {}
+    for name, fn in kinds.items():
+        fn()  # warm-up (and compile, if enabled)
+        best = float("inf")
+        for _ in range(reps):
+            _sync(setup.device)
+            t = time.perf_counter()
+            fn()
+            _sync(setup.device)
+            best = min(best, time.perf_counter() - t)
+        result[name] = round(best, 4)
+    return result
 
 
 def matmul_peak(device, n: int = 2048, reps: int = 10) -> float:
@@ -115,6 +159,8 @@ def run_case(kind, hidden, batch, nodes, unrolled, device_name, steps, warmup, c
     hidden_v = model.init_hidden(batch)
     rows = data.train.size(0) - 1
 
+    x, y = get_batch(data.train, 0, BPTT)
+
     def step(k):
         nonlocal hidden_t, hidden_v
         i = (k * BPTT) % (rows - BPTT)
@@ -137,6 +183,11 @@ def run_case(kind, hidden, batch, nodes, unrolled, device_name, steps, warmup, c
     seconds = (time.perf_counter() - start) / steps
     flops = analytic_flops(kind, hidden, batch, nodes, unrolled, data.ntoken)
     peak = matmul_peak(device)
+    extra = {}
+    if kind == "search":
+        passes = pass_seconds(setup, Batch(x, y, model.init_hidden(batch)))
+        extra = {"pass_seconds": passes,
+                 "second_over_first_floor": round(2 + passes["full"] / (passes["weight"] + passes["alpha"]), 3)}
     return {
         "kind": kind, "order": ("second" if unrolled else "first") if kind == "search" else None,
         "emsize": hidden, "nhid": hidden, "batch": batch, "bptt": BPTT, "nodes": nodes,
@@ -149,6 +200,7 @@ def run_case(kind, hidden, batch, nodes, unrolled, device_name, steps, warmup, c
         "achieved_gflops": round(flops / seconds / 1e9, 2),
         "matmul_peak_gflops": round(peak / 1e9, 1),
         "mfu": round(flops / seconds / peak, 4),
+        **extra,
     }
 
 

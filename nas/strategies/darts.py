@@ -150,7 +150,10 @@ class DartsStrategy:
         Returns ``(grad [E, K], hidden_valid [B, H] detached)``; changes neither w nor α.
         """
         if not self.cfg.unrolled:
-            out = self.model(valid.data, valid.hidden, edge_weights(self.alphas), valid.targets)
+            # detached weights: the pass builds no weight gradients it would throw away (compiled cell,
+            # fused decoder)
+            params = {n: p.detach() for n, p in self._params().items()}
+            out = self._forward(params, self.alphas, valid)
             (grad,) = torch.autograd.grad(lm_nll(out, valid.targets), [self.alphas])
             return grad, out.hidden.detach()
         return self._unrolled_gradient(train, valid, eta)
