@@ -181,6 +181,7 @@ def run_case(kind, hidden, batch, nodes, unrolled, device_name, steps, warmup, c
         step(k)
     _sync(device)
     seconds = (time.perf_counter() - start) / steps
+    peak_memory = _peak_memory_bytes(device)  # before the per-pass timings, whose full pass a step may not have
     flops = analytic_flops(kind, hidden, batch, nodes, unrolled, data.ntoken)
     peak = matmul_peak(device)
     extra = {}
@@ -195,7 +196,7 @@ def run_case(kind, hidden, batch, nodes, unrolled, device_name, steps, warmup, c
         "warmup_seconds": round(warmup_seconds, 2), "timed_steps": steps,
         "seconds_per_step": round(seconds, 4),
         "train_tokens_per_second": round(batch * BPTT / seconds, 1),
-        "peak_memory_gb": round(_peak_memory_bytes(device) / 1e9, 3),
+        "peak_memory_gb": round(peak_memory / 1e9, 3),
         "flops_per_step": flops,
         "achieved_gflops": round(flops / seconds / 1e9, 2),
         "matmul_peak_gflops": round(peak / 1e9, 1),

@@ -120,8 +120,11 @@ class DartsCell(nn.Module):
 
         The compiled step computes the same function (tests pin it to the eager step); Inductor fuses its
         elementwise work and keeps for backward only what backward needs.  Each new input shape (batch,
-        train/eval) compiles once; Inductor caches compiled code on disk across runs.
+        train/eval) compiles once; Inductor caches compiled code on disk across runs.  A search meets
+        about eight variants (train / α / full passes, the first time step's detached state, eval), Dynamo's
+        default recompile limit, past which it would silently run eager: the limit is raised to 64.
         """
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._compiled_step = torch.compile(self._time_step, dynamic=False)
 
     def _time_step(self, xw_t, h, h_mask, wh, ws, node_weights):
