@@ -193,3 +193,11 @@ def test_schemas_are_not_offered_as_group_choices():
             cfg_for([override])
     cfg = cfg_for(["dataset=wikitext2"])
     assert cfg.dataset.name == "wikitext2" and cfg.space.steps == 8
+
+
+def test_non_positive_num_threads_is_a_config_error():
+    from nas.engine.common import configure_runtime
+    from nas.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="num_threads must be >= 1"):
+        configure_runtime(cfg_for(["experiment=smoke", "num_threads=-1"]))

@@ -73,8 +73,10 @@ def configure_runtime(cfg) -> torch.device:
     """Apply a run config's ``num_threads`` and ``cpu_allocator`` settings; return its resolved device.
 
     Raises:
-        ConfigError: for an unusable ``device`` (see :func:`resolve_device`).
+        ConfigError: for ``num_threads`` < 1 or an unusable ``device`` (see :func:`resolve_device`).
     """
+    if cfg.num_threads is not None and cfg.num_threads < 1:
+        raise ConfigError(f"num_threads must be >= 1 (or null for torch's default), got {cfg.num_threads}")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
