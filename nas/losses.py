@@ -20,6 +20,15 @@ from torch import nn
 DEFAULT_BLOCK_ROWS = 256
 
 
+def _logits(h, weight, bias):
+    return h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
+
+
+def nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in nats: logits [T, B, V], targets [T, B] -> scalar."""
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, targets, block_rows):
@@ -32,7 +41,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n, block_rows):
             hb = h[start:start + block_rows]
             yb = targets[start:start + block_rows]
-            logits = hb @ weight.t() if bias is None else torch.addmm(bias, hb, weight.t())
+            logits = _logits(hb, weight, bias)
             yb1 = yb.unsqueeze(1)
             target_logit = logits.gather(1, yb1).squeeze(1)
             # softmax in place of the logits; NLL = -log p_target.  Where p_target underflows (a target
@@ -44,8 +53,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             tiny = p_target < 1e-30
             if tiny.any():
                 rows = tiny.nonzero().squeeze(1)
-                lse = torch.logsumexp(torch.addmm(bias, hb[rows], weight.t()) if bias is not None
-                                      else hb[rows] @ weight.t(), dim=1)
+                lse = torch.logsumexp(_logits(hb[rows], weight, bias), dim=1)
                 nll[rows] = lse - target_logit[rows]
             total += nll.sum(dtype=torch.float64)
             if need_h or need_w or need_b:
@@ -110,6 +118,4 @@ def lm_cross_entropy(decoder: nn.Linear, output: torch.Tensor, targets: torch.Te
 def lm_nll(out, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL (nats) of an LMOutput: its fused ``loss`` when the forward got the targets,
     else the cross-entropy of its ``logits`` [T, B, V] against ``targets`` [T, B]."""
-    if out.loss is not None:
-        return out.loss
-    return nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.size(-1)), targets.reshape(-1))
+    return out.loss if out.loss is not None else nll(out.logits, targets)

@@ -6,8 +6,8 @@ from torch.func import functional_call
 from nas.spaces import SPACES
 from nas.spaces.darts_rnn import DartsRNNConfig
 from nas.strategies import STRATEGIES
-from nas.losses import lm_nll
-from nas.strategies.darts import Batch, DartsConfig, nll
+from nas.losses import lm_nll, nll
+from nas.strategies.darts import Batch, DartsConfig
 
 V, T, B = 23, 6, 4
 DARTS_OPS = ["none", "tanh", "relu", "sigmoid", "identity"]

@@ -71,13 +71,6 @@ def _set_rng_state(state, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-def nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in nats: logits [T, B, V], targets [T, B] -> scalar."""
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
-
-
-
-
 @STRATEGIES.register("darts", config=DartsConfig)
 class DartsStrategy:
     """One-shot DARTS strategy over a supernet.
