@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Iterable, Sequence, Tuple
+from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
 
@@ -44,16 +44,20 @@ class Genotype:
         ops: the space's candidate op names, in the order of the α columns during search.
         nodes: ``nodes[i-1]`` holds the incoming edges of intermediate node ``i``.
         concat: indices of the nodes whose mean (or combination) forms the cell output.
+        k: the edges-per-node budget it was derived with (a node i keeps ``min(k, i)`` edges), or None when
+            the genotype does not record one (published genotypes); stored in the JSON when set.
 
     Raises:
         GenotypeError: on construction, if an op is unknown or zero, an input is not an earlier node,
-            a node has no edge, or ``concat`` names a node that does not exist.
+            a node has no edge, ``concat`` names a node that does not exist, or a node keeps more than
+            ``k`` edges or the same input twice.
     """
 
     space: str
     ops: Tuple[str, ...]
     nodes: Tuple[Tuple[Edge, ...], ...]
     concat: Tuple[int, ...]
+    k: Optional[int] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ops", tuple(self.ops))
@@ -87,18 +91,30 @@ class Genotype:
                 if not isinstance(edge.input, int) or not 0 <= edge.input < i:
                     raise GenotypeError(
                         f"node {i}: input {edge.input!r} is not an earlier node (0..{i - 1})")
+            if len({e.input for e in node}) != len(node):
+                raise GenotypeError(f"node {i}: the same input node appears twice")
+        if self.k is not None:
+            if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+                raise GenotypeError(f"k must be a positive integer, got {self.k!r}")
+            over = [i for i, node in enumerate(self.nodes, start=1) if len(node) > self.k]
+            if over:
+                raise GenotypeError(f"node(s) {over} keep more than k={self.k} edges")
         if not self.concat or any(not 0 <= c <= self.steps for c in self.concat):
             raise GenotypeError(f"concat {list(self.concat)} must name nodes 0..{self.steps}")
 
     # -- JSON -------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        """A JSON-ready dict: ``{"space", "ops", "nodes": [[{"op", "input"}, ...], ...], "concat"}``."""
-        return {
+        """A JSON-ready dict: ``{"space", "ops", "nodes": [[{"op", "input"}, ...], ...], "concat"}`` (and
+        ``"k"`` when set)."""
+        d = {
             "space": self.space,
             "ops": list(self.ops),
             "nodes": [[{"op": e.op, "input": e.input} for e in node] for node in self.nodes],
             "concat": list(self.concat),
         }
+        if self.k is not None:
+            d["k"] = self.k
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "genotype") -> "Genotype":
@@ -112,7 +128,8 @@ class Genotype:
             nodes = tuple(tuple(Edge(str(e["op"]), _as_int(e["input"])) for e in node)
                           for node in d["nodes"])
             return cls(space=str(d["space"]), ops=tuple(str(o) for o in d["ops"]), nodes=nodes,
-                       concat=tuple(_as_int(c) for c in d["concat"]))
+                       concat=tuple(_as_int(c) for c in d["concat"]),
+                       k=_as_int(d["k"]) if d.get("k") is not None else None)
         except GenotypeError as err:
             raise GenotypeError(f"{where}: {err}") from None
         except (KeyError, TypeError, ValueError) as err:
@@ -199,7 +216,7 @@ def derive(alphas: torch.Tensor, ops: Sequence[str], space: str, k: int = 1,
         nodes.append(tuple(Edge(ops[keep[best_k[j].item()]], j) for j in sorted(order)))
         offset += i
     return Genotype(space=space, ops=tuple(ops), nodes=tuple(nodes),
-                    concat=tuple(concat) if concat is not None else tuple(range(1, steps + 1)))
+                    concat=tuple(concat) if concat is not None else tuple(range(1, steps + 1)), k=k)
 
 
 def steps_for_edges(num_edges: int) -> int:
