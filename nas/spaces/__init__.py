@@ -7,7 +7,7 @@ from nas.registry import Registry
 
 SPACES = Registry("space")
 
-from nas.spaces import darts_rnn  # noqa: E402,F401  (registers itself)
+from nas.spaces import darts_rnn, hybrid  # noqa: E402,F401  (register themselves)
 
 
 def build_space(cfg):
