@@ -46,3 +46,52 @@ def log_alphas(writer, alphas: torch.Tensor, ops: Sequence[str], epoch: int, tag
 def log_genotype(writer, genotype, step: int) -> None:
     """Write the genotype as text (``genotype``): a readable line and its JSON."""
     writer.add_text("genotype", f"`{genotype}`\n\n```\n{genotype.to_json()}\n```", step)
+
+
+def genotype_figure(genotype, title: str = ""):
+    """A matplotlib Figure of a genotype's DAG: nodes left to right (0 = input), one arrow per kept edge
+    labelled with its op, and the output node fed by the ``concat`` nodes.  The caller closes the figure."""
+    n = genotype.steps + 1
+    fig, ax = plt.subplots(figsize=(1.0 + 1.5 * n, 1.6 + 0.5 * n))
+    xs = {i: float(i) for i in range(n)}
+    xs["out"] = float(n)
+    for i in range(n):
+        ax.text(xs[i], 0.0, "in" if i == 0 else str(i), ha="center", va="center", fontsize=11, zorder=3,
+                bbox=dict(boxstyle="circle", fc="#cfe2f3" if i else "#d9ead3", ec="black"))
+    ax.text(xs["out"], 0.0, "out", ha="center", va="center", fontsize=10, zorder=3,
+            bbox=dict(boxstyle="round", fc="#fce5cd", ec="black"))
+    for i, node in enumerate(genotype.nodes, start=1):
+        for e in node:
+            span = i - e.input
+            rad = 0.0 if span == 1 else -0.35  # arcs above the axis; equal aspect keeps them circular
+            ax.annotate("", xy=(xs[i] - 0.12, 0.0), xytext=(xs[e.input] + 0.12, 0.0), zorder=1,
+                        arrowprops=dict(arrowstyle="-|>", lw=1.3, connectionstyle=f"arc3,rad={rad}"))
+            height = -rad * span / 2  # a quadratic Bezier's apex sits halfway to its control point
+            ax.text((xs[i] + xs[e.input]) / 2, height + 0.06, e.op, ha="center", va="bottom", fontsize=8,
+                    bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85), zorder=2)
+    for c in genotype.concat:
+        span = n - c
+        rad = 0.0 if span == 1 else 0.35  # below the axis
+        ax.annotate("", xy=(xs["out"] - 0.18, 0.0), xytext=(xs[c] + 0.12, 0.0), zorder=1,
+                    arrowprops=dict(arrowstyle="-|>", lw=1.0, ls="--", color="gray",
+                                    connectionstyle=f"arc3,rad={rad}"))
+    ax.set_aspect("equal")
+    ax.set_xlim(-0.6, n + 0.6)
+    ax.set_ylim(-0.4 - 0.18 * n, 0.5 + 0.18 * n)
+    ax.axis("off")
+    ax.set_title(title or f"{genotype.space} genotype")
+    fig.tight_layout()
+    return fig
+
+
+def log_genotype_figure(writer, genotype, step: int, png_path: str | None = None) -> None:
+    """The genotype's DAG picture as a TensorBoard image (``genotype/dag``) and, with ``png_path``, a PNG file."""
+    import os
+
+    fig = genotype_figure(genotype)
+    if png_path is not None:
+        os.makedirs(os.path.dirname(png_path) or ".", exist_ok=True)
+        tmp = png_path + ".tmp.png"
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, png_path)  # atomic: a reader never sees half a PNG
+    writer.add_figure("genotype/dag", fig, step)
