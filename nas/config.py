@@ -15,7 +15,7 @@ from omegaconf import MISSING
 
 @dataclass
 class DatasetConfig:
-    """``dataset=ptb|wikitext2``: which corpus and where it is.
+    """``dataset=ptb|wikitext2|sst2``: which corpus and where it is.
 
     root: folder holding ``train.txt valid.txt test.txt`` (or its parent holding ``ptb/``...); a relative
     path is taken from the launch directory.  null: ``$NAS_DATA/<folder>``, then the download cache.
@@ -26,6 +26,13 @@ class DatasetConfig:
     root: Optional[str] = None
     download: bool = False
     cache_dir: Optional[str] = None
+    #: sentence datasets (sst2) only: the part of the training set held out for α (search) and model
+    #: selection (retraining), as a fraction in (0, 1); GLUE dev is then the test split
+    holdout: float = 0.05
+    #: sentence datasets only: seed of the held-out draw (a data seed, independent of ``seed``)
+    split_seed: int = 0
+    #: sentence datasets only: words seen fewer times in the training part map to <unk>
+    min_freq: int = 1
 
 
 @dataclass
@@ -73,6 +80,9 @@ class SearchConfig(LMRunConfig):
     """``search.py``: a one-shot search (weights on train, α on the held-out split)."""
 
     strategy: Any = MISSING
+    #: the weights' optimizer: ``sgd`` (DARTS) or ``adam`` (the sentence classifiers).  The second-order
+    #: update's virtual step is an SGD step with ξ = lr either way (DARTS eq. 6; with Adam an approximation)
+    optimizer: str = "sgd"
 
 
 @dataclass
@@ -85,7 +95,7 @@ class TrainConfig(LMRunConfig):
     #: a published genotype name (darts_v1, darts_v2, enas), a genotype JSON file, or a search run dir
     arch: str = MISSING
     #: ``ntasgd``: SGD, then averaged SGD once the non-monotone trigger fires (AWD-LSTM sec. 3, DARTS);
-    #: ``sgd``: never average; ``asgd``: averaged SGD from the first step
+    #: ``sgd``: never average; ``asgd``: averaged SGD from the first step; ``adam``: Adam (sentence classifiers)
     optimizer: str = "ntasgd"
     #: non-monotone interval: switch when valid loss is worse than the best of all but the last ``nonmono``
     nonmono: int = 5

@@ -14,7 +14,23 @@ from typing import Iterable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-OPTIMIZERS = ("ntasgd", "sgd", "asgd")
+#: ``train.py optimizer=``: NT-ASGD, plain SGD, ASGD from the start, or Adam (Kingma & Ba 2015; the
+#: sentence classifiers, which plain SGD trains slowly)
+OPTIMIZERS = ("ntasgd", "sgd", "asgd", "adam")
+#: ``search.py optimizer=`` (the weights' optimizer during search)
+SEARCH_OPTIMIZERS = ("sgd", "adam")
+
+
+def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float):
+    """The optimizer a run starts with: ASGD for ``asgd``, Adam for ``adam``, else plain SGD (``ntasgd`` starts
+    as SGD and switches later).  Raises ValueError for an unknown name."""
+    if name == "asgd":
+        return make_asgd(params, lr, weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name in ("sgd", "ntasgd"):
+        return make_sgd(params, lr, weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
 
 
 def make_sgd(params: Iterable[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.SGD:

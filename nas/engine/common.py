@@ -95,7 +95,7 @@ def compile_model(model: torch.nn.Module, enabled: bool) -> None:
         return
     cell = getattr(model, "cell", None)
     if not hasattr(cell, "compile_step"):
-        raise ConfigError(f"compile=true, but {type(cell).__name__} has no compilable time step")
+        raise ConfigError(f"compile=true, but {type(cell).__name__} has no compilable time step; set compile=false")
     cell.compile_step()
 
 

@@ -23,13 +23,14 @@ from torch.utils.tensorboard import SummaryWriter
 from nas.data import bptt_segments, get_batch
 from nas.engine.common import (atomic_torch_save, compile_model, configure_runtime, rng_state, run_dir_from_hydra,
                                seed_everything)
-from nas.engine.asgd import set_lr
+from nas.engine.asgd import SEARCH_OPTIMIZERS, make_optimizer, set_lr
 from nas.engine.lm import (EpochMeter, LMData, NonFiniteLossError, evaluate, lm_objective, prepare_lm_data,
                            token_progress_bar, weight_step)
-from nas.engine.tb import log_alphas, log_genotype
+from nas.engine.tb import log_alphas, log_genotype, log_genotype_figure
 from nas.atomic import atomic_write_text
 from nas.spaces import build_space
 from nas.strategies import STRATEGIES
+from nas.errors import ConfigError
 from nas.strategies.darts import Batch
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,15 @@ def build_search(cfg, data: Optional[LMData] = None) -> SearchSetup:
     compile_model(model, cfg.compile)
     objective = partial(lm_objective, ar_alpha=cfg.ar_alpha, tar_beta=cfg.tar_beta)
     strategy = strategy_cls(cfg.strategy, space, model, objective, weight_decay=cfg.weight_decay, clip=cfg.clip)
-    w_optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    w_optimizer = make_search_optimizer(cfg, model)
     return SearchSetup(device, data, space, model, strategy, w_optimizer)
+
+
+def make_search_optimizer(cfg, model) -> torch.optim.Optimizer:
+    """The weights' optimizer of a search (``cfg.optimizer``: sgd or adam). Raises ConfigError otherwise."""
+    if cfg.optimizer not in SEARCH_OPTIMIZERS:
+        raise ConfigError(f"optimizer={cfg.optimizer!r}; valid for search.py: {', '.join(SEARCH_OPTIMIZERS)}")
+    return make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
 
 
 def search_step(setup: SearchSetup, cfg, train: Batch, valid: Batch):
@@ -90,12 +98,17 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
     Args:
         cfg: a composed :class:`nas.config.SearchConfig` (``conf/search.yaml``).
         run_dir: output folder (default: the Hydra run directory).
-    Outputs in ``run_dir``: ``genotype.json`` (final), ``genotypes/epoch_NNN.json``, ``metrics.json``,
+    A sentence-classification dataset (sst2) runs :func:`nas.engine.classify.search_classifier` instead.
+    Outputs in ``run_dir``: ``genotype.json`` (final), ``genotype.png`` (its DAG), ``genotypes/epoch_NNN.json``, ``metrics.json``,
         ``checkpoint.pt``, ``tb/`` (TensorBoard events), ``config.yaml`` (resolved config).
     Raises:
         nas.data.DataError: data missing or too small.  NonFiniteLossError: the loss became NaN/inf
         (the last checkpoint is kept and nothing non-finite is written).
     """
+    from nas.engine.classify import is_classification, search_classifier
+
+    if is_classification(cfg):
+        return search_classifier(cfg, run_dir)
     run_dir = run_dir or run_dir_from_hydra()
     os.makedirs(run_dir, exist_ok=True)
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
@@ -129,6 +142,7 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
             writer.add_scalar("train/epoch_ppl", train_ppl, epoch)
             log_alphas(writer, strategy.alphas, space.ops, epoch)
             log_genotype(writer, genotype, epoch)
+            log_genotype_figure(writer, genotype, epoch)
             writer.flush()
             atomic_torch_save({"epoch": epoch, "step": state["step"], "model": model.state_dict(),
                                "strategy": strategy.state_dict(), "w_optimizer": w_optimizer.state_dict(),
@@ -143,7 +157,9 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
     wall = time.time() - start
     genotype = strategy.export()
     genotype.save(os.path.join(run_dir, "genotype.json"))
-    metrics = {"final_valid_ppl": state["history"][-1]["valid_ppl"], "best_valid_ppl": state["best_valid_ppl"],
+    with SummaryWriter(os.path.join(run_dir, "tb")) as w:
+        log_genotype_figure(w, genotype, cfg.epochs, os.path.join(run_dir, "genotype.png"))
+    metrics = {"task": "language_modeling", "final_valid_ppl": state["history"][-1]["valid_ppl"], "best_valid_ppl": state["best_valid_ppl"],
                "epochs": cfg.epochs, "steps": state["step"], "train_tokens": state["tokens"],
                "wall_seconds": wall, "tokens_per_second": state["tokens"] / max(wall, 1e-9),
                "params": n_params, "genotype": genotype.to_dict(), "history": state["history"]}

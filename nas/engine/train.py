@@ -23,13 +23,13 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from nas.data import bptt_segments, get_batch
-from nas.engine.asgd import (OPTIMIZERS, averaged_weights, is_averaging, make_asgd, make_sgd, nonmono_trigger,
+from nas.engine.asgd import (OPTIMIZERS, averaged_weights, is_averaging, make_asgd, make_optimizer, nonmono_trigger,
                              set_lr)
 from nas.engine.common import (CheckpointError, absolute_path, atomic_torch_save, compile_model, configure_runtime,
                                load_checkpoint, run_dir_from_hydra, seed_everything)
 from nas.engine.lm import (EpochMeter, EvalResult, NonFiniteLossError, evaluate, prepare_lm_data,
                            token_progress_bar, weight_step)
-from nas.engine.tb import log_genotype
+from nas.engine.tb import log_genotype, log_genotype_figure
 from nas.atomic import atomic_write_text
 from nas.genotype import Genotype, GenotypeError
 from nas.published import resolve_arch
@@ -59,7 +59,9 @@ def train(cfg, run_dir: Optional[str] = None) -> dict:
     Args:
         cfg: a composed :class:`nas.config.TrainConfig` (``conf/train.yaml``).
         run_dir: output folder (default: the Hydra run directory).
-    Outputs in ``run_dir``: ``metrics.json`` (best valid ppl, test ppl, params, epochs, tokens/s, wall time,
+    A sentence-classification dataset (sst2) runs :func:`nas.engine.classify.train_classifier` instead
+    (accuracy instead of perplexity).
+    Outputs in ``run_dir``: ``genotype.png`` (the DAG), ``metrics.json`` (best valid ppl, test ppl, params, epochs, tokens/s, wall time,
         per-epoch history), ``best.pt`` (best-valid weights -- averaged ones under ASGD -- with genotype and
         resolved config; :func:`load_trained` rebuilds it), ``genotype.json``, ``config.yaml``, ``tb/``.
     Raises:
@@ -82,6 +84,10 @@ def train(cfg, run_dir: Optional[str] = None) -> dict:
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     atomic_write_text(os.path.join(run_dir, "config.yaml"), cfg_yaml)
     genotype.save(os.path.join(run_dir, "genotype.json"))
+    from nas.engine.classify import is_classification, train_classifier
+
+    if is_classification(cfg):
+        return train_classifier(cfg, genotype, arch_desc, run_dir)
     device = configure_runtime(cfg)
     np_rng = seed_everything(cfg.seed)
     data = prepare_lm_data(cfg, device, alpha_split=None, test_batch_size=cfg.test_batch_size)
@@ -97,7 +103,8 @@ def train(cfg, run_dir: Optional[str] = None) -> dict:
     writer = SummaryWriter(os.path.join(run_dir, "tb"))
     writer.add_text("config", f"```\n{cfg_yaml}\n```", 0)
     log_genotype(writer, genotype, 0)
-    optimizer = (make_asgd if cfg.optimizer == "asgd" else make_sgd)(model.parameters(), cfg.lr, cfg.weight_decay)
+    log_genotype_figure(writer, genotype, 0, os.path.join(run_dir, "genotype.png"))
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
     eval_bptt = cfg.eval_bptt or cfg.bptt
     state = {"step": 0, "tokens": 0, "train_seconds": 0.0}
     history, val_losses = [], []
@@ -231,7 +238,8 @@ def load_trained(path: str, device: Optional[torch.device] = None) -> Trained:
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), ckpt["config"])
         genotype = Genotype.from_dict(ckpt["genotype"], where=f"genotype in {path}")
-        model = build_space(cfg.space).freeze(genotype, ckpt["ntoken"])
+        extra = {"num_classes": ckpt["num_classes"]} if "num_classes" in ckpt else {}  # a classifier
+        model = build_space(cfg.space).freeze(genotype, ckpt["ntoken"], **extra)
         model.load_state_dict(ckpt["model"])
     except (GenotypeError, OmegaConfBaseException, RuntimeError, KeyError, ValueError) as err:
         raise CheckpointError(f"cannot rebuild the model of {path}: {err}") from None

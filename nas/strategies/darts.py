@@ -59,6 +59,26 @@ class Batch(NamedTuple):
     targets: torch.Tensor
     hidden: torch.Tensor
 
+    def inputs(self) -> tuple:
+        """The model's positional inputs: ``model(data, hidden, weights=..., targets=...)``."""
+        return (self.data, self.hidden)
+
+
+class SentenceInputs(NamedTuple):
+    """One classification batch: tokens [T, B] right-padded, targets (labels) [B], lengths [B]."""
+
+    data: torch.Tensor
+    targets: torch.Tensor
+    lengths: torch.Tensor
+
+    def inputs(self) -> tuple:
+        """The model's positional inputs: ``model(data, lengths, weights=..., targets=...)``."""
+        return (self.data, self.lengths)
+
+
+def _detached(hidden):
+    return None if hidden is None else hidden.detach()
+
 
 def _rng_state(device: torch.device):
     return (torch.get_rng_state(),
@@ -78,7 +98,8 @@ class DartsStrategy:
     Args:
         cfg: :class:`DartsConfig`.
         space: the search space (gives α's shape, op names and ``derive``).
-        model: the supernet; ``model(data, hidden, weights)`` returns an ``LMOutput``.
+        model: the supernet; ``model(*batch.inputs(), weights=..., targets=...)`` returns an output with the
+            mean ``loss`` (an ``LMOutput``, or a ``ClassifierOutput`` of the hybrid space).
         train_objective: ``f(output, targets) -> scalar`` the weights are trained with (the virtual
             step of the second-order update uses the same objective as the real weight step).
         weight_decay: the weight optimizer's L2 coefficient (enters w' = w - ξ(∇L + λw)).
@@ -112,7 +133,9 @@ class DartsStrategy:
     def step(self, train: Batch, valid: Batch, eta: float) -> torch.Tensor:
         """One α update (Adam) from a training and a held-out segment; ``eta`` = ξ, the weight lr.
 
-        Returns the held-out hidden state after ``valid`` [B, H], detached, to carry to the next segment.
+        ``train`` / ``valid``: :class:`Batch` (language models) or :class:`SentenceInputs` (classifiers).
+        Returns the held-out hidden state after ``valid`` [B, H], detached, to carry to the next segment
+        (None for a classifier).
         """
         self.optimizer.zero_grad(set_to_none=True)
         grad, hidden = self.arch_gradient(train, valid, eta)
@@ -148,14 +171,14 @@ class DartsStrategy:
             params = {n: p.detach() for n, p in self._params().items()}
             out = self._forward(params, self.alphas, valid)
             (grad,) = torch.autograd.grad(lm_nll(out, valid.targets), [self.alphas])
-            return grad, out.hidden.detach()
+            return grad, _detached(out.hidden)
         return self._unrolled_gradient(train, valid, eta)
 
     def _params(self) -> Dict[str, torch.Tensor]:
         return dict(self.model.named_parameters())
 
     def _forward(self, params, alphas, batch: Batch):
-        return functional_call(self.model, params, (batch.data, batch.hidden),
+        return functional_call(self.model, params, batch.inputs(),
                                {"weights": edge_weights(alphas), "targets": batch.targets})
 
     def _unrolled_gradient(self, train: Batch, valid: Batch, eta: float):
@@ -179,11 +202,11 @@ class DartsStrategy:
         d_alpha, v = grads[0], grads[1:]
         vnorm = torch.sqrt(sum(x.pow(2).sum() for x in v))
         if vnorm.item() == 0.0:  # no dependence of L_val on w: the implicit term vanishes
-            return d_alpha, out.hidden.detach()
+            return d_alpha, _detached(out.hidden)
         eps = self.cfg.fd_epsilon / vnorm
         hvp = self._alpha_grad_at([p + eps * vi for p, vi in zip(w, v)], names, train, rng)
         hvp = hvp - self._alpha_grad_at([p - eps * vi for p, vi in zip(w, v)], names, train, rng)
-        return d_alpha - (eta * coef) * hvp / (2 * eps), out.hidden.detach()
+        return d_alpha - (eta * coef) * hvp / (2 * eps), _detached(out.hidden)
 
     def _alpha_grad_at(self, w_point, names, train: Batch, rng) -> torch.Tensor:
         """∇α L_train(w_point, α) with the training pass's random state replayed."""

@@ -1,0 +1,426 @@
+"""Sentence classification (SST-2): one-shot search and retraining, the classification twins of
+:mod:`nas.engine.search` and :mod:`nas.engine.train`.
+
+Splits (:func:`nas.data.sentences.load_sst2`): the weights train on GLUE train minus a held-out part; α (search)
+and model selection (retraining) use that held-out part; the reported test figure is the GLUE *dev* accuracy,
+because the GLUE test split has no labels.  Metric: accuracy, with the mean cross-entropy (nats) beside it.
+The search is DARTS's bilevel loop (Liu et al. 2019, Algorithm 1) on sentence batches: per step an α update on
+a held-out batch (``strategy.step``), then an SGD step of the weights with gradient clipping.  Retraining: SGD
+or NT-ASGD (the non-monotone trigger on the held-out loss, as for language models), the best held-out accuracy
+checkpointed, then reloaded and scored on the test split.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from nas.atomic import atomic_write_text
+from nas.data.sentences import Sentences, check_batchable, load_sst2, sentence_batches
+from nas.engine.asgd import averaged_weights, is_averaging, make_asgd, make_optimizer, nonmono_trigger, set_lr
+from nas.engine.common import (absolute_path, atomic_torch_save, configure_runtime, load_checkpoint, rng_state,
+                               run_dir_from_hydra, seed_everything)
+from nas.engine.lm import NonFiniteLossError
+from nas.engine.search import make_search_optimizer
+from nas.engine.tb import log_alphas, log_genotype, log_genotype_figure
+from nas.errors import ConfigError
+from nas.genotype import GenotypeError
+from nas.spaces import build_space
+from nas.strategies import STRATEGIES
+from nas.strategies.darts import SentenceInputs
+
+log = logging.getLogger(__name__)
+
+#: training batches are drawn from pools of this many batches sorted by length (nas.data.sentences): SST-2's
+#: mean padded length drops from about 35 to 10 words, and the step time with it
+BUCKET = 50
+
+
+@dataclass
+class SentenceData:
+    """A run's splits: ``train`` (weights), ``search`` (α; None when retraining), ``valid`` (held-out part of
+    GLUE train), ``test`` (GLUE dev); ``ntoken`` vocabulary size (index 0 = padding), ``num_classes``."""
+
+    ntoken: int
+    num_classes: int
+    train: Sentences
+    search: Optional[Sentences]
+    valid: Sentences
+    test: Sentences
+
+
+def prepare_sentence_data(cfg, alpha_split: Optional[str] = None) -> SentenceData:
+    """Load the sentence dataset of ``cfg.dataset`` and pick the α split.
+
+    alpha_split: ``valid`` (the held-out part of train), ``train_half`` (weights on the first half of the
+    remaining train sentences, α on the second), or None (retraining).
+    Raises:
+        nas.data.DataError: missing / malformed data, or a split with fewer sentences than one batch.
+    """
+    d = cfg.dataset
+    data = load_sst2(absolute_path(d.root), holdout=d.holdout, seed=d.split_seed, min_freq=d.min_freq)
+    train, search = data.train, None
+    if alpha_split == "valid":
+        search = data.valid
+    elif alpha_split == "train_half":
+        half = len(train) // 2
+        search = Sentences(train.tokens[half:], train.labels[half:])
+        train = Sentences(train.tokens[:half], train.labels[:half])
+    check_batchable(train, cfg.batch_size, f"{d.name} train")
+    if search is not None:
+        check_batchable(search, cfg.batch_size, f"{d.name} {alpha_split} (alpha split)")
+    check_batchable(data.valid, 1, f"{d.name} valid (held out of train)")
+    check_batchable(data.test, 1, f"{d.name} test (GLUE dev)")
+    return SentenceData(data.ntoken, data.num_classes, train, search, data.valid, data.test)
+
+
+@dataclass(frozen=True)
+class ClassificationResult:
+    """Summed cross-entropy (nats) and correct predictions over ``count`` sentences."""
+
+    nll: float
+    correct: int
+    count: int
+
+    @property
+    def loss(self) -> float:
+        return self.nll / self.count
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.count
+
+
+@torch.no_grad()
+def evaluate_sentences(model, split: Sentences, batch_size: int, device, weights=None,
+                       max_batches: Optional[int] = None) -> ClassificationResult:
+    """Accuracy and cross-entropy of ``model`` on a split, every sentence once (in file order).
+
+    Runs in eval mode and restores the ``training`` flag; the NLL is summed in float64.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        nll, correct, count = 0.0, 0, 0
+        for n, b in enumerate(sentence_batches(split, batch_size, shuffle=False, device=device)):
+            if max_batches is not None and n >= max_batches:
+                break
+            logits = model(b.tokens, b.lengths, weights).logits
+            nll += torch.nn.functional.cross_entropy(logits.double(), b.labels, reduction="sum").item()
+            correct += int((logits.argmax(-1) == b.labels).sum())
+            count += b.labels.numel()
+        return ClassificationResult(nll, correct, count)
+    finally:
+        model.train(was_training)
+
+
+def classifier_objective(out, targets) -> torch.Tensor:
+    """The classifier's training loss: the mean cross-entropy of its output (no activation regularization)."""
+    return out.loss
+
+
+def classifier_step(model, optimizer, batch: SentenceInputs, clip: float, weights=None):
+    """One weight update on a sentence batch: cross-entropy, backward, clip the gradient norm, SGD step.
+
+    Returns ``(mean cross-entropy in nats, correct predictions)``.
+    Raises:
+        NonFiniteLossError: the loss is NaN/inf; nothing has been updated then.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    out = model(*batch.inputs(), weights, batch.targets)
+    value = out.loss.item()
+    if not math.isfinite(value):
+        raise NonFiniteLossError(f"training loss became {value} (lr {optimizer.param_groups[0]['lr']:.3g}); "
+                                 "lower lr or clip")
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    return value, int((out.logits.detach().argmax(-1) == batch.targets).sum())
+
+
+def _inputs(b) -> SentenceInputs:
+    return SentenceInputs(b.tokens, b.labels, b.lengths)
+
+
+def _forever(split: Sentences, batch_size: int, rng, device) -> Iterator[SentenceInputs]:
+    """Shuffled batches of ``split``, reshuffled at every pass (the α stream of the search)."""
+    while True:
+        for b in sentence_batches(split, batch_size, shuffle=True, rng=rng, device=device, drop_last=True,
+                                    bucket=BUCKET):
+            yield _inputs(b)
+
+
+def _steps_per_epoch(cfg, split: Sentences) -> int:
+    n = len(split) // cfg.batch_size
+    return min(n, cfg.limit_train_batches) if cfg.limit_train_batches else n
+
+
+class _Meter:
+    """Training-epoch bookkeeping: mean loss and accuracy, step counters, TensorBoard, progress bar."""
+
+    def __init__(self, state, writer, bar, log_every):
+        self.state, self.writer, self.bar, self.log_every = state, writer, bar, log_every
+        self.nll, self.correct, self.count = 0.0, 0, 0
+
+    def record(self, loss: float, correct: int, n: int, scalars: dict) -> None:
+        self.nll += loss * n
+        self.correct += correct
+        self.count += n
+        self.state["step"] += 1
+        self.state["sentences"] += n
+        step = self.state["step"]
+        if step % self.log_every == 0 or step == 1:
+            self.writer.add_scalar("train/loss", loss, step)
+            self.writer.add_scalar("train/accuracy", correct / n, step)
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, step)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+    @property
+    def loss(self) -> float:
+        return self.nll / max(self.count, 1)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.count, 1)
+
+
+def _check_task(cfg) -> None:
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+
+
+def search_classifier(cfg, run_dir: Optional[str] = None) -> dict:
+    """One-shot architecture search for sentence classification; returns the metrics of ``metrics.json``.
+
+    Outputs in ``run_dir`` as :func:`nas.engine.search.search`: ``genotype.json``, ``genotype.png``,
+    ``genotypes/epoch_NNN.json``, ``metrics.json`` (held-out accuracy and loss per epoch), ``checkpoint.pt``,
+    ``tb/``, ``config.yaml``.
+    Raises:
+        nas.data.DataError: data missing, malformed or too small.  ConfigError: a space without a classifier.
+        NonFiniteLossError: the loss became NaN/inf (the last checkpoint is kept).
+    """
+    _check_task(cfg)
+    run_dir = run_dir or run_dir_from_hydra()
+    os.makedirs(run_dir, exist_ok=True)
+    cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    atomic_write_text(os.path.join(run_dir, "config.yaml"), cfg_yaml)
+    space = build_space(cfg.space)
+    _check_classifier(space.build_supernet, cfg)
+    device = configure_runtime(cfg)
+    np_rng = seed_everything(cfg.seed)
+    alpha_split = cfg.strategy.get("alpha_split", "valid")
+    data = prepare_sentence_data(cfg, alpha_split)
+    model = space.build_supernet(data.ntoken, num_classes=data.num_classes).to(device)
+    strategy = STRATEGIES.get(cfg.strategy.name)(cfg.strategy, space, model, classifier_objective,
+                                                 weight_decay=cfg.weight_decay, clip=cfg.clip)
+    w_optimizer = make_search_optimizer(cfg, model)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("search: space=%s strategy=%s (unrolled=%s) on %s (%d train / %d alpha sentences), device %s, "
+             "%d weights, alphas %s, run dir %s", cfg.space.name, cfg.strategy.name,
+             cfg.strategy.get("unrolled", False), cfg.dataset.name, len(data.train), len(data.search), device,
+             n_params, tuple(strategy.alphas.shape), run_dir)
+    writer = SummaryWriter(os.path.join(run_dir, "tb"))
+    writer.add_text("config", f"```\n{cfg_yaml}\n```", 0)
+    per_epoch = _steps_per_epoch(cfg, data.train)
+    bar = tqdm(total=per_epoch * cfg.epochs, desc="search", unit="step", disable=not cfg.progress,
+               dynamic_ncols=True)
+    alpha_batches = _forever(data.search, cfg.batch_size, np_rng, device)
+    state = {"step": 0, "sentences": 0}
+    history, best_acc = [], -1.0
+    start = time.time()
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            model.train()
+            meter = _Meter(state, writer, bar, cfg.log_every)
+            batches = sentence_batches(data.train, cfg.batch_size, shuffle=True, rng=np_rng, device=device,
+                                       drop_last=True, bucket=BUCKET)
+            for n, b in enumerate(batches):
+                if n >= per_epoch:
+                    break
+                train_b = _inputs(b)
+                strategy.step(train_b, next(alpha_batches), cfg.lr)
+                try:
+                    loss, correct = classifier_step(model, w_optimizer, train_b, cfg.clip, strategy.edge_weights())
+                except NonFiniteLossError as err:
+                    raise NonFiniteLossError(f"step {state['step']}: {err}; the last checkpoint was kept") from None
+                meter.record(loss, correct, b.labels.numel(), {"lr/weights": cfg.lr,
+                                                               "lr/alphas": strategy.optimizer.param_groups[0]["lr"]})
+            valid = evaluate_sentences(model, data.valid, cfg.eval_batch_size, device, strategy.edge_weights(),
+                                       cfg.limit_eval_batches)
+            genotype = strategy.export()
+            best_acc = max(best_acc, valid.accuracy)
+            history.append({"epoch": epoch, "train_loss": meter.loss, "train_accuracy": meter.accuracy,
+                            "valid_loss": valid.loss, "valid_accuracy": valid.accuracy,
+                            "genotype": genotype.to_dict()})
+            genotype.save(os.path.join(run_dir, "genotypes", f"epoch_{epoch:03d}.json"))
+            writer.add_scalar("valid/accuracy", valid.accuracy, epoch)
+            writer.add_scalar("valid/loss", valid.loss, epoch)
+            writer.add_scalar("train/epoch_accuracy", meter.accuracy, epoch)
+            log_alphas(writer, strategy.alphas, space.ops, epoch)
+            log_genotype(writer, genotype, epoch)
+            log_genotype_figure(writer, genotype, epoch)
+            writer.flush()
+            atomic_torch_save({"epoch": epoch, "step": state["step"], "model": model.state_dict(),
+                               "strategy": strategy.state_dict(), "w_optimizer": w_optimizer.state_dict(),
+                               "rng": rng_state(), "np_rng": np_rng.bit_generator.state,
+                               "config": OmegaConf.to_container(cfg, resolve=True),
+                               "genotype": genotype.to_dict()}, os.path.join(run_dir, "checkpoint.pt"))
+            log.info("epoch %d: train accuracy %.4f, valid accuracy %.4f (loss %.4f), genotype %s", epoch,
+                     meter.accuracy, valid.accuracy, valid.loss, genotype)
+            bar.set_postfix(valid_acc=f"{valid.accuracy:.4f}")
+    finally:
+        bar.close()
+        writer.close()
+    wall = time.time() - start
+    genotype = strategy.export()
+    genotype.save(os.path.join(run_dir, "genotype.json"))
+    with SummaryWriter(os.path.join(run_dir, "tb")) as w:
+        log_genotype_figure(w, genotype, cfg.epochs, os.path.join(run_dir, "genotype.png"))
+    metrics = {"task": "classification", "final_valid_accuracy": history[-1]["valid_accuracy"],
+               "final_valid_loss": history[-1]["valid_loss"], "best_valid_accuracy": best_acc,
+               "epochs": cfg.epochs, "steps": state["step"], "train_sentences": state["sentences"],
+               "wall_seconds": wall, "params": n_params, "genotype": genotype.to_dict(), "history": history}
+    atomic_write_text(os.path.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
+    log.info("done in %.1f s: genotype %s written to %s", wall, genotype, os.path.join(run_dir, "genotype.json"))
+    return metrics
+
+
+def _check_classifier(factory, cfg) -> None:
+    """ConfigError unless the space's ``factory`` builds classifiers and ``compile`` is off."""
+    if "num_classes" not in inspect.signature(factory).parameters:
+        raise ConfigError(f"space={cfg.space.name} builds language models only; dataset={cfg.dataset.name} "
+                          "needs a space with a classifier, e.g. space=hybrid")
+    if cfg.compile:
+        raise ConfigError("compile=true: the classifiers have no compiled path; set compile=false")
+
+
+def train_classifier(cfg, genotype, arch_desc: str, run_dir: str) -> dict:
+    """Retrain ``genotype`` as a sentence classifier; returns the metrics of ``metrics.json``.
+
+    Called by :func:`nas.engine.train.train` (which resolved and checked the genotype).  Selects the epoch with
+    the best held-out accuracy (``best.pt``, averaged weights under ASGD), reloads it and reports the test
+    (GLUE dev) accuracy and loss.
+    Raises:
+        nas.data.DataError: data missing, malformed or too small.  NonFiniteLossError: NaN/inf loss.
+    """
+    from nas.engine.train import BEST_CHECKPOINT
+
+    _check_task(cfg)
+    start = time.time()
+    space = build_space(cfg.space)
+    _check_classifier(space.freeze, cfg)
+    device = configure_runtime(cfg)
+    np_rng = seed_everything(cfg.seed)
+    data = prepare_sentence_data(cfg, None)
+    try:
+        model = space.freeze(genotype, data.ntoken, num_classes=data.num_classes).to(device)
+    except GenotypeError as err:
+        raise GenotypeError(f"arch={cfg.arch} ({arch_desc}): {err}") from None
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("train: arch %s\n  genotype %s\n  %d parameters, %s (%d train / %d valid / %d test sentences), "
+             "device %s, run dir %s", arch_desc, genotype, n_params, cfg.dataset.name, len(data.train),
+             len(data.valid), len(data.test), device, run_dir)
+    writer = SummaryWriter(os.path.join(run_dir, "tb"))
+    writer.add_text("config", f"```\n{OmegaConf.to_yaml(cfg, resolve=True)}\n```", 0)
+    log_genotype(writer, genotype, 0)
+    log_genotype_figure(writer, genotype, 0, os.path.join(run_dir, "genotype.png"))
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
+    state = {"step": 0, "sentences": 0, "train_seconds": 0.0}
+    history, val_losses = [], []
+    best = {"accuracy": -1.0, "epoch": None, "loss": math.inf}
+    asgd_epoch = 0 if cfg.optimizer == "asgd" else None
+    best_path = os.path.join(run_dir, BEST_CHECKPOINT)
+    per_epoch = _steps_per_epoch(cfg, data.train)
+    bar = tqdm(total=per_epoch * cfg.epochs, desc="train", unit="step", disable=not cfg.progress,
+               dynamic_ncols=True)
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            t0 = time.time()
+            model.train()
+            meter = _Meter(state, writer, bar, cfg.log_every)
+            set_lr(optimizer, cfg.lr)
+            batches = sentence_batches(data.train, cfg.batch_size, shuffle=True, rng=np_rng, device=device,
+                                       drop_last=True, bucket=BUCKET)
+            for n, b in enumerate(batches):
+                if n >= per_epoch:
+                    break
+                try:
+                    loss, correct = classifier_step(model, optimizer, _inputs(b), cfg.clip)
+                except NonFiniteLossError as err:
+                    raise NonFiniteLossError(f"step {state['step']}: {err}; the best checkpoint so far was kept") \
+                        from None
+                meter.record(loss, correct, b.labels.numel(), {"lr": cfg.lr})
+            state["train_seconds"] += time.time() - t0
+            averaged = is_averaging(optimizer)
+            with averaged_weights(model, optimizer):
+                valid = evaluate_sentences(model, data.valid, cfg.eval_batch_size, device,
+                                           max_batches=cfg.limit_eval_batches)
+            if (valid.accuracy, -valid.loss) > (best["accuracy"], -best["loss"]) or best["epoch"] is None:
+                best = {"accuracy": valid.accuracy, "epoch": epoch, "loss": valid.loss}
+                with averaged_weights(model, optimizer):
+                    atomic_torch_save({"model": model.state_dict(), "genotype": genotype.to_dict(),
+                                       "config": OmegaConf.to_container(cfg, resolve=True), "ntoken": data.ntoken,
+                                       "num_classes": data.num_classes, "params": n_params, "epoch": epoch,
+                                       "valid_accuracy": valid.accuracy, "valid_loss": valid.loss,
+                                       "averaged": averaged}, best_path)
+            switched = False
+            loss_for_trigger = valid.loss if math.isfinite(valid.loss) else math.inf
+            if cfg.optimizer == "ntasgd" and not averaged and nonmono_trigger(val_losses, loss_for_trigger,
+                                                                              cfg.nonmono):
+                optimizer, asgd_epoch, switched = make_asgd(model.parameters(), cfg.lr, cfg.weight_decay), epoch, True
+            if not averaged:
+                val_losses.append(loss_for_trigger)
+            history.append({"epoch": epoch, "train_loss": meter.loss, "train_accuracy": meter.accuracy,
+                            "valid_loss": valid.loss, "valid_accuracy": valid.accuracy, "averaged": averaged,
+                            "seconds": time.time() - t0})
+            writer.add_scalar("valid/accuracy", valid.accuracy, epoch)
+            writer.add_scalar("valid/loss", valid.loss, epoch)
+            writer.add_scalar("train/epoch_accuracy", meter.accuracy, epoch)
+            writer.add_scalar("optim/averaged", float(averaged), epoch)
+            writer.flush()
+            log.info("epoch %d: train accuracy %.4f, valid accuracy %.4f (loss %.4f)%s (best %.4f at epoch %d)%s",
+                     epoch, meter.accuracy, valid.accuracy, valid.loss, " [averaged weights]" if averaged else "",
+                     best["accuracy"], best["epoch"],
+                     "; switching to averaged SGD (non-monotone trigger)" if switched else "")
+            bar.set_postfix(valid_acc=f"{valid.accuracy:.4f}")
+        bar.close()
+        model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
+        test = evaluate_sentences(model, data.test, cfg.eval_batch_size, device)
+        writer.add_scalar("test/accuracy", test.accuracy, best["epoch"])
+        writer.add_scalar("test/loss", test.loss, best["epoch"])
+    finally:
+        bar.close()
+        writer.close()
+    wall = time.time() - start
+    metrics = {"task": "classification", "arch": cfg.arch, "best_valid_accuracy": best["accuracy"],
+               "best_epoch": best["epoch"], "test_accuracy": test.accuracy, "test_loss": test.loss,
+               "test_sentences": test.count, "test_split": "GLUE dev (the GLUE test split has no labels)",
+               "params": n_params, "epochs": cfg.epochs, "steps": state["step"],
+               "train_sentences": state["sentences"], "asgd_epoch": asgd_epoch,
+               "train_seconds": state["train_seconds"], "wall_seconds": wall, "device": str(device),
+               "genotype": genotype.to_dict(), "history": history}
+    atomic_write_text(os.path.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
+    log.info("done in %.1f s: best valid accuracy %.4f (epoch %d), test (GLUE dev) accuracy %.4f (%d sentences); "
+             "%d params; %s", wall, best["accuracy"], best["epoch"], test.accuracy, test.count, n_params,
+             os.path.join(run_dir, "metrics.json"))
+    return metrics
+
+
+def is_classification(cfg: DictConfig) -> bool:
+    """True when ``cfg.dataset`` names a sentence-classification dataset."""
+    from nas.data.sentences import CLASSIFICATION_DATASETS
+
+    return cfg.dataset.name in CLASSIFICATION_DATASETS
