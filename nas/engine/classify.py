@@ -27,11 +27,12 @@ from tqdm import tqdm
 
 from nas.atomic import atomic_write_text
 from nas.data.sentences import Sentences, check_batchable, load_sst2, sentence_batches
+from nas.engine.blackbox import TrialLog
 from nas.engine.asgd import averaged_weights, is_averaging, make_asgd, make_optimizer, nonmono_trigger, set_lr
 from nas.engine.common import (absolute_path, atomic_torch_save, configure_runtime, load_checkpoint, rng_state,
                                run_dir_from_hydra, seed_everything)
 from nas.engine.lm import NonFiniteLossError
-from nas.engine.search import make_search_optimizer
+from nas.engine.search import _alpha_shape, _lrs, make_search_optimizer
 from nas.engine.tb import log_alphas, log_genotype, log_genotype_figure
 from nas.errors import ConfigError
 from nas.genotype import GenotypeError
@@ -172,12 +173,13 @@ class _Meter:
         self.state, self.writer, self.bar, self.log_every = state, writer, bar, log_every
         self.nll, self.correct, self.count = 0.0, 0, 0
 
-    def record(self, loss: float, correct: int, n: int, scalars: dict) -> None:
+    def record(self, loss: float, correct: int, n: int, tokens: int, scalars: dict) -> None:
         self.nll += loss * n
         self.correct += correct
         self.count += n
         self.state["step"] += 1
         self.state["sentences"] += n
+        self.state["tokens"] += tokens
         step = self.state["step"]
         if step % self.log_every == 0 or step == 1:
             self.writer.add_scalar("train/loss", loss, step)
@@ -225,24 +227,26 @@ def search_classifier(cfg, run_dir: Optional[str] = None) -> dict:
     data = prepare_sentence_data(cfg, alpha_split)
     model = space.build_supernet(data.ntoken, num_classes=data.num_classes).to(device)
     strategy = STRATEGIES.get(cfg.strategy.name)(cfg.strategy, space, model, classifier_objective,
-                                                 weight_decay=cfg.weight_decay, clip=cfg.clip)
+                                                 weight_decay=cfg.weight_decay, clip=cfg.clip, seed=cfg.seed)
     w_optimizer = make_search_optimizer(cfg, model)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("search: space=%s strategy=%s (unrolled=%s) on %s (%d train / %d alpha sentences), device %s, "
              "%d weights, alphas %s, run dir %s", cfg.space.name, cfg.strategy.name,
              cfg.strategy.get("unrolled", False), cfg.dataset.name, len(data.train), len(data.search), device,
-             n_params, tuple(strategy.alphas.shape), run_dir)
+             n_params, _alpha_shape(strategy), run_dir)
     writer = SummaryWriter(os.path.join(run_dir, "tb"))
     writer.add_text("config", f"```\n{cfg_yaml}\n```", 0)
     per_epoch = _steps_per_epoch(cfg, data.train)
     bar = tqdm(total=per_epoch * cfg.epochs, desc="search", unit="step", disable=not cfg.progress,
                dynamic_ncols=True)
     alpha_batches = _forever(data.search, cfg.batch_size, np_rng, device)
-    state = {"step": 0, "sentences": 0}
+    trials = TrialLog(run_dir, cfg.strategy.name, "valid_accuracy", "maximize", cfg.seed, writer)
+    state = {"step": 0, "sentences": 0, "tokens": 0}
     history, best_acc = [], -1.0
     start = time.time()
     try:
         for epoch in range(1, cfg.epochs + 1):
+            epoch_start, epoch_tokens = time.time(), state["tokens"]
             model.train()
             meter = _Meter(state, writer, bar, cfg.log_every)
             batches = sentence_batches(data.train, cfg.batch_size, shuffle=True, rng=np_rng, device=device,
@@ -256,9 +260,12 @@ def search_classifier(cfg, run_dir: Optional[str] = None) -> dict:
                     loss, correct = classifier_step(model, w_optimizer, train_b, cfg.clip, strategy.edge_weights())
                 except NonFiniteLossError as err:
                     raise NonFiniteLossError(f"step {state['step']}: {err}; the last checkpoint was kept") from None
-                meter.record(loss, correct, b.labels.numel(), {"lr/weights": cfg.lr,
-                                                               "lr/alphas": strategy.optimizer.param_groups[0]["lr"]})
-            valid = evaluate_sentences(model, data.valid, cfg.eval_batch_size, device, strategy.edge_weights(),
+                meter.record(loss, correct, b.labels.numel(), int(b.lengths.sum()), _lrs(w_optimizer, strategy))
+            if hasattr(strategy, "select"):  # random_ws: pick the best of random paths with the shared weights
+                strategy.select(lambda w, n: evaluate_sentences(
+                    model, data.valid, cfg.eval_batch_size, device, w,
+                    n if n is not None else cfg.limit_eval_batches).accuracy, "maximize")
+            valid = evaluate_sentences(model, data.valid, cfg.eval_batch_size, device, strategy.eval_weights(),
                                        cfg.limit_eval_batches)
             genotype = strategy.export()
             best_acc = max(best_acc, valid.accuracy)
@@ -266,10 +273,13 @@ def search_classifier(cfg, run_dir: Optional[str] = None) -> dict:
                             "valid_loss": valid.loss, "valid_accuracy": valid.accuracy,
                             "genotype": genotype.to_dict()})
             genotype.save(os.path.join(run_dir, "genotypes", f"epoch_{epoch:03d}.json"))
+            trials.add(genotype, valid.accuracy, time.time() - epoch_start, state["tokens"] - epoch_tokens,
+                       epoch=epoch, supernet=True)
             writer.add_scalar("valid/accuracy", valid.accuracy, epoch)
             writer.add_scalar("valid/loss", valid.loss, epoch)
             writer.add_scalar("train/epoch_accuracy", meter.accuracy, epoch)
-            log_alphas(writer, strategy.alphas, space.ops, epoch)
+            if hasattr(strategy, "alphas"):
+                log_alphas(writer, strategy.alphas, space.ops, epoch)
             log_genotype(writer, genotype, epoch)
             log_genotype_figure(writer, genotype, epoch)
             writer.flush()
@@ -292,7 +302,8 @@ def search_classifier(cfg, run_dir: Optional[str] = None) -> dict:
     metrics = {"task": "classification", "final_valid_accuracy": history[-1]["valid_accuracy"],
                "final_valid_loss": history[-1]["valid_loss"], "best_valid_accuracy": best_acc,
                "epochs": cfg.epochs, "steps": state["step"], "train_sentences": state["sentences"],
-               "wall_seconds": wall, "params": n_params, "genotype": genotype.to_dict(), "history": history}
+               "train_tokens": state["tokens"], "wall_seconds": wall, "params": n_params,
+               "genotype": genotype.to_dict(), "history": history}
     atomic_write_text(os.path.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
     log.info("done in %.1f s: genotype %s written to %s", wall, genotype, os.path.join(run_dir, "genotype.json"))
     return metrics
@@ -307,7 +318,7 @@ def _check_classifier(factory, cfg) -> None:
         raise ConfigError("compile=true: the classifiers have no compiled path; set compile=false")
 
 
-def train_classifier(cfg, genotype, arch_desc: str, run_dir: str) -> dict:
+def train_classifier(cfg, genotype, arch_desc: str, run_dir: str, score_test: bool = True) -> dict:
     """Retrain ``genotype`` as a sentence classifier; returns the metrics of ``metrics.json``.
 
     Called by :func:`nas.engine.train.train` (which resolved and checked the genotype).  Selects the epoch with
@@ -338,7 +349,7 @@ def train_classifier(cfg, genotype, arch_desc: str, run_dir: str) -> dict:
     log_genotype(writer, genotype, 0)
     log_genotype_figure(writer, genotype, 0, os.path.join(run_dir, "genotype.png"))
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
-    state = {"step": 0, "sentences": 0, "train_seconds": 0.0}
+    state = {"step": 0, "sentences": 0, "tokens": 0, "train_seconds": 0.0}
     history, val_losses = [], []
     best = {"accuracy": -1.0, "epoch": None, "loss": math.inf}
     asgd_epoch = 0 if cfg.optimizer == "asgd" else None
@@ -362,7 +373,7 @@ def train_classifier(cfg, genotype, arch_desc: str, run_dir: str) -> dict:
                 except NonFiniteLossError as err:
                     raise NonFiniteLossError(f"step {state['step']}: {err}; the best checkpoint so far was kept") \
                         from None
-                meter.record(loss, correct, b.labels.numel(), {"lr": cfg.lr})
+                meter.record(loss, correct, b.labels.numel(), int(b.lengths.sum()), {"lr": cfg.lr})
             state["train_seconds"] += time.time() - t0
             averaged = is_averaging(optimizer)
             with averaged_weights(model, optimizer):
@@ -397,25 +408,28 @@ def train_classifier(cfg, genotype, arch_desc: str, run_dir: str) -> dict:
                      "; switching to averaged SGD (non-monotone trigger)" if switched else "")
             bar.set_postfix(valid_acc=f"{valid.accuracy:.4f}")
         bar.close()
-        model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
-        test = evaluate_sentences(model, data.test, cfg.eval_batch_size, device)
-        writer.add_scalar("test/accuracy", test.accuracy, best["epoch"])
-        writer.add_scalar("test/loss", test.loss, best["epoch"])
+        test = None
+        if score_test:
+            model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
+            test = evaluate_sentences(model, data.test, cfg.eval_batch_size, device)
+            writer.add_scalar("test/accuracy", test.accuracy, best["epoch"])
+            writer.add_scalar("test/loss", test.loss, best["epoch"])
     finally:
         bar.close()
         writer.close()
     wall = time.time() - start
     metrics = {"task": "classification", "arch": cfg.arch, "best_valid_accuracy": best["accuracy"],
-               "best_epoch": best["epoch"], "test_accuracy": test.accuracy, "test_loss": test.loss,
-               "test_sentences": test.count, "test_split": "GLUE dev (the GLUE test split has no labels)",
+               "best_epoch": best["epoch"], "test_accuracy": test and test.accuracy,
+               "test_loss": test and test.loss, "test_sentences": test and test.count, "test_split": "GLUE dev (the GLUE test split has no labels)",
                "params": n_params, "epochs": cfg.epochs, "steps": state["step"],
-               "train_sentences": state["sentences"], "asgd_epoch": asgd_epoch,
+               "train_sentences": state["sentences"], "train_tokens": state["tokens"], "asgd_epoch": asgd_epoch,
                "train_seconds": state["train_seconds"], "wall_seconds": wall, "device": str(device),
                "genotype": genotype.to_dict(), "history": history}
     atomic_write_text(os.path.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
-    log.info("done in %.1f s: best valid accuracy %.4f (epoch %d), test (GLUE dev) accuracy %.4f (%d sentences); "
-             "%d params; %s", wall, best["accuracy"], best["epoch"], test.accuracy, test.count, n_params,
-             os.path.join(run_dir, "metrics.json"))
+    tested = (f"test (GLUE dev) accuracy {test.accuracy:.4f} ({test.count} sentences)" if test is not None
+              else "test split not scored")
+    log.info("done in %.1f s: best valid accuracy %.4f (epoch %d), %s; %d params; %s", wall, best["accuracy"],
+             best["epoch"], tested, n_params, os.path.join(run_dir, "metrics.json"))
     return metrics
 
 

@@ -53,16 +53,18 @@ def evaluate_lm(model, source: torch.Tensor, bptt: int, optimizer: Optional[torc
         return evaluate(model, source, bptt, max_batches=max_batches, progress=progress)
 
 
-def train(cfg, run_dir: Optional[str] = None) -> dict:
+def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
     """Retrain ``cfg.arch`` from scratch as configured; return the metrics written to ``metrics.json``.
 
     Args:
         cfg: a composed :class:`nas.config.TrainConfig` (``conf/train.yaml``).
         run_dir: output folder (default: the Hydra run directory).
+        score_test: score the best checkpoint on the test split (False: the black-box search strategies,
+            which select by validation only and must not spend time on, or look at, the test split).
     A sentence-classification dataset (sst2) runs :func:`nas.engine.classify.train_classifier` instead
     (accuracy instead of perplexity).
-    Outputs in ``run_dir``: ``genotype.png`` (the DAG), ``metrics.json`` (best valid ppl, test ppl, params, epochs, tokens/s, wall time,
-        per-epoch history), ``best.pt`` (best-valid weights -- averaged ones under ASGD -- with genotype and
+    Outputs in ``run_dir``: ``genotype.png`` (the DAG), ``metrics.json`` (best valid ppl, test ppl, params,
+        epochs, tokens/s, wall time, per-epoch history), ``best.pt`` (best-valid weights -- averaged ones under ASGD -- with genotype and
         resolved config; :func:`load_trained` rebuilds it), ``genotype.json``, ``config.yaml``, ``tb/``.
     Raises:
         GenotypeError: ``arch`` unknown, or its file unreadable / invalid / of another space.
@@ -87,7 +89,7 @@ def train(cfg, run_dir: Optional[str] = None) -> dict:
     from nas.engine.classify import is_classification, train_classifier
 
     if is_classification(cfg):
-        return train_classifier(cfg, genotype, arch_desc, run_dir)
+        return train_classifier(cfg, genotype, arch_desc, run_dir, score_test)
     device = configure_runtime(cfg)
     np_rng = seed_everything(cfg.seed)
     data = prepare_lm_data(cfg, device, alpha_split=None, test_batch_size=cfg.test_batch_size)
@@ -141,18 +143,19 @@ def train(cfg, run_dir: Optional[str] = None) -> dict:
                      "; switching to averaged SGD (non-monotone trigger)" if switched else "")
             bar.set_postfix(valid_ppl=f"{valid.ppl:.1f}")
         bar.close()
-        t0 = time.time()
-        test = _test_best(cfg, model, best_path, data.test, eval_bptt, device)
+        t0, test = time.time(), None
+        if score_test:
+            test = _test_best(cfg, model, best_path, data.test, eval_bptt, device)
+            writer.add_scalar("test/ppl", test.ppl, best["epoch"])
         test_seconds = time.time() - t0
-        writer.add_scalar("test/ppl", test.ppl, best["epoch"])
     finally:
         bar.close()
         writer.close()
     wall = time.time() - start
     metrics = {
-        "arch": cfg.arch, "best_valid_ppl": best["ppl"], "best_epoch": best["epoch"], "test_ppl": test.ppl,
-        "test_loss": test.loss, "test_tokens": test.tokens, "valid_tokens": valid.tokens,
-        "exact_eval": _whole(valid, data.valid) and _whole(test, data.test), "params": n_params, "epochs": cfg.epochs,
+        "arch": cfg.arch, "best_valid_ppl": best["ppl"], "best_epoch": best["epoch"], "test_ppl": test and test.ppl,
+        "test_loss": test and test.loss, "test_tokens": test and test.tokens, "valid_tokens": valid.tokens,
+        "exact_eval": _whole(valid, data.valid) and (test is None or _whole(test, data.test)), "params": n_params, "epochs": cfg.epochs,
         "steps": state["step"], "train_tokens": state["tokens"], "asgd_epoch": asgd_epoch,
         "tokens_per_second": state["tokens"] / max(state["train_seconds"], 1e-9),
         "train_seconds": state["train_seconds"], "test_seconds": test_seconds, "wall_seconds": wall,
@@ -160,9 +163,10 @@ def train(cfg, run_dir: Optional[str] = None) -> dict:
         "genotype": genotype.to_dict(), "history": history,
     }
     atomic_write_text(os.path.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
-    log.info("done in %.1f s: best valid ppl %.2f (epoch %d), test ppl %.2f (%d tokens, batch %d, %.1f s); "
-             "%d params; %s", wall, best["ppl"], best["epoch"], test.ppl, test.tokens, cfg.test_batch_size,
-             test_seconds, n_params, os.path.join(run_dir, "metrics.json"))
+    tested = (f"test ppl {test.ppl:.2f} ({test.tokens} tokens, batch {cfg.test_batch_size}, {test_seconds:.1f} s)"
+              if test is not None else "test split not scored")
+    log.info("done in %.1f s: best valid ppl %.2f (epoch %d), %s; %d params; %s", wall, best["ppl"], best["epoch"],
+             tested, n_params, os.path.join(run_dir, "metrics.json"))
     return metrics
 
 
