@@ -225,3 +225,94 @@ def steps_for_edges(num_edges: int) -> int:
     if edge_count(steps) != num_edges:
         raise GenotypeError(f"{num_edges} α rows is not a triangular edge count n(n+1)/2")
     return steps
+
+
+# -- a genotype as independent categorical decisions (random search, Bayesian optimization) -------------------
+
+def dag_decisions(steps: int, ops: Sequence[str], k: int = 1) -> list:
+    """The categorical decisions that pick one genotype of a DAG space, as ``[(name, choices), ...]``.
+
+    Node ``i`` (1..steps) keeps ``m = min(k, i)`` of its ``i`` inputs: ``node{i}_inputs`` chooses the set (a
+    string ``"0,2"``; absent when every input is kept), and ``node{i}_op{p}`` the op of its p-th kept input
+    (non-zero ops only).  Every combination of choices is a distinct genotype and every genotype is one
+    combination, so choosing each decision uniformly draws a genotype uniformly from the space, and their
+    number is the product of the choice counts (:func:`genotype_count`).  Choices are strings, so any
+    black-box optimizer's categorical parameters can hold them.
+    Raises:
+        GenotypeError: if ``ops`` has no non-zero op or ``k`` < 1.
+    """
+    from itertools import combinations
+
+    active = tuple(o for o in ops if o not in ZERO_OPS)
+    if not active:
+        raise GenotypeError(f"op list {list(ops)} has no non-zero op")
+    if k < 1:
+        raise GenotypeError(f"k must be >= 1, got {k}")
+    out = []
+    for i in range(1, steps + 1):
+        m = min(k, i)
+        if m < i:
+            out.append((f"node{i}_inputs", tuple(",".join(map(str, c)) for c in combinations(range(i), m))))
+        out.extend((f"node{i}_op{p}", active) for p in range(m))
+    return out
+
+
+def genotype_from_decisions(choice: dict, space: str, ops: Sequence[str], steps: int, k: int = 1,
+                            concat: Iterable[int] | None = None) -> Genotype:
+    """The genotype of one combination of :func:`dag_decisions` (``choice``: name -> chosen value).
+
+    Raises:
+        GenotypeError: a decision is missing or holds a value that is not one of its choices.
+    """
+    decisions = dict(dag_decisions(steps, ops, k))
+    for name, choices in decisions.items():
+        if name not in choice:
+            raise GenotypeError(f"decision {name!r} is missing")
+        if choice[name] not in choices:
+            raise GenotypeError(f"decision {name}={choice[name]!r} is not one of {list(choices)}")
+    nodes = []
+    for i in range(1, steps + 1):
+        m = min(k, i)
+        inputs = [int(j) for j in choice[f"node{i}_inputs"].split(",")] if m < i else list(range(i))
+        nodes.append(tuple(Edge(choice[f"node{i}_op{p}"], j) for p, j in enumerate(inputs)))
+    return Genotype(space=space, ops=tuple(ops), nodes=tuple(nodes),
+                    concat=tuple(concat) if concat is not None else tuple(range(1, steps + 1)), k=k)
+
+
+def genotype_decisions(genotype: Genotype) -> dict:
+    """Inverse of :func:`genotype_from_decisions`: the decisions a genotype (with ``k`` set) was made of."""
+    k = genotype.k if genotype.k is not None else max(len(n) for n in genotype.nodes)
+    choice = {}
+    for i, node in enumerate(genotype.nodes, start=1):
+        edges = sorted(node, key=lambda e: e.input)
+        if min(k, i) < i:
+            choice[f"node{i}_inputs"] = ",".join(str(e.input) for e in edges)
+        for p, e in enumerate(edges):
+            choice[f"node{i}_op{p}"] = e.op
+    return choice
+
+
+def genotype_count(decisions) -> int:
+    """How many genotypes a list of decisions spans: the product of their choice counts."""
+    n = 1
+    for _, choices in decisions:
+        n *= len(choices)
+    return n
+
+
+def path_weights(genotype: Genotype, ops: Sequence[str], dtype=None, device=None) -> torch.Tensor:
+    """The supernet edge weights [E, K] under which it computes exactly ``genotype``: 1 at the kept op of every
+    kept edge, 0 elsewhere (a single-path sample, as random search with weight sharing trains; Li & Talwalkar
+    2019, sec. 4).  Row ``i(i-1)/2 + j`` is the edge j -> i, as in α.
+
+    Raises:
+        GenotypeError: if the genotype names an op that is not in ``ops``.
+    """
+    ops = list(ops)
+    w = torch.zeros(edge_count(genotype.steps), len(ops), dtype=dtype, device=device)
+    for i, node in enumerate(genotype.nodes, start=1):
+        for e in node:
+            if e.op not in ops:
+                raise GenotypeError(f"op {e.op!r} is not one of {ops}")
+            w[i * (i - 1) // 2 + e.input, ops.index(e.op)] = 1.0
+    return w

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from nas.errors import ConfigError
-from nas.genotype import ZERO_OPS, Genotype, GenotypeError, derive, edge_count
+from nas.genotype import ZERO_OPS, Genotype, GenotypeError, dag_decisions, derive, edge_count, genotype_from_decisions
 from nas.layers import LockedDropout, embedded_dropout
 from nas.sequence_ops import HYBRID_OPS, build_sequence_op, check_sequence_ops, padding_mask
 from nas.spaces import SPACES
@@ -267,3 +267,11 @@ class HybridSpace:
         """Per node, the top-``k`` incoming edges by their best non-zero softmax weight, each with that op
         (:func:`nas.genotype.derive`); the genotype records the space, op list, and output nodes."""
         return derive(alphas, self.ops, self.name, k=self.cfg.k, concat=self.concat)
+
+    def decisions(self) -> list:
+        """The categorical decisions of one genotype (:func:`nas.genotype.dag_decisions`, with this space's k)."""
+        return dag_decisions(self.steps, self.ops, self.cfg.k)
+
+    def from_decisions(self, choice: dict) -> Genotype:
+        """The genotype of one combination of :meth:`decisions`. Raises GenotypeError for a bad choice."""
+        return genotype_from_decisions(choice, self.name, self.ops, self.steps, self.cfg.k, self.concat)
