@@ -26,6 +26,7 @@ from nas.engine.common import (atomic_torch_save, compile_model, configure_runti
 from nas.engine.asgd import SEARCH_OPTIMIZERS, make_optimizer, set_lr
 from nas.engine.lm import (EpochMeter, LMData, NonFiniteLossError, evaluate, lm_objective, prepare_lm_data,
                            token_progress_bar, weight_step)
+from nas.engine.blackbox import TrialLog
 from nas.engine.tb import log_alphas, log_genotype, log_genotype_figure
 from nas.atomic import atomic_write_text
 from nas.spaces import build_space
@@ -63,7 +64,8 @@ def build_search(cfg, data: Optional[LMData] = None) -> SearchSetup:
     model = space.build_supernet(data.ntoken).to(device)
     compile_model(model, cfg.compile)
     objective = partial(lm_objective, ar_alpha=cfg.ar_alpha, tar_beta=cfg.tar_beta)
-    strategy = strategy_cls(cfg.strategy, space, model, objective, weight_decay=cfg.weight_decay, clip=cfg.clip)
+    strategy = strategy_cls(cfg.strategy, space, model, objective, weight_decay=cfg.weight_decay, clip=cfg.clip,
+                            seed=cfg.seed)
     w_optimizer = make_search_optimizer(cfg, model)
     return SearchSetup(device, data, space, model, strategy, w_optimizer)
 
@@ -92,6 +94,18 @@ def search_step(setup: SearchSetup, cfg, train: Batch, valid: Batch):
     return raw, hidden, hidden_valid
 
 
+def _alpha_shape(strategy):
+    return tuple(strategy.alphas.shape) if hasattr(strategy, "alphas") else None
+
+
+def _lrs(w_optimizer, strategy) -> dict:
+    """The learning rates to log: the weights', and α's when the strategy has α."""
+    out = {"lr/weights": w_optimizer.param_groups[0]["lr"]}
+    if hasattr(strategy, "optimizer"):
+        out["lr/alphas"] = strategy.optimizer.param_groups[0]["lr"]
+    return out
+
+
 def search(cfg, run_dir: Optional[str] = None) -> dict:
     """Run a one-shot architecture search as configured; return the metrics written to ``metrics.json``.
 
@@ -107,6 +121,10 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
     """
     from nas.engine.classify import is_classification, search_classifier
 
+    if STRATEGIES.get(cfg.strategy.name).kind == "black_box":
+        from nas.engine.blackbox import search_black_box
+
+        return search_black_box(cfg, run_dir)
     if is_classification(cfg):
         return search_classifier(cfg, run_dir)
     run_dir = run_dir or run_dir_from_hydra()
@@ -121,26 +139,34 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     log.info("search: space=%s strategy=%s (unrolled=%s) on %s, device %s, %d weights, alphas %s, run dir %s",
              cfg.space.name, cfg.strategy.name, cfg.strategy.get("unrolled", False), cfg.dataset.name,
-             device, n_params, tuple(strategy.alphas.shape), run_dir)
+             device, n_params, _alpha_shape(strategy), run_dir)
 
     writer = SummaryWriter(os.path.join(run_dir, "tb"))
     writer.add_text("config", f"```\n{cfg_yaml}\n```", 0)
     bar = token_progress_bar(cfg, data.train, "search")
     state = {"step": 0, "tokens": 0, "best_valid_ppl": math.inf, "history": []}
+    trials = TrialLog(run_dir, cfg.strategy.name, "valid_ppl", "minimize", cfg.seed, writer)
     start = time.time()
     try:
         for epoch in range(1, cfg.epochs + 1):
+            epoch_start, epoch_tokens = time.time(), state["tokens"]
             train_ppl = _train_epoch(cfg, setup, np_rng, writer, bar, state)
-            valid = evaluate(model, data.valid, cfg.bptt, strategy.edge_weights(), cfg.limit_eval_batches)
+            if hasattr(strategy, "select"):  # random_ws: pick the best of random paths with the shared weights
+                strategy.select(lambda w, n: evaluate(model, data.valid, cfg.bptt, w,
+                                                      n if n is not None else cfg.limit_eval_batches).ppl)
+            valid = evaluate(model, data.valid, cfg.bptt, strategy.eval_weights(), cfg.limit_eval_batches)
             genotype = strategy.export()
             state["best_valid_ppl"] = min(state["best_valid_ppl"], valid.ppl)
             state["history"].append({"epoch": epoch, "train_ppl": train_ppl, "valid_ppl": valid.ppl,
                                      "genotype": genotype.to_dict()})
             genotype.save(os.path.join(run_dir, "genotypes", f"epoch_{epoch:03d}.json"))
+            trials.add(genotype, valid.ppl, time.time() - epoch_start, state["tokens"] - epoch_tokens, epoch=epoch,
+                       supernet=True)
             writer.add_scalar("valid/ppl", valid.ppl, epoch)
             writer.add_scalar("valid/loss", valid.loss, epoch)
             writer.add_scalar("train/epoch_ppl", train_ppl, epoch)
-            log_alphas(writer, strategy.alphas, space.ops, epoch)
+            if hasattr(strategy, "alphas"):
+                log_alphas(writer, strategy.alphas, space.ops, epoch)
             log_genotype(writer, genotype, epoch)
             log_genotype_figure(writer, genotype, epoch)
             writer.flush()
@@ -187,7 +213,6 @@ def _train_epoch(cfg, setup: SearchSetup, np_rng, writer, bar, state) -> float:
                                                     Batch(data_v, targets_v, hidden_valid))
         except NonFiniteLossError as err:
             raise NonFiniteLossError(f"step {state['step']}: {err}; the last checkpoint was kept") from None
-        meter.record(raw, targets_t.numel(), {"lr/weights": setup.w_optimizer.param_groups[0]["lr"],
-                                              "lr/alphas": strategy.optimizer.param_groups[0]["lr"]})
+        meter.record(raw, targets_t.numel(), _lrs(setup.w_optimizer, strategy))
     set_lr(setup.w_optimizer, cfg.lr)
     return meter.ppl

@@ -7,4 +7,4 @@ from nas.registry import Registry
 
 STRATEGIES = Registry("strategy")
 
-from nas.strategies import darts  # noqa: E402,F401  (registers itself)
+from nas.strategies import blackbox, darts, random_ws  # noqa: E402,F401  (register themselves)

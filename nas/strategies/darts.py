@@ -104,6 +104,7 @@ class DartsStrategy:
             step of the second-order update uses the same objective as the real weight step).
         weight_decay: the weight optimizer's L2 coefficient (enters w' = w - ξ(∇L + λw)).
         clip: the weight optimizer's gradient-norm clip (0 or None: no clipping).
+        seed: unused (α is initialized from torch's generator, which the engine seeds); the strategies' interface.
     Raises:
         ValueError: for an unknown ``alpha_split`` or a non-positive ``fd_epsilon``.
     """
@@ -111,7 +112,7 @@ class DartsStrategy:
     kind = "one_shot"
 
     def __init__(self, cfg: DartsConfig, space, model: nn.Module,
-                 train_objective: Callable, weight_decay: float = 0.0, clip: Optional[float] = None):
+                 train_objective: Callable, weight_decay: float = 0.0, clip: Optional[float] = None, seed: int = 0):
         if cfg.alpha_split not in ALPHA_SPLITS:
             raise ConfigError(f"strategy.alpha_split={cfg.alpha_split!r}; valid: {', '.join(ALPHA_SPLITS)}")
         if cfg.fd_epsilon <= 0:
@@ -129,6 +130,10 @@ class DartsStrategy:
     def edge_weights(self) -> torch.Tensor:
         """softmax(α) [E, K], detached: the weight step must not touch α."""
         return edge_weights(self.alphas.detach())
+
+    def eval_weights(self) -> torch.Tensor:
+        """The weights the supernet is validated with: softmax(α), as in training."""
+        return self.edge_weights()
 
     def step(self, train: Batch, valid: Batch, eta: float) -> torch.Tensor:
         """One α update (Adam) from a training and a held-out segment; ``eta`` = ξ, the weight lr.

@@ -1,0 +1,211 @@
+"""Random search and Bayesian optimization on a toy objective with a known optimum (no network training),
+the common trial record, shared studies, and the smoke runs of every strategy on real data."""
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+import nas.config  # noqa: F401  (stores the config schemas)
+from nas.engine.blackbox import TRIALS_FILE, TrialResult, search_black_box
+from nas.errors import ConfigError
+from nas.genotype import dag_decisions, genotype_count, genotype_decisions, genotype_from_decisions
+from nas.spaces import build_space
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOY = ["space.steps=3", "progress=false"]  # darts_rnn, 3 nodes: 1*4 x 2*4 x 3*4 = 384 genotypes
+
+
+def cfg_for(overrides):
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
+        return compose("search", overrides=TOY + overrides)
+
+
+def toy(cfg):
+    """A known optimum: the number of decisions in which a genotype differs from a fixed target (0 at it)."""
+    sp = build_space(cfg.space)
+    target = genotype_decisions(sp.from_decisions({n: c[len(c) // 2] for n, c in sp.decisions()}))
+    calls = []
+
+    def evaluate(genotype, trial_dir):
+        calls.append(genotype)
+        d = genotype_decisions(genotype)
+        return TrialResult(float(sum(d[k] != target[k] for k in target)), 0.01, 100)
+
+    return evaluate, calls
+
+
+def records(run_dir):
+    with open(os.path.join(run_dir, TRIALS_FILE)) as f:
+        return [json.loads(line) for line in f]
+
+
+def first_hit(run_dir):
+    return next((r["trial"] for r in records(run_dir) if r["value"] == 0.0), None)
+
+
+def test_decisions_enumerate_every_genotype_once():
+    import itertools
+
+    ops = ["zero", "lstm", "gru"]
+    dec = dag_decisions(3, ops, 2)
+    seen = set()
+    for combo in itertools.product(*[c for _, c in dec]):
+        choice = dict(zip([n for n, _ in dec], combo))
+        g = genotype_from_decisions(choice, "hybrid", ops, 3, 2, (3,))
+        assert genotype_decisions(g) == choice
+        seen.add(g.to_json())
+    assert len(seen) == genotype_count(dec) == (1 * 2) * (2 * 2) * (3 * 2 * 2)
+
+
+def test_random_search_finds_the_optimum_and_never_repeats(tmp_path):
+    cfg = cfg_for(["strategy=random", "strategy.trials=1000"])
+    evaluate, calls = toy(cfg)
+    m = search_black_box(cfg, str(tmp_path), evaluate=evaluate)
+    keys = [g.to_json() for g in calls]
+    assert len(keys) == len(set(keys)) == 384  # the whole space, each genotype once, then it stops
+    assert m["trials"] == 384 and m["best_valid_ppl"] == 0.0
+    recs = records(tmp_path)
+    assert [r["trial"] for r in recs] == list(range(1, 385))
+    assert {"strategy", "genotype", "metric", "value", "wall_seconds", "train_tokens", "cum_wall_seconds",
+            "cum_train_tokens", "seed"} <= set(recs[0])
+    assert recs[-1]["cum_train_tokens"] == 384 * 100 and recs[-1]["best_value"] == 0.0
+    assert json.load(open(tmp_path / "genotype.json")) == m["genotype"]
+    assert os.path.isfile(tmp_path / "genotype.png")
+
+
+def test_token_budget_stops_the_search(tmp_path):
+    cfg = cfg_for(["strategy=random", "strategy.trials=50", "strategy.budget_tokens=1000"])
+    m = search_black_box(cfg, str(tmp_path), evaluate=toy(cfg)[0])
+    assert m["trials"] == 10 and m["train_tokens"] == 1000
+
+
+def test_bayesian_optimization_needs_fewer_evaluations_than_random(tmp_path):
+    budget, hits = 60, {"random": [], "bayesian": []}
+    for seed in range(4):
+        for strategy in hits:
+            cfg = cfg_for([f"strategy={strategy}", f"strategy.trials={budget}", f"seed={seed}"])
+            run = tmp_path / f"{strategy}{seed}"
+            search_black_box(cfg, str(run), evaluate=toy(cfg)[0])
+            hits[strategy].append(first_hit(run) or budget + 1)  # not found: counted as budget + 1
+    # random search needs (384 + 1) / 2 = 192 evaluations on average; TPE finds it well within 60
+    assert np.mean(hits["bayesian"]) < np.mean(hits["random"]), hits
+    assert np.mean(hits["bayesian"]) < 40 and all(h <= budget for h in hits["bayesian"]), hits
+
+
+@pytest.mark.slow
+def test_gaussian_process_sampler_finds_the_optimum(tmp_path):
+    cfg = cfg_for(["strategy=bayesian", "strategy.sampler=gp", "strategy.trials=40"])
+    search_black_box(cfg, str(tmp_path), evaluate=toy(cfg)[0])
+    assert first_hit(tmp_path) is not None and first_hit(tmp_path) <= 40
+
+
+def test_interrupted_study_resumes_from_its_storage(tmp_path):
+    """The default storage is study.db in the run dir: a second run there continues the same study."""
+    cfg = cfg_for(["strategy=bayesian", "strategy.trials=5"])
+    search_black_box(cfg, str(tmp_path), evaluate=toy(cfg)[0])
+    cfg = cfg_for(["strategy=bayesian", "strategy.trials=8"])
+    evaluate, calls = toy(cfg)
+    search_black_box(cfg, str(tmp_path), evaluate=evaluate)
+    import optuna
+
+    study = optuna.load_study(study_name="nas", storage=f"sqlite:///{tmp_path}/study.db")
+    assert len(study.trials) == 8 and len(records(tmp_path)) == 8
+    assert len(calls) <= 3  # only the 3 missing trials ran (fewer if the study proposed a known genotype)
+
+
+def test_two_workers_sharing_one_storage_evaluate_distinct_trials(tmp_path):
+    storage = f"journal:{tmp_path}/study.log"
+    cfg = cfg_for(["strategy=bayesian", "strategy.trials=24", f"strategy.storage={storage}"])
+    evaluated, errors = [], []
+
+    def worker(i):
+        try:
+            evaluate, calls = toy(cfg)
+            search_black_box(cfg, str(tmp_path / f"w{i}"), evaluate=evaluate)
+            evaluated.append(calls)
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name="nas",
+                              storage=optuna.storages.JournalStorage(JournalFileBackend(f"{tmp_path}/study.log")))
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers)) >= 24  # together they completed the budget, no trial twice
+    mine = [len(records(tmp_path / f"w{i}")) for i in range(2)]
+    assert all(n > 0 for n in mine) and sum(mine) == len(study.trials)  # both worked, nothing counted twice
+    trained = [g.to_json() for calls in evaluated for g in calls]
+    assert len(trained) == len(set(trained))  # no genotype trained twice: repeats reuse the finished result
+
+
+def test_bad_strategy_settings_are_clear_errors(tmp_path):
+    for override, message in (("strategy.trials=0", "trials"), ("strategy.sampler=cmaes", "sampler")):
+        cfg = cfg_for(["strategy=bayesian", override])
+        with pytest.raises(ConfigError, match=message):
+            search_black_box(cfg, str(tmp_path), evaluate=toy(cfg)[0])
+    cfg = cfg_for(["strategy=bayesian", "strategy.storage=postgresql://nobody@127.0.0.1:1/none"])
+    with pytest.raises(ConfigError, match="cannot open the Optuna study"):
+        search_black_box(cfg, str(tmp_path), evaluate=toy(cfg)[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["darts", "random", "random_ws", "bayesian"])
+def test_smoke_search_of_every_strategy_on_real_ptb(tmp_path, strategy):
+    """``python search.py experiment=smoke strategy=<each>``: trials.jsonl and genotype.json, which train.py takes."""
+    if not os.path.isdir(os.path.join(os.environ.get("NAS_DATA", "/nonexistent"), "ptb")):
+        pytest.skip("needs $NAS_DATA/ptb")
+    run = tmp_path / "search"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "search.py"), "experiment=smoke", f"strategy={strategy}",
+                        "progress=false", f"hydra.run.dir={run}"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = records(run)
+    assert recs and all(r["strategy"] == strategy and r["value"] > 1 for r in recs)
+    assert json.load(open(run / "genotype.json"))["space"] == "darts_rnn"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "experiment=smoke", f"arch={run}",
+                        "progress=false", f"hydra.run.dir={tmp_path}/train"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_random_ws_trains_single_paths_and_selects_by_shared_weight_score():
+    import torch
+
+    from nas.genotype import path_weights
+    from nas.strategies.random_ws import RandomWSConfig, RandomWSStrategy
+
+    cfg = cfg_for(["strategy=random_ws"])
+    sp = build_space(cfg.space)
+    model = sp.build_supernet(30)
+    strat = RandomWSStrategy(RandomWSConfig(candidates=30, score_batches=2, rescore_top=3), sp, model, seed=0)
+    # every training path is a genotype's one-hot path: one op per kept edge, nothing elsewhere
+    for _ in range(5):
+        w = strat.edge_weights()
+        assert w.shape == sp.alpha_shape and set(w.unique().tolist()) <= {0.0, 1.0}
+        assert w.sum() == sp.cfg.steps and (w[:, sp.ops.index("none")] == 0).all()
+    target = path_weights(strat.sample(), sp.ops)
+    scored = []
+
+    def score(weights, max_batches):  # a toy validation loss: distance to a target path (0 at the target)
+        value = float((weights - target).abs().sum()) + (0.5 if max_batches is not None else 0.0)
+        scored.append((max_batches, value))
+        return value
+
+    ranked = strat.select(score)
+    quick = [v for n, v in scored if n == 2]
+    assert len(quick) == 30 and len([n for n, _ in scored if n is None]) == 3  # 30 quick scores, 3 rescored
+    assert ranked[0][1] == min(v for _, v in ranked) == min(quick) - 0.5  # the best quick one, rescored
+    assert strat.export() == ranked[0][0] and torch.equal(strat.eval_weights(), path_weights(ranked[0][0], sp.ops))
+    assert strat.step(None, None, 1.0) is None  # no architecture update
