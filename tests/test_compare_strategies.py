@@ -1,0 +1,29 @@
+"""experiments/compare_strategies/run.py end to end on its smoke preset (real PTB)."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_comparison_pipeline_writes_table_and_plot_and_resumes(tmp_path):
+    if not os.path.isdir(os.path.join(os.environ.get("NAS_DATA", "/nonexistent"), "ptb")):
+        pytest.skip("needs $NAS_DATA/ptb")
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "compare_strategies", "run.py"), "--preset", "smoke",
+           "--out", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    strategies = ["darts_1st", "darts_2nd", "random_ws", "random", "bayesian"]
+    assert [(row["strategy"], row["seed"]) for row in rows] == [(s, str(seed)) for s in strategies for seed in (0, 1)]
+    assert all(float(row["test"]) > 1 and float(row["search_tokens"]) > 0 for row in rows)
+    table = open(tmp_path / "results.md").read()
+    assert all(f"| {s} | 2 |" in table for s in strategies)
+    assert os.path.getsize(tmp_path / "best_so_far.png") > 5000
+    # a second run finds every run finished and only rebuilds the table
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.count("done before") == 20 and "$ " not in r.stdout
