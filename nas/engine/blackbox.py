@@ -13,6 +13,7 @@ the training sentences (classification), the one cost currency of all strategies
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -102,8 +103,9 @@ def trial_config(cfg, arch: str):
     from nas.config import TrainConfig
 
     base = OmegaConf.structured(TrainConfig)
+    keys = {f.name for f in dataclasses.fields(TrainConfig)}  # (`in` on the config is False for MISSING ones)
     shared = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
-              if k in base and k not in ("strategy", "arch")}
+              if k in keys and k not in ("strategy", "arch")}
     s = cfg.strategy
     # eager: every trial is a new genotype, which torch.compile would compile anew (a minute or more each)
     return OmegaConf.merge(base, shared, {"arch": arch, "epochs": s.trial_epochs, "progress": False,
