@@ -1,4 +1,5 @@
-"""Language-modelling data: corpora (PTB, WikiText-2), vocabulary, batching for BPTT."""
+"""Data: language-modelling corpora (PTB, WikiText-2), vocabulary, batching for BPTT; sentence classification
+(SST-2) in :mod:`nas.data.sentences`."""
 
 from .batching import batchify, bptt_segments, check_min_size, get_batch, sample_seq_len
 from .corpus import (
