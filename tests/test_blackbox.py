@@ -209,3 +209,36 @@ def test_random_ws_trains_single_paths_and_selects_by_shared_weight_score():
     assert ranked[0][1] == min(v for _, v in ranked) == min(quick) - 0.5  # the best quick one, rescored
     assert strat.export() == ranked[0][0] and torch.equal(strat.eval_weights(), path_weights(ranked[0][0], sp.ops))
     assert strat.step(None, None, 1.0) is None  # no architecture update
+
+
+def test_workers_never_train_the_same_genotype_twice_even_at_the_same_time(tmp_path):
+    """A 2-genotype space and 10 trials over 2 workers: repeats are certain, and often of a genotype the other
+    worker is still training; each genotype is still trained once (a repeat waits for, or reuses, the result)."""
+    import time
+
+    storage = f"journal:{tmp_path}/study.log"
+    cfg = cfg_for(["strategy=bayesian", "strategy.trials=10", f"strategy.storage={storage}", "space.steps=2",
+                   "space.ops=[none,tanh]", "strategy.n_startup_trials=10"])
+    assert genotype_count(build_space(cfg.space).decisions()) == 2  # node 2's input: 0 or 1; every op tanh
+    trained, errors = [], []
+
+    def evaluate(genotype, trial_dir):
+        trained.append(genotype.to_json())
+        time.sleep(0.3)  # long enough for the other worker to propose the same genotype meanwhile
+        return TrialResult(float(len(trained)), 0.3, 10)
+
+    def worker(i):
+        try:
+            search_black_box(cfg, str(tmp_path / f"w{i}"), evaluate=evaluate)
+        except Exception as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert len(trained) == len(set(trained)) <= genotype_count(build_space(cfg.space).decisions())
+    recs = records(tmp_path / "w0") + records(tmp_path / "w1")
+    assert len(recs) >= 10 and sum(r["repeated"] for r in recs) == len(recs) - len(trained)

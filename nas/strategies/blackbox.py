@@ -13,12 +13,13 @@ strategies search over.
   Gaussian-process sampler (``sampler=gp``) or TPE (Bergstra et al. 2011; ``sampler=tpe``).  The study lives in
   a storage URL -- default a SQLite file in the run directory, so an interrupted study resumes; any Optuna RDB
   URL (PostgreSQL, MySQL) lets several workers share one study.  A genotype the study proposes again is not
-  trained again: its first result is reported.
+  trained again: its first result is reported (after waiting for it, if another worker is still training it).
 """
 from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -145,6 +146,10 @@ class BayesianStrategy:
         self.decisions = space.decisions()
         self.size = genotype_count(self.decisions)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        if cfg.storage:
+            # a shared study: workers started with the same seed would propose the same genotypes in the same
+            # order, so each seeds its sampler apart (a multi-worker study is not reproducible anyway)
+            seed = int.from_bytes(os.urandom(4), "little") ^ seed
         if cfg.sampler == "gp":
             sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=cfg.n_startup_trials,
                                                 warn_independent_sampling=False)
@@ -165,19 +170,37 @@ class BayesianStrategy:
                               f", this run needs to {direction}")
 
     def ask(self) -> Optional[Proposal]:
-        """The study's next proposal (a new Optuna trial); ``known`` is set when an identical genotype has a
-        finished trial in the study (by any worker)."""
-        import optuna
-
+        """The study's next proposal (a new Optuna trial).  ``known`` is set when an identical genotype has a
+        finished trial in the study (by any worker); when an earlier trial of another worker is still training
+        it, this waits for its result rather than training the same genotype twice."""
         trial = self.study.ask()
         choice = {name: trial.suggest_categorical(name, list(choices)) for name, choices in self.decisions}
-        genotype = self.space.from_decisions(choice)
-        known = None
-        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            if t.params == choice:
-                known = t.value
-                break
-        return Proposal(genotype, trial, known)
+        trial.set_user_attr("proposed", True)  # its params are complete: other workers may compare with them
+        return Proposal(self.space.from_decisions(choice), trial, self._result_of(choice, trial.number))
+
+    def _result_of(self, choice: dict, number: int, poll_seconds: float = 0.2) -> Optional[float]:
+        """The value of an earlier trial with the same decisions; None when there is none (or it failed).
+
+        Only earlier-numbered trials count (the earlier one trains, so two workers never wait for each other).
+        A trial still choosing its params is waited for (up to 30 s); a running twin is waited for unless it
+        has run more than twice as long as the longest finished trial plus a minute (its worker has died).
+        """
+        import optuna
+
+        State = optuna.trial.TrialState
+        proposal_deadline = time.time() + 30.0
+        while True:
+            trials = self.study.get_trials(deepcopy=False, states=(State.COMPLETE, State.RUNNING))
+            earlier = [t for t in trials if t.number < number]
+            done = [t for t in earlier if t.state == State.COMPLETE and t.params == choice]
+            if done:
+                return done[0].value
+            choosing = [t for t in earlier if t.state == State.RUNNING and not t.user_attrs.get("proposed")]
+            running = [t for t in earlier if t.state == State.RUNNING and t.user_attrs.get("proposed")
+                       and t.params == choice and not _stale(t, trials)]
+            if not running and (not choosing or time.time() > proposal_deadline):
+                return None
+            time.sleep(poll_seconds)
 
     def tell(self, handle, value: Optional[float]) -> None:
         """Finish the Optuna trial with ``value`` (None or non-finite: the trial is marked failed)."""
@@ -194,6 +217,15 @@ class BayesianStrategy:
 
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
         return len(self.study.get_trials(deepcopy=False, states=states)) >= self.cfg.trials
+
+
+def _stale(trial, trials) -> bool:
+    """A running trial that has run more than twice as long as the longest finished one, plus a minute."""
+    import datetime
+
+    durations = [t.duration.total_seconds() for t in trials if t.duration is not None]
+    limit = 2 * max(durations, default=1800.0) + 60.0
+    return (datetime.datetime.now() - trial.datetime_start).total_seconds() > limit
 
 
 def _storage(url: str):
