@@ -26,12 +26,13 @@ class RandomWSConfig:
     """``strategy=random_ws``: the candidate scoring after each epoch."""
 
     name: str = "random_ws"
-    #: random genotypes scored with the shared weights after each epoch
-    candidates: int = 50
+    #: random genotypes scored with the shared weights after each epoch (Li & Talwalkar scored 1,000 at the
+    #: end of a GPU search; each costs ``score_batches`` supernet forward passes)
+    candidates: int = 20
     #: validation segments (LM) / batches (classification) each candidate is scored on
-    score_batches: int = 8
+    score_batches: int = 4
     #: the best few candidates scored again on the whole validation split (``limit_eval_batches``)
-    rescore_top: int = 5
+    rescore_top: int = 3
 
 
 @STRATEGIES.register("random_ws", config=RandomWSConfig)
