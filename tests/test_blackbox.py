@@ -242,3 +242,28 @@ def test_workers_never_train_the_same_genotype_twice_even_at_the_same_time(tmp_p
     assert len(trained) == len(set(trained)) <= genotype_count(build_space(cfg.space).decisions())
     recs = records(tmp_path / "w0") + records(tmp_path / "w1")
     assert len(recs) >= 10 and sum(r["repeated"] for r in recs) == len(recs) - len(trained)
+
+
+@pytest.mark.parametrize("strategy", ["random", "bayesian"])
+def test_resume_in_the_same_run_dir_continues_numbering_cost_and_best(tmp_path, strategy):
+    import optuna
+
+    cfg = cfg_for([f"strategy={strategy}", "strategy.trials=5"])
+    first = search_black_box(cfg, str(tmp_path), evaluate=toy(cfg)[0])
+    if strategy == "bayesian":  # a trial left running by a killed process
+        optuna.load_study(study_name="nas", storage=f"sqlite:///{tmp_path}/study.db").ask()
+    again = search_black_box(cfg, str(tmp_path), evaluate=toy(cfg)[0])  # a finished study: nothing to do
+    assert again["trials"] == 5 and again["genotype"] == first["genotype"]
+    cfg = cfg_for([f"strategy={strategy}", "strategy.trials=9"])
+    evaluate, calls = toy(cfg)
+    m = search_black_box(cfg, str(tmp_path), evaluate=evaluate)
+    recs = records(tmp_path)
+    assert [r["trial"] for r in recs] == list(range(1, 10)) and m["trials"] == 9
+    assert [r["cum_train_tokens"] for r in recs] == [100 * n for n in range(1, 10)]
+    assert m["train_tokens"] == 900 and m["best_valid_ppl"] == min(r["value"] for r in recs)
+    trained = [json.dumps(r["genotype"], sort_keys=True) for r in recs if not r.get("repeated")]
+    assert len(trained) == len(set(trained))  # nothing evaluated before the resume is trained again
+    if strategy == "bayesian":
+        study = optuna.load_study(study_name="nas", storage=f"sqlite:///{tmp_path}/study.db")
+        states = [t.state for t in study.trials]
+        assert states.count(optuna.trial.TrialState.FAIL) == 1 and states.count(optuna.trial.TrialState.RUNNING) == 0

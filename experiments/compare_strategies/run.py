@@ -105,7 +105,7 @@ def main(argv=None) -> None:
                          "valid": t.get("best_valid_ppl", t.get("best_valid_accuracy")),
                          "test": t.get("test_ppl", t.get("test_accuracy")),
                          "search_seconds": s["wall_seconds"], "search_tokens": recs[-1]["cum_train_tokens"],
-                         "candidates": len(recs), "retrain_seconds": t["wall_seconds"],
+                         "evaluations": len(recs), "retrain_seconds": t["wall_seconds"],
                          "genotype": json.dumps(s["genotype"]["nodes"])})
     write_tables(rows, out, metric="accuracy" if preset["dataset"] == "sst2" else "perplexity")
     plot(out, strategies, seeds)
@@ -118,11 +118,11 @@ def write_tables(rows: list, out: str, metric: str) -> None:
         w.writeheader()
         w.writerows(rows)
     lines = [f"| strategy | seeds | retrained valid {metric} | retrained test {metric} | search wall s | "
-             "search tokens | candidates |", "|---|---|---|---|---|---|---|"]
+             "search tokens | evaluations |", "|---|---|---|---|---|---|---|"]
     for strategy in dict.fromkeys(r["strategy"] for r in rows):
         rs = [r for r in rows if r["strategy"] == strategy]
         cells = [mean_std([r[k] for r in rs]) for k in ("valid", "test", "search_seconds", "search_tokens",
-                                                         "candidates")]
+                                                         "evaluations")]
         lines.append(f"| {strategy} | {len(rs)} | {cells[0][0]:.2f} ± {cells[0][1]:.2f} | "
                      f"{cells[1][0]:.2f} ± {cells[1][1]:.2f} | {cells[2][0]:.0f} ± {cells[2][1]:.0f} | "
                      f"{cells[3][0]:,.0f} | {cells[4][0]:.1f} |")

@@ -71,7 +71,23 @@ class TrialLog:
         self.path = os.path.join(run_dir, TRIALS_FILE)
         self.strategy, self.metric, self.direction, self.seed = strategy, metric, direction, seed
         self.writer = writer
-        self.n, self.cum_wall, self.cum_tokens, self.best = 0, 0.0, 0, None
+        self.n, self.cum_wall, self.cum_tokens, self.best, self.best_genotype = 0, 0.0, 0, None, None
+        self.genotypes: list = []
+
+    def resume(self) -> int:
+        """Continue an existing ``trials.jsonl`` of this run dir (a resumed study): trial numbers, cumulative
+        cost and the best so far carry on.  Returns the number of records found."""
+        if not os.path.isfile(self.path):
+            return 0
+        with open(self.path, encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        for r in records:
+            self.n, self.cum_wall, self.cum_tokens = r["trial"], r["cum_wall_seconds"], r["cum_train_tokens"]
+            genotype = Genotype.from_dict(r["genotype"])
+            self.genotypes.append(genotype)
+            if better(r["value"], self.best, self.direction):
+                self.best, self.best_genotype = r["value"], genotype
+        return len(records)
 
     def add(self, genotype: Genotype, value: Optional[float], wall_seconds: float, train_tokens: int,
             **extra) -> dict:
@@ -79,7 +95,7 @@ class TrialLog:
         self.cum_wall += wall_seconds
         self.cum_tokens += int(train_tokens)
         if better(value, self.best, self.direction):
-            self.best = value
+            self.best, self.best_genotype = value, genotype
         record = {"strategy": self.strategy, "trial": self.n, "genotype": genotype.to_dict(), "metric": self.metric,
                   "value": value, "wall_seconds": wall_seconds, "train_tokens": int(train_tokens),
                   "cum_wall_seconds": self.cum_wall, "cum_train_tokens": self.cum_tokens, "seed": self.seed,
@@ -156,21 +172,26 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
     writer = SummaryWriter(os.path.join(run_dir, "tb"))
     writer.add_text("config", f"```\n{cfg_yaml}\n```", 0)
     trials = TrialLog(run_dir, cfg.strategy.name, metric, direction, cfg.seed, writer)
-    log.info("search: space=%s strategy=%s on %s: up to %d trials of %d epoch(s)%s, %s genotypes in the space, "
-             "run dir %s", cfg.space.name, cfg.strategy.name, cfg.dataset.name, cfg.strategy.trials,
+    if trials.resume():
+        log.info("resuming: %d trials in %s, best %s so far %s", trials.n, trials.path, metric, trials.best)
+        if hasattr(strategy, "mark_seen"):
+            strategy.mark_seen(trials.genotypes)
+    log.info("search: space=%s strategy=%s%s on %s: up to %d trials of %d epoch(s)%s, %s genotypes in the space, "
+             "run dir %s", cfg.space.name, cfg.strategy.name,
+             f" (sampler {cfg.strategy.sampler})" if "sampler" in cfg.strategy else "", cfg.dataset.name, cfg.strategy.trials,
              cfg.strategy.trial_epochs, f", budget {cfg.strategy.budget_tokens} tokens"
              if cfg.strategy.budget_tokens else "", f"{strategy.size:,}", run_dir)
-    best_genotype, start, completed = None, time.time(), 0
+    start, completed = time.time(), 0
     bar = tqdm(total=cfg.strategy.trials, desc=cfg.strategy.name, unit="trial", disable=not cfg.progress,
                dynamic_ncols=True)
     try:
-        while not strategy.stopped(completed):
+        while not strategy.stopped(trials.n):
             if cfg.strategy.budget_tokens and trials.cum_tokens >= cfg.strategy.budget_tokens:
                 log.info("token budget reached (%d >= %d)", trials.cum_tokens, cfg.strategy.budget_tokens)
                 break
             proposal = strategy.ask()
             if proposal is None:
-                log.info("the space is exhausted after %d genotypes", completed)
+                log.info("the space is exhausted after %d genotypes", trials.n)
                 break
             if proposal.known is not None:  # the same genotype again (Bayesian): report, do not retrain
                 result = TrialResult(proposal.known, 0.0, 0)
@@ -187,14 +208,14 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
             trials.add(proposal.genotype, result.value, result.wall_seconds, result.train_tokens,
                        repeated=proposal.known is not None)
             if was_best:
-                best_genotype = proposal.genotype
-                log_genotype(writer, best_genotype, trials.n)
+                log_genotype(writer, proposal.genotype, trials.n)
             log.info("trial %d: %s = %s (best %s), %.1f s, %d tokens: %s", trials.n, metric, result.value,
                      trials.best, result.wall_seconds, result.train_tokens, proposal.genotype)
             bar.update(1)
             bar.set_postfix(best=f"{trials.best:.4g}" if trials.best is not None else "-")
     finally:
         bar.close()
+    best_genotype = trials.best_genotype
     if best_genotype is None:
         writer.close()
         raise RuntimeError(f"no trial of {cfg.strategy.name} succeeded; see {trials.path}")
@@ -202,7 +223,8 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
     log_genotype_figure(writer, best_genotype, trials.n, os.path.join(run_dir, "genotype.png"))
     writer.close()
     wall = time.time() - start
-    metrics = {"task": metric, "strategy": cfg.strategy.name, f"best_{metric}": trials.best,
+    metrics = {"task": "classification" if metric == "valid_accuracy" else "language_modeling", "metric": metric,
+               "strategy": cfg.strategy.name, f"best_{metric}": trials.best,
                "trials": trials.n, "train_tokens": trials.cum_tokens, "wall_seconds": wall,
                "genotype": best_genotype.to_dict()}
     atomic_write_text(os.path.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")

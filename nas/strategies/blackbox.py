@@ -40,8 +40,8 @@ class RandomConfig:
     name: str = "random"
     #: genotypes to train and score (at most; fewer when ``budget_tokens`` or the space runs out first)
     trials: int = 10
-    #: stop proposing once the trials together have trained on this many tokens (LM) or sentences
-    #: (classification); null: no cap.  The same currency as a one-shot search's ``train_tokens``.
+    #: stop proposing once the trials together have trained on this many tokens (LM: target tokens;
+    #: classification: the words of the training sentences); null: no cap.  The same currency as a one-shot search's ``train_tokens``.
     budget_tokens: Optional[int] = None
     #: epochs of retraining per trial (train.py's loop on the training split, validation each epoch)
     trial_epochs: int = 1
@@ -120,6 +120,10 @@ class RandomStrategy:
     def tell(self, handle, value: Optional[float]) -> None:
         """Random search learns nothing from results (a failed trial: ``value=None``)."""
 
+    def mark_seen(self, genotypes) -> None:
+        """Genotypes evaluated before a resume: never proposed again."""
+        self.seen.update(g.to_json() for g in genotypes)
+
     def stopped(self, completed: int) -> bool:
         return completed >= self.cfg.trials
 
@@ -150,21 +154,27 @@ class BayesianStrategy:
             # a shared study: workers started with the same seed would propose the same genotypes in the same
             # order, so each seeds its sampler apart (a multi-worker study is not reproducible anyway)
             seed = int.from_bytes(os.urandom(4), "little") ^ seed
-        if cfg.sampler == "gp":
-            sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=cfg.n_startup_trials,
-                                                warn_independent_sampling=False)
-        else:
-            sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.n_startup_trials, multivariate=True)
+        sampler = _sampler(cfg, seed)
         storage = cfg.storage or f"sqlite:///{os.path.join(os.path.abspath(run_dir or '.'), 'study.db')}"
         try:
             storage = _storage(storage)
             self.study = optuna.create_study(study_name=cfg.study_name, storage=storage, sampler=sampler,
                                              direction=direction, load_if_exists=True)
         except (ImportError, ValueError, RuntimeError) as err:
-            raise ConfigError(f"strategy.storage={cfg.storage!r}: cannot open the Optuna study ({err})") from None
+            hint = (" (a PostgreSQL URL needs a driver: pip install psycopg2-binary)"
+                    if str(cfg.storage).startswith("postgresql") else "")
+            raise ConfigError(f"strategy.storage={cfg.storage!r}: cannot open the Optuna study ({err}){hint}") \
+                from None
         except Exception as err:  # SQLAlchemy's errors (bad URL, server down) share no base class with ours
             raise ConfigError(f"strategy.storage={cfg.storage!r}: cannot open the Optuna study "
                               f"({type(err).__name__}: {err})") from None
+        if not cfg.storage:
+            # this run's own study (resumed when the run dir is reused): a trial left RUNNING was killed with
+            # its process (nobody else uses this study), and the sampler must not replay the proposals it
+            # made before, so it is reseeded past them
+            for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                self.study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            self.study.sampler = _sampler(cfg, seed + len(self.study.trials))
         if self.study.direction.name.lower() != direction:
             raise ConfigError(f"study {cfg.study_name!r} in {storage} was created to {self.study.direction.name.lower()}"
                               f", this run needs to {direction}")
@@ -217,6 +227,15 @@ class BayesianStrategy:
 
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
         return len(self.study.get_trials(deepcopy=False, states=states)) >= self.cfg.trials
+
+
+def _sampler(cfg, seed: int):
+    import optuna
+
+    if cfg.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=cfg.n_startup_trials,
+                                         warn_independent_sampling=False)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.n_startup_trials, multivariate=True)
 
 
 def _stale(trial, trials) -> bool:
