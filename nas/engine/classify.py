@@ -27,13 +27,12 @@ from tqdm import tqdm
 
 from nas.atomic import atomic_write_text
 from nas.data.sentences import Sentences, check_batchable, load_sst2, sentence_batches
-from nas.engine.blackbox import TrialLog
 from nas.engine.asgd import averaged_weights, is_averaging, make_asgd, make_optimizer, nonmono_trigger, set_lr
-from nas.engine.common import (absolute_path, atomic_torch_save, configure_runtime, load_checkpoint, rng_state,
+from nas.engine.common import (absolute_path, atomic_torch_save, configure_runtime, load_checkpoint,
                                run_dir_from_hydra, seed_everything)
 from nas.engine.lm import NonFiniteLossError
-from nas.engine.search import _alpha_shape, _lrs, make_search_optimizer
-from nas.engine.tb import log_alphas, log_genotype, log_genotype_figure
+from nas.engine.search import OneShotOutputs, _alpha_shape, _lrs, make_search_optimizer, select_path
+from nas.engine.tb import log_genotype, log_genotype_figure
 from nas.errors import ConfigError
 from nas.genotype import GenotypeError
 from nas.spaces import build_space
@@ -240,7 +239,8 @@ def search_classifier(cfg, run_dir: Optional[str] = None) -> dict:
     bar = tqdm(total=per_epoch * cfg.epochs, desc="search", unit="step", disable=not cfg.progress,
                dynamic_ncols=True)
     alpha_batches = _forever(data.search, cfg.batch_size, np_rng, device)
-    trials = TrialLog(run_dir, cfg.strategy.name, "valid_accuracy", "maximize", cfg.seed, writer)
+    outputs = OneShotOutputs(run_dir, cfg, writer, space, model, strategy, w_optimizer, np_rng, "valid_accuracy",
+                             "maximize")
     state = {"step": 0, "sentences": 0, "tokens": 0}
     history, best_acc = [], -1.0
     start = time.time()
@@ -261,10 +261,9 @@ def search_classifier(cfg, run_dir: Optional[str] = None) -> dict:
                 except NonFiniteLossError as err:
                     raise NonFiniteLossError(f"step {state['step']}: {err}; the last checkpoint was kept") from None
                 meter.record(loss, correct, b.labels.numel(), int(b.lengths.sum()), _lrs(w_optimizer, strategy))
-            if hasattr(strategy, "select"):  # random_ws: pick the best of random paths with the shared weights
-                strategy.select(lambda w, n: evaluate_sentences(
-                    model, data.valid, cfg.eval_batch_size, device, w,
-                    n if n is not None else cfg.limit_eval_batches).accuracy, "maximize")
+            select_path(strategy, lambda w, n: evaluate_sentences(
+                model, data.valid, cfg.eval_batch_size, device, w,
+                n if n is not None else cfg.limit_eval_batches).accuracy, "maximize")
             valid = evaluate_sentences(model, data.valid, cfg.eval_batch_size, device, strategy.eval_weights(),
                                        cfg.limit_eval_batches)
             genotype = strategy.export()
@@ -272,33 +271,19 @@ def search_classifier(cfg, run_dir: Optional[str] = None) -> dict:
             history.append({"epoch": epoch, "train_loss": meter.loss, "train_accuracy": meter.accuracy,
                             "valid_loss": valid.loss, "valid_accuracy": valid.accuracy,
                             "genotype": genotype.to_dict()})
-            genotype.save(os.path.join(run_dir, "genotypes", f"epoch_{epoch:03d}.json"))
-            trials.add(genotype, valid.accuracy, time.time() - epoch_start, state["tokens"] - epoch_tokens,
-                       epoch=epoch, supernet=True)
             writer.add_scalar("valid/accuracy", valid.accuracy, epoch)
             writer.add_scalar("valid/loss", valid.loss, epoch)
             writer.add_scalar("train/epoch_accuracy", meter.accuracy, epoch)
-            if hasattr(strategy, "alphas"):
-                log_alphas(writer, strategy.alphas, space.ops, epoch)
-            log_genotype(writer, genotype, epoch)
-            log_genotype_figure(writer, genotype, epoch)
-            writer.flush()
-            atomic_torch_save({"epoch": epoch, "step": state["step"], "model": model.state_dict(),
-                               "strategy": strategy.state_dict(), "w_optimizer": w_optimizer.state_dict(),
-                               "rng": rng_state(), "np_rng": np_rng.bit_generator.state,
-                               "config": OmegaConf.to_container(cfg, resolve=True),
-                               "genotype": genotype.to_dict()}, os.path.join(run_dir, "checkpoint.pt"))
+            outputs.epoch(epoch, state["step"], genotype, valid.accuracy, time.time() - epoch_start,
+                          state["tokens"] - epoch_tokens)
             log.info("epoch %d: train accuracy %.4f, valid accuracy %.4f (loss %.4f), genotype %s", epoch,
                      meter.accuracy, valid.accuracy, valid.loss, genotype)
             bar.set_postfix(valid_acc=f"{valid.accuracy:.4f}")
+        genotype = outputs.final()
     finally:
         bar.close()
         writer.close()
     wall = time.time() - start
-    genotype = strategy.export()
-    genotype.save(os.path.join(run_dir, "genotype.json"))
-    with SummaryWriter(os.path.join(run_dir, "tb")) as w:
-        log_genotype_figure(w, genotype, cfg.epochs, os.path.join(run_dir, "genotype.png"))
     metrics = {"task": "classification", "final_valid_accuracy": history[-1]["valid_accuracy"],
                "final_valid_loss": history[-1]["valid_loss"], "best_valid_accuracy": best_acc,
                "epochs": cfg.epochs, "steps": state["step"], "train_sentences": state["sentences"],

@@ -106,6 +106,49 @@ def _lrs(w_optimizer, strategy) -> dict:
     return out
 
 
+class OneShotOutputs:
+    """What a one-shot search writes, shared by the language-model and the classification loops: after each
+    epoch the derived genotype (``genotypes/epoch_NNN.json``), its ``trials.jsonl`` record, α heatmap, genotype
+    text and picture in TensorBoard, and the atomic ``checkpoint.pt``; at the end ``genotype.json`` and
+    ``genotype.png``.  All TensorBoard output goes through the run's one ``writer``."""
+
+    def __init__(self, run_dir: str, cfg, writer, space, model, strategy, w_optimizer, np_rng, metric: str,
+                 direction: str):
+        self.run_dir, self.cfg, self.writer, self.space = run_dir, cfg, writer, space
+        self.model, self.strategy, self.w_optimizer, self.np_rng = model, strategy, w_optimizer, np_rng
+        self.trials = TrialLog(run_dir, cfg.strategy.name, metric, direction, cfg.seed, writer)
+
+    def epoch(self, epoch: int, step: int, genotype, value: float, seconds: float, tokens: int) -> None:
+        """Record the epoch's genotype and its validation ``value``, which cost ``seconds`` and ``tokens``."""
+        genotype.save(os.path.join(self.run_dir, "genotypes", f"epoch_{epoch:03d}.json"))
+        self.trials.add(genotype, value, seconds, tokens, epoch=epoch, supernet=True)
+        if hasattr(self.strategy, "alphas"):
+            log_alphas(self.writer, self.strategy.alphas, self.space.ops, epoch)
+        log_genotype(self.writer, genotype, epoch)
+        log_genotype_figure(self.writer, genotype, epoch)
+        self.writer.flush()
+        atomic_torch_save({"epoch": epoch, "step": step, "model": self.model.state_dict(),
+                           "strategy": self.strategy.state_dict(), "w_optimizer": self.w_optimizer.state_dict(),
+                           "rng": rng_state(), "np_rng": self.np_rng.bit_generator.state,
+                           "config": OmegaConf.to_container(self.cfg, resolve=True),
+                           "genotype": genotype.to_dict()}, os.path.join(self.run_dir, "checkpoint.pt"))
+
+    def final(self):
+        """Write the strategy's final genotype (``genotype.json``, ``genotype.png``) and return it."""
+        genotype = self.strategy.export()
+        genotype.save(os.path.join(self.run_dir, "genotype.json"))
+        log_genotype_figure(self.writer, genotype, self.cfg.epochs, os.path.join(self.run_dir, "genotype.png"))
+        return genotype
+
+
+def select_path(strategy, score, direction: str = "minimize") -> None:
+    """random_ws: after an epoch, pick the best of random paths with the shared weights (no-op for DARTS).
+
+    ``score(weights, max_batches)``; ``max_batches=None`` means the configured whole split."""
+    if hasattr(strategy, "select"):
+        strategy.select(score, direction)
+
+
 def search(cfg, run_dir: Optional[str] = None) -> dict:
     """Run a one-shot architecture search as configured; return the metrics written to ``metrics.json``.
 
@@ -145,47 +188,34 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
     writer.add_text("config", f"```\n{cfg_yaml}\n```", 0)
     bar = token_progress_bar(cfg, data.train, "search")
     state = {"step": 0, "tokens": 0, "best_valid_ppl": math.inf, "history": []}
-    trials = TrialLog(run_dir, cfg.strategy.name, "valid_ppl", "minimize", cfg.seed, writer)
+    outputs = OneShotOutputs(run_dir, cfg, writer, space, model, strategy, w_optimizer, np_rng, "valid_ppl",
+                             "minimize")
     start = time.time()
     try:
         for epoch in range(1, cfg.epochs + 1):
             epoch_start, epoch_tokens = time.time(), state["tokens"]
             train_ppl = _train_epoch(cfg, setup, np_rng, writer, bar, state)
-            if hasattr(strategy, "select"):  # random_ws: pick the best of random paths with the shared weights
-                strategy.select(lambda w, n: evaluate(model, data.valid, cfg.bptt, w,
-                                                      n if n is not None else cfg.limit_eval_batches).ppl)
+            select_path(strategy, lambda w, n: evaluate(model, data.valid, cfg.bptt, w,
+                                                        n if n is not None else cfg.limit_eval_batches).ppl)
             valid = evaluate(model, data.valid, cfg.bptt, strategy.eval_weights(), cfg.limit_eval_batches)
             genotype = strategy.export()
             state["best_valid_ppl"] = min(state["best_valid_ppl"], valid.ppl)
             state["history"].append({"epoch": epoch, "train_ppl": train_ppl, "valid_ppl": valid.ppl,
                                      "genotype": genotype.to_dict()})
-            genotype.save(os.path.join(run_dir, "genotypes", f"epoch_{epoch:03d}.json"))
-            trials.add(genotype, valid.ppl, time.time() - epoch_start, state["tokens"] - epoch_tokens, epoch=epoch,
-                       supernet=True)
             writer.add_scalar("valid/ppl", valid.ppl, epoch)
             writer.add_scalar("valid/loss", valid.loss, epoch)
             writer.add_scalar("train/epoch_ppl", train_ppl, epoch)
-            if hasattr(strategy, "alphas"):
-                log_alphas(writer, strategy.alphas, space.ops, epoch)
-            log_genotype(writer, genotype, epoch)
-            log_genotype_figure(writer, genotype, epoch)
-            writer.flush()
-            atomic_torch_save({"epoch": epoch, "step": state["step"], "model": model.state_dict(),
-                               "strategy": strategy.state_dict(), "w_optimizer": w_optimizer.state_dict(),
-                               "rng": rng_state(), "np_rng": np_rng.bit_generator.state,
-                               "config": OmegaConf.to_container(cfg, resolve=True),
-                               "genotype": genotype.to_dict()}, os.path.join(run_dir, "checkpoint.pt"))
+            outputs.epoch(epoch, state["step"], genotype, valid.ppl, time.time() - epoch_start,
+                          state["tokens"] - epoch_tokens)
             log.info("epoch %d: train ppl %.2f, valid ppl %.2f, genotype %s", epoch, train_ppl, valid.ppl, genotype)
             bar.set_postfix(valid_ppl=f"{valid.ppl:.1f}")
+        genotype = outputs.final()
     finally:
         bar.close()
         writer.close()
     wall = time.time() - start
-    genotype = strategy.export()
-    genotype.save(os.path.join(run_dir, "genotype.json"))
-    with SummaryWriter(os.path.join(run_dir, "tb")) as w:
-        log_genotype_figure(w, genotype, cfg.epochs, os.path.join(run_dir, "genotype.png"))
-    metrics = {"task": "language_modeling", "final_valid_ppl": state["history"][-1]["valid_ppl"], "best_valid_ppl": state["best_valid_ppl"],
+    metrics = {"task": "language_modeling", "final_valid_ppl": state["history"][-1]["valid_ppl"],
+               "best_valid_ppl": state["best_valid_ppl"],
                "epochs": cfg.epochs, "steps": state["step"], "train_tokens": state["tokens"],
                "wall_seconds": wall, "tokens_per_second": state["tokens"] / max(wall, 1e-9),
                "params": n_params, "genotype": genotype.to_dict(), "history": state["history"]}
