@@ -22,7 +22,7 @@ from torch import nn
 from nas.genotype import Genotype, GenotypeError, dag_decisions, derive, edge_count, genotype_from_decisions
 from nas.layers import dropout_mask
 from nas.ops import DARTS_RNN_OPS, cell_activation, check_cell_ops
-from nas.spaces import SPACES
+from nas.spaces import SPACES, check_space_genotype
 from nas.spaces.lm import RNNLanguageModel
 from nas.errors import ConfigError
 
@@ -235,12 +235,7 @@ class DartsRNNSpace:
 
     def check_genotype(self, genotype: Genotype) -> None:
         """Raise GenotypeError unless ``genotype`` is a valid darts_rnn genotype."""
-        if genotype.space != self.name:
-            raise GenotypeError(f"genotype is for space {genotype.space!r}, not {self.name!r}")
-        try:
-            check_cell_ops(genotype.ops)
-        except ValueError as err:
-            raise GenotypeError(str(err)) from None
+        check_space_genotype(genotype, self.name, check_cell_ops)
 
     def derive(self, alphas: torch.Tensor) -> Genotype:
         """DARTS discretization: per node, one edge (see :func:`nas.genotype.derive`)."""

@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from nas.errors import ConfigError
-from nas.genotype import ZERO_OPS, Genotype, GenotypeError, dag_decisions, derive, edge_count, genotype_from_decisions
+from nas.genotype import ZERO_OPS, Genotype, dag_decisions, derive, edge_count, genotype_from_decisions
 from nas.layers import LockedDropout, embedded_dropout
 from nas.sequence_ops import HYBRID_OPS, build_sequence_op, check_sequence_ops, padding_mask
-from nas.spaces import SPACES
+from nas.spaces import SPACES, check_space_genotype
 from nas.spaces.lm import RNNLanguageModel
 
 OUTPUTS = ("last", "mean")
@@ -256,12 +256,7 @@ class HybridSpace:
 
     def check_genotype(self, genotype: Genotype) -> None:
         """Raise GenotypeError unless ``genotype`` is a valid hybrid genotype."""
-        if genotype.space != self.name:
-            raise GenotypeError(f"genotype is for space {genotype.space!r}, not {self.name!r}")
-        try:
-            check_sequence_ops(genotype.ops)
-        except ConfigError as err:
-            raise GenotypeError(str(err)) from None
+        check_space_genotype(genotype, self.name, check_sequence_ops)
 
     def derive(self, alphas: torch.Tensor) -> Genotype:
         """Per node, the top-``k`` incoming edges by their best non-zero softmax weight, each with that op
