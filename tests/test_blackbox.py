@@ -118,25 +118,36 @@ def test_interrupted_study_resumes_from_its_storage(tmp_path):
     assert len(calls) <= 3  # only the 3 missing trials ran (fewer if the study proposed a known genotype)
 
 
-def test_two_workers_sharing_one_storage_evaluate_distinct_trials(tmp_path):
-    storage = f"journal:{tmp_path}/study.log"
-    cfg = cfg_for(["strategy=bayesian", "strategy.trials=24", f"strategy.storage={storage}"])
-    evaluated, errors = [], []
+def run_workers(cfg, tmp_path, evaluate_for, n=2):
+    """``n`` black-box searches on ``cfg``'s shared storage at once, in threads, each in ``tmp_path/w<i>`` with
+    the evaluator ``evaluate_for(i)``; raises the first error any of them hit."""
+    errors = []
 
     def worker(i):
         try:
-            evaluate, calls = toy(cfg)
-            search_black_box(cfg, str(tmp_path / f"w{i}"), evaluate=evaluate)
-            evaluated.append(calls)
+            search_black_box(cfg, str(tmp_path / f"w{i}"), evaluate=evaluate_for(i))
         except Exception as err:  # surfaced below
             errors.append(err)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=300)
     assert not errors, errors
+
+
+def test_two_workers_sharing_one_storage_evaluate_distinct_trials(tmp_path):
+    storage = f"journal:{tmp_path}/study.log"
+    cfg = cfg_for(["strategy=bayesian", "strategy.trials=24", f"strategy.storage={storage}"])
+    evaluated = []
+
+    def evaluate_for(i):
+        evaluate, calls = toy(cfg)
+        evaluated.append(calls)
+        return evaluate
+
+    run_workers(cfg, tmp_path, evaluate_for)
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
@@ -220,25 +231,14 @@ def test_workers_never_train_the_same_genotype_twice_even_at_the_same_time(tmp_p
     cfg = cfg_for(["strategy=bayesian", "strategy.trials=10", f"strategy.storage={storage}", "space.steps=2",
                    "space.ops=[none,tanh]", "strategy.n_startup_trials=10"])
     assert genotype_count(build_space(cfg.space).decisions()) == 2  # node 2's input: 0 or 1; every op tanh
-    trained, errors = [], []
+    trained = []
 
     def evaluate(genotype, trial_dir):
         trained.append(genotype.to_json())
         time.sleep(0.3)  # long enough for the other worker to propose the same genotype meanwhile
         return TrialResult(float(len(trained)), 0.3, 10)
 
-    def worker(i):
-        try:
-            search_black_box(cfg, str(tmp_path / f"w{i}"), evaluate=evaluate)
-        except Exception as err:
-            errors.append(err)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not errors, errors
+    run_workers(cfg, tmp_path, lambda i: evaluate)
     assert len(trained) == len(set(trained)) <= genotype_count(build_space(cfg.space).decisions())
     recs = records(tmp_path / "w0") + records(tmp_path / "w1")
     assert len(recs) >= 10 and sum(r["repeated"] for r in recs) == len(recs) - len(trained)

@@ -181,7 +181,7 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
              f" (sampler {cfg.strategy.sampler})" if "sampler" in cfg.strategy else "", cfg.dataset.name, cfg.strategy.trials,
              cfg.strategy.trial_epochs, f", budget {cfg.strategy.budget_tokens} tokens"
              if cfg.strategy.budget_tokens else "", f"{strategy.size:,}", run_dir)
-    start, completed = time.time(), 0
+    start = time.time()
     bar = tqdm(total=cfg.strategy.trials, desc=cfg.strategy.name, unit="trial", disable=not cfg.progress,
                dynamic_ncols=True)
     try:
@@ -203,7 +203,6 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
                     strategy.tell(proposal.handle, None)  # the study marks it failed; a worker never loses it
                     raise
             strategy.tell(proposal.handle, result.value)
-            completed += 1
             was_best = better(result.value, trials.best, direction)
             trials.add(proposal.genotype, result.value, result.wall_seconds, result.train_tokens,
                        repeated=proposal.known is not None)
