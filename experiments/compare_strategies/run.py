@@ -3,6 +3,9 @@
     python experiments/compare_strategies/run.py --preset cpu                 # PTB, DARTS cell space, 2-core CPU
     python experiments/compare_strategies/run.py --preset paper --device cuda  # the DARTS paper's size (GPU)
     python experiments/compare_strategies/run.py --preset smoke --out /tmp/cmp # the pipeline in minutes
+    # two processes, one core each, sharing one output folder (a last run without --seeds tabulates all):
+    python experiments/compare_strategies/run.py --preset cpu --seeds 0 --num-threads 1 &
+    python experiments/compare_strategies/run.py --preset cpu --seeds 1 --num-threads 1
 
 A preset (``<name>.yaml`` beside this file) lists the dataset, the seeds, the overrides every ``search.py`` run
 gets, one override list per strategy (the search budget is set there: DARTS and random_ws spend it as supernet
@@ -83,6 +86,8 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, nargs="*", help="override the preset's seeds")
     p.add_argument("--strategies", nargs="*", help="run only these strategies of the preset")
     p.add_argument("--device", default=None, help="device= for every run (default: the configs' auto)")
+    p.add_argument("--num-threads", type=int, default=None,
+                   help="num_threads= for every run (e.g. 1 when several comparisons share the cores)")
     args = p.parse_args(argv)
     preset = load_preset(args.preset)
     name = os.path.splitext(os.path.basename(args.preset))[0]
@@ -90,6 +95,7 @@ def main(argv=None) -> None:
     seeds = args.seeds if args.seeds else preset["seeds"]
     strategies = {k: v for k, v in preset["strategies"].items() if not args.strategies or k in args.strategies}
     common = [f"dataset={preset['dataset']}"] + ([f"device={args.device}"] if args.device else [])
+    common += [f"num_threads={args.num_threads}"] if args.num_threads else []
     rows = []
     for strategy, extra in strategies.items():
         for seed in seeds:
