@@ -4,6 +4,7 @@ Examples:
     python search.py                                     # CPU-sized DARTS search on PTB (~8.5 min, 2 cores)
     python search.py experiment=darts_ptb_2nd            # the paper's second-order search (GPU)
     python search.py experiment=smoke strategy.unrolled=true
+    python search.py resume=outputs/search/<date>/<time>  # continue an interrupted run (Ctrl-C / SIGTERM / a kill)
 """
 import hydra
 from omegaconf import DictConfig

@@ -8,6 +8,7 @@ Examples:
     python train.py arch=outputs/search/<date>/<time>/genotype.json
     python train.py experiment=darts_ptb_retrain arch=darts_v2   # the paper's setting (GPU, days)
     python train.py experiment=smoke arch=darts_v2               # under a minute
+    python train.py resume=outputs/train/<date>/<time>  # continue an interrupted run (Ctrl-C / SIGTERM / a kill)
 """
 import hydra
 from omegaconf import DictConfig

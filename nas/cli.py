@@ -8,6 +8,7 @@ to the run log too, with exit status 1 and no traceback.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Callable
 
@@ -32,19 +33,65 @@ def check_overrides(overrides) -> None:
                          f"the schema (list them with --cfg job), so set it without '+' or '~'")
 
 
+def check_resume_overrides(overrides) -> None:
+    """With ``resume=<run dir>`` only the settings of :data:`nas.engine.resume.RUNTIME_KEYS` may be given: the
+    run goes on with the config it was started with.
+
+    Raises:
+        UsageError: naming the other overrides.
+    """
+    from nas.engine.resume import RUNTIME_KEYS
+
+    keys = [o.split("=", 1)[0] for o in overrides]
+    if "resume" not in keys:
+        return
+    bad = [o for o, k in zip(overrides, keys) if k != "resume" and k not in RUNTIME_KEYS and not k.startswith("hydra.")]
+    if bad:
+        raise UsageError(f"resume= continues a run with the config it was started with (its config.yaml); drop "
+                         f"{bad} (only {', '.join(RUNTIME_KEYS)} may be set when resuming)")
+
+
+def _log_to_resumed_run(cfg: DictConfig) -> None:
+    """Append this process's log to the resumed run's own log file too (Hydra's goes to a new dir)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from nas.engine.common import absolute_path
+
+    run_dir = absolute_path(cfg.resume)
+    if not os.path.isdir(run_dir) or os.path.samefile(run_dir, HydraConfig.get().runtime.output_dir):
+        return  # (hydra.run.dir=<the run dir>: Hydra's own log file is that one already)
+    handler = logging.FileHandler(os.path.join(run_dir, f"{HydraConfig.get().job.name}.log"), mode="a")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+
+
 def run_entry(fn: Callable[[DictConfig], object], cfg: DictConfig) -> None:
-    """Check the overrides, run ``fn(cfg)``, and turn the project's known errors into one-line exits."""
+    """Check the overrides, run ``fn(cfg)``, and turn the project's known errors into one-line exits (status 1;
+    an interrupted run: 128 + the signal number, after its checkpoint is written)."""
     from hydra.core.hydra_config import HydraConfig
 
     from nas.data import DataError
     from nas.engine.common import CheckpointError
     from nas.engine.lm import NonFiniteLossError
+    from nas.engine.resume import Interrupted
     from nas.errors import ConfigError
     from nas.genotype import GenotypeError
 
     try:
-        check_overrides(HydraConfig.get().overrides.task)
+        overrides = HydraConfig.get().overrides.task
+        check_overrides(overrides)
+        check_resume_overrides(overrides)
+        if cfg.get("resume"):
+            from nas.config import SearchConfig, TrainConfig
+            from nas.engine.resume import RUNTIME_KEYS, resume_config
+
+            given = {o.split("=", 1)[0] for o in overrides} & set(RUNTIME_KEYS)
+            cfg, _ = resume_config(cfg, TrainConfig if "arch" in cfg.keys() else SearchConfig, given)
+            _log_to_resumed_run(cfg)
         fn(cfg)
+    except Interrupted as err:
+        log.warning("%s", err)
+        sys.exit(err.exit_code)
     except (UsageError, ConfigError, DataError, GenotypeError, CheckpointError, NonFiniteLossError) as err:
         log.error("%s: %s", type(err).__name__, err)
         sys.exit(1)

@@ -73,6 +73,17 @@ class LMRunConfig:
     #: faster cells once compiled; the first compile of each shape takes about a minute on 2 cores, later
     #: runs reuse Inductor's on-disk cache
     compile: bool = False
+    #: continue the run in this run dir from its checkpoint, with its own config.yaml (only num_threads,
+    #: progress and device may be set anew); see nas.engine.resume
+    resume: Optional[str] = None
+    #: write the resume checkpoint every this many steps, and at each epoch end (0: epoch ends only)
+    checkpoint_every: int = 200
+    #: a NaN/inf loss or gradient: ``stop`` (clear error, the last good checkpoint kept) or ``rollback``
+    #: (reload the last checkpoint, halve the weights' learning rate, go on; at most 8 times)
+    nan_policy: str = "stop"
+    #: torch.use_deterministic_algorithms(True) (and cuBLAS's deterministic workspace on CUDA); CPU runs with
+    #: the same seed and threads are bit-identical without it
+    deterministic: bool = False
 
 
 @dataclass

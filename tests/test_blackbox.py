@@ -2,6 +2,7 @@
 the common trial record, shared studies, and the smoke runs of every strategy on real data."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -104,18 +105,41 @@ def test_gaussian_process_sampler_finds_the_optimum(tmp_path):
     assert first_hit(tmp_path) is not None and first_hit(tmp_path) <= 40
 
 
-def test_interrupted_study_resumes_from_its_storage(tmp_path):
-    """The default storage is study.db in the run dir: a second run there continues the same study."""
-    cfg = cfg_for(["strategy=bayesian", "strategy.trials=5"])
-    search_black_box(cfg, str(tmp_path), evaluate=toy(cfg)[0])
-    cfg = cfg_for(["strategy=bayesian", "strategy.trials=8"])
+def interrupting(evaluate, after):
+    """``evaluate`` that sends this process SIGINT after its ``after``-th trial (as Ctrl-C would)."""
+    calls = []
+
+    def ev(genotype, trial_dir):
+        result = evaluate(genotype, trial_dir)
+        calls.append(genotype)
+        if len(calls) == after:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    return ev
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "gp"])
+def test_interrupted_study_resumes_from_its_storage_as_if_never_interrupted(tmp_path, sampler):
+    """The default storage is study.db in the run dir: ``resume=`` continues the same study, and the sampler
+    proposes exactly what it would have without the interruption."""
+    from nas.engine.resume import Interrupted
+
+    cfg = cfg_for(["strategy=bayesian", "strategy.trials=8", f"strategy.sampler={sampler}",
+                   "strategy.n_startup_trials=3"])
+    search_black_box(cfg, str(tmp_path / "whole"), evaluate=toy(cfg)[0])
+    with pytest.raises(Interrupted, match=r"after trial \d+; trials.jsonl is up to date. Resume with"):
+        search_black_box(cfg, str(tmp_path / "cut"), evaluate=interrupting(toy(cfg)[0], 4))
     evaluate, calls = toy(cfg)
-    search_black_box(cfg, str(tmp_path), evaluate=evaluate)
+    search_black_box(cfg_for([f"resume={tmp_path / 'cut'}"]), evaluate=evaluate)
     import optuna
 
-    study = optuna.load_study(study_name="nas", storage=f"sqlite:///{tmp_path}/study.db")
-    assert len(study.trials) == 8 and len(records(tmp_path)) == 8
-    assert len(calls) <= 3  # only the 3 missing trials ran (fewer if the study proposed a known genotype)
+    study = optuna.load_study(study_name="nas", storage=f"sqlite:///{tmp_path}/cut/study.db")
+    assert len(study.trials) == 8 and len(records(tmp_path / "cut")) == 8
+    assert len(calls) <= 4  # only the missing trials ran
+    strip = [{k: r[k] for k in ("trial", "genotype", "value", "best_value")} for r in records(tmp_path / "cut")]
+    assert strip == [{k: r[k] for k in ("trial", "genotype", "value", "best_value")}
+                     for r in records(tmp_path / "whole")]
 
 
 def run_workers(cfg, tmp_path, evaluate_for, n=2):
@@ -248,15 +272,19 @@ def test_workers_never_train_the_same_genotype_twice_even_at_the_same_time(tmp_p
 def test_resume_in_the_same_run_dir_continues_numbering_cost_and_best(tmp_path, strategy):
     import optuna
 
-    cfg = cfg_for([f"strategy={strategy}", "strategy.trials=5"])
-    first = search_black_box(cfg, str(tmp_path), evaluate=toy(cfg)[0])
-    if strategy == "bayesian":  # a trial left running by a killed process
-        optuna.load_study(study_name="nas", storage=f"sqlite:///{tmp_path}/study.db").ask()
-    again = search_black_box(cfg, str(tmp_path), evaluate=toy(cfg)[0])  # a finished study: nothing to do
-    assert again["trials"] == 5 and again["genotype"] == first["genotype"]
+    from nas.engine.resume import Interrupted
+
     cfg = cfg_for([f"strategy={strategy}", "strategy.trials=9"])
+    with pytest.raises(Interrupted):
+        search_black_box(cfg, str(tmp_path), evaluate=interrupting(toy(cfg)[0], 5))
+    if strategy == "bayesian":  # a trial left running by a killed process before it had its params
+        optuna.load_study(study_name="nas", storage=f"sqlite:///{tmp_path}/study.db").ask()
+    with pytest.raises(ConfigError, match="unfinished run"):  # a new run there would mix two runs' trials
+        search_black_box(cfg, str(tmp_path), evaluate=toy(cfg)[0])
+    cfg = cfg_for([f"resume={tmp_path}"])
+
     evaluate, calls = toy(cfg)
-    m = search_black_box(cfg, str(tmp_path), evaluate=evaluate)
+    m = search_black_box(cfg, evaluate=evaluate)
     recs = records(tmp_path)
     assert [r["trial"] for r in recs] == list(range(1, 10)) and m["trials"] == 9
     assert [r["cum_train_tokens"] for r in recs] == [100 * n for n in range(1, 10)]

@@ -27,3 +27,11 @@ def test_comparison_pipeline_writes_table_and_plot_and_resumes(tmp_path):
     # a second run finds every run finished and only rebuilds the table
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.count("done before") == 20 and "$ " not in r.stdout
+    # a run cut off before it wrote metrics.json (here: at its very end) is resumed, not refused or redone
+    before = {(row["strategy"], row["seed"]): row["test"] for row in rows}
+    os.remove(tmp_path / "train" / "random" / "seed0" / "metrics.json")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert r.stdout.count("done before") == 19 and "resume=" in r.stdout
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert {(row["strategy"], row["seed"]): row["test"] for row in rows} == before

@@ -19,20 +19,6 @@ TINY = ["experiment=smoke", "batch_size=4", "eval_batch_size=4", "bptt=8", "limi
         "limit_eval_batches=3", "progress=false", "space.steps=3"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A tiny synthetic corpus: 40-word vocabulary, train/valid/test.txt."""
-    d = tmp_path_factory.mktemp("corpus")
-    g = torch.Generator().manual_seed(0)
-    words = [f"w{i}" for i in range(40)]
-    for split, lines in (("train", 300), ("valid", 60), ("test", 60)):
-        with open(d / f"{split}.txt", "w", encoding="utf-8") as f:
-            for _ in range(lines):
-                n = int(torch.randint(3, 12, (1,), generator=g))
-                f.write(" " + " ".join(words[int(i)] for i in torch.randint(40, (n,), generator=g)) + " \n")
-    return str(d)
-
-
 def cfg_for(overrides):
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
         return compose("search", overrides=overrides)
@@ -57,7 +43,8 @@ def test_search_writes_every_output(tmp_path, corpus, unrolled, alpha_split):
     assert m["steps"] == 10 and m["train_tokens"] > 0 and m["final_valid_ppl"] > 1
     assert os.path.isfile(os.path.join(out, "config.yaml"))
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
-    assert ckpt["epoch"] == 2 and ckpt["strategy"]["alphas"].shape == (6, 5)
+    assert ckpt["kind"] == "search_lm" and ckpt["position"] == {"epoch": 3, "batch": 0, "row": 0}
+    assert ckpt["state"]["step"] == 10 and ckpt["strategy"]["alphas"].shape == (6, 5)
     assert not glob.glob(os.path.join(out, ".tmp-*"))  # atomic writes leave no temporaries
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

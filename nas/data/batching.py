@@ -114,6 +114,7 @@ def bptt_segments(
     variable: bool = False,
     rng: np.random.Generator | None = None,
     max_len: int | None = None,
+    start: int = 0,
 ) -> Iterator[tuple[int, int]]:
     """Iterate ``(i, seq_len)`` segment starts over the rows of ``source``, in order.
 
@@ -132,6 +133,8 @@ def bptt_segments(
         variable: sample lengths with :func:`sample_seq_len`.
         rng: numpy Generator, required when ``variable`` (reproducibility: no hidden global RNG).
         max_len: cap for variable lengths, default ``bptt + 20``.
+        start: first row (a resumed epoch: the row after the last segment done, with ``rng`` in the state it
+            had then, continues the same sequence of segments).
 
     Raises:
         ValueError: ``bptt < 1``, or ``variable`` without ``rng``.
@@ -141,7 +144,7 @@ def bptt_segments(
     if variable and rng is None:
         raise ValueError("bptt_segments(variable=True) needs rng=np.random.default_rng(seed)")
     n = len(source)
-    i = 0
+    i = start
     while i < n - 1:
         seq_len = sample_seq_len(bptt, rng, max_len) if variable else bptt
         yield i, seq_len

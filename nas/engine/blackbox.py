@@ -26,7 +26,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from nas.atomic import atomic_write_text
-from nas.engine.common import run_dir_from_hydra
+from nas.engine.resume import Interrupted, interrupted, open_run, stop_requested, stop_signals
 from nas.engine.tb import log_genotype, log_genotype_figure
 from nas.genotype import Genotype
 from nas.spaces import build_space
@@ -74,13 +74,25 @@ class TrialLog:
         self.n, self.cum_wall, self.cum_tokens, self.best, self.best_genotype = 0, 0.0, 0, None, None
         self.genotypes: list = []
 
-    def resume(self) -> int:
-        """Continue an existing ``trials.jsonl`` of this run dir (a resumed study): trial numbers, cumulative
-        cost and the best so far carry on.  Returns the number of records found."""
+    def resume(self, keep: Optional[Callable[[dict], bool]] = None) -> int:
+        """Continue an existing ``trials.jsonl`` of this run dir (a resumed run): trial numbers, cumulative
+        cost and the best so far carry on.  ``keep(record)``: drop the records it rejects (written after the
+        checkpoint being resumed from; the file is rewritten atomically).  Returns the number of records kept.
+        A torn last line (the process was killed while appending it) is dropped."""
         if not os.path.isfile(self.path):
             return 0
+        records = []
         with open(self.path, encoding="utf-8") as f:
-            records = [json.loads(line) for line in f if line.strip()]
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    if line.endswith("\n"):  # damage inside the file, not a torn last line
+                        raise
+        kept = [r for r in records if keep is None or keep(r)]
+        if len(kept) != len(records) or (records and not open(self.path, "rb").read().endswith(b"\n")):
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        records = kept
         for r in records:
             self.n, self.cum_wall, self.cum_tokens = r["trial"], r["cum_wall_seconds"], r["cum_train_tokens"]
             genotype = Genotype.from_dict(r["genotype"])
@@ -121,7 +133,7 @@ def trial_config(cfg, arch: str):
     base = OmegaConf.structured(TrainConfig)
     keys = {f.name for f in dataclasses.fields(TrainConfig)}  # (`in` on the config is False for MISSING ones)
     shared = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
-              if k in keys and k not in ("strategy", "arch")}
+              if k in keys and k not in ("strategy", "arch", "resume")}
     s = cfg.strategy
     # eager: every trial is a new genotype, which torch.compile would compile anew (a minute or more each)
     return OmegaConf.merge(base, shared, {"arch": arch, "epochs": s.trial_epochs, "progress": False,
@@ -131,17 +143,38 @@ def trial_config(cfg, arch: str):
 
 
 def train_trial(cfg, genotype: Genotype, trial_dir: str) -> TrialResult:
-    """Retrain ``genotype`` for the per-trial budget (``train.py``'s code, test split not scored)."""
+    """Retrain ``genotype`` for the per-trial budget (``train.py``'s code, test split not scored).
+
+    A trial dir left by an interrupted search is reused: a finished trial of the same genotype is read back, an
+    unfinished one resumes from its checkpoint, anything else is cleared and the trial starts over.
+    Raises:
+        nas.engine.resume.Interrupted: SIGINT/SIGTERM during the trial (its checkpoint was written).
+    """
+    import shutil
+
+    from nas.engine.resume import CHECKPOINT, run_dir_status
     from nas.engine.train import train
 
-    os.makedirs(trial_dir, exist_ok=True)
     arch = os.path.join(trial_dir, "candidate.json")
-    genotype.save(arch)
-    start = time.time()
-    m = train(trial_config(cfg, arch), run_dir=trial_dir, score_test=False)
+    overrides = {}
+    status = run_dir_status(trial_dir)
+    same = status and os.path.isfile(arch) and Genotype.load(arch) == genotype
+    if same and status == "finished":
+        with open(os.path.join(trial_dir, "metrics.json"), encoding="utf-8") as f:
+            m = json.load(f)
+    else:
+        if same and os.path.isfile(os.path.join(trial_dir, CHECKPOINT)):
+            overrides = {"resume": trial_dir}
+            log.info("resuming the interrupted trial in %s", trial_dir)
+        elif os.path.isdir(trial_dir):
+            shutil.rmtree(trial_dir)  # what an interrupted trial left before its first checkpoint
+        if not overrides:
+            os.makedirs(trial_dir, exist_ok=True)
+            genotype.save(arch)
+        m = train(OmegaConf.merge(trial_config(cfg, arch), overrides), run_dir=trial_dir, score_test=False)
     value = m.get("best_valid_accuracy", m.get("best_valid_ppl"))
     tokens = m.get("train_tokens", 0)
-    return TrialResult(value if value is not None and math.isfinite(value) else None, time.time() - start,
+    return TrialResult(value if value is not None and math.isfinite(value) else None, m["wall_seconds"],
                        tokens, trial_dir)
 
 
@@ -160,10 +193,10 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
     Raises:
         ConfigError: a bad budget, sampler or storage.  RuntimeError: every trial failed.
     """
-    run_dir = run_dir or run_dir_from_hydra()
-    os.makedirs(run_dir, exist_ok=True)
+    from nas.config import SearchConfig
+
+    cfg, run_dir, _ = open_run(cfg, run_dir, SearchConfig, "search.py")
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    atomic_write_text(os.path.join(run_dir, "config.yaml"), cfg_yaml)
     metric, direction = task_metric(cfg)
     space = build_space(cfg.space)
     strategy = STRATEGIES.get(cfg.strategy.name)(cfg.strategy, space, seed=cfg.seed, direction=direction,
@@ -185,33 +218,41 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
     bar = tqdm(total=cfg.strategy.trials, desc=cfg.strategy.name, unit="trial", disable=not cfg.progress,
                dynamic_ncols=True)
     try:
-        while not strategy.stopped(trials.n):
-            if cfg.strategy.budget_tokens and trials.cum_tokens >= cfg.strategy.budget_tokens:
-                log.info("token budget reached (%d >= %d)", trials.cum_tokens, cfg.strategy.budget_tokens)
-                break
-            proposal = strategy.ask()
-            if proposal is None:
-                log.info("the space is exhausted after %d genotypes", trials.n)
-                break
-            if proposal.known is not None:  # the same genotype again (Bayesian): report, do not retrain
-                result = TrialResult(proposal.known, 0.0, 0)
-            else:
-                trial_dir = os.path.join(run_dir, "trials", f"{trials.n + 1:04d}")
-                try:
-                    result = evaluate(proposal.genotype, trial_dir)
-                except Exception:
-                    strategy.tell(proposal.handle, None)  # the study marks it failed; a worker never loses it
-                    raise
-            strategy.tell(proposal.handle, result.value)
-            was_best = better(result.value, trials.best, direction)
-            trials.add(proposal.genotype, result.value, result.wall_seconds, result.train_tokens,
-                       repeated=proposal.known is not None)
-            if was_best:
-                log_genotype(writer, proposal.genotype, trials.n)
-            log.info("trial %d: %s = %s (best %s), %.1f s, %d tokens: %s", trials.n, metric, result.value,
-                     trials.best, result.wall_seconds, result.train_tokens, proposal.genotype)
-            bar.update(1)
-            bar.set_postfix(best=f"{trials.best:.4g}" if trials.best is not None else "-")
+        with stop_signals():
+            while not strategy.stopped(trials.n):
+                if stop_requested() is not None:
+                    raise interrupted(run_dir, "search.py", f"after trial {trials.n}", "trials.jsonl is up to date")
+                if cfg.strategy.budget_tokens and trials.cum_tokens >= cfg.strategy.budget_tokens:
+                    log.info("token budget reached (%d >= %d)", trials.cum_tokens, cfg.strategy.budget_tokens)
+                    break
+                proposal = strategy.ask()
+                if proposal is None:
+                    log.info("the space is exhausted after %d genotypes", trials.n)
+                    break
+                if proposal.known is not None:  # the same genotype again (Bayesian): report, do not retrain
+                    result = TrialResult(proposal.known, 0.0, 0)
+                else:
+                    trial_dir = os.path.join(run_dir, "trials", f"{trials.n + 1:04d}")
+                    try:
+                        result = evaluate(proposal.genotype, trial_dir)
+                    except Interrupted:
+                        # left as it is (an Optuna trial stays RUNNING): a resume evaluates this genotype again, from
+                        # the trial's checkpoint
+                        raise interrupted(run_dir, "search.py", f"in trial {trials.n + 1}",
+                                          f"the trial's checkpoint is in {trial_dir}") from None
+                    except Exception:
+                        strategy.tell(proposal.handle, None)  # the study marks it failed; a worker never loses it
+                        raise
+                strategy.tell(proposal.handle, result.value)
+                was_best = better(result.value, trials.best, direction)
+                trials.add(proposal.genotype, result.value, result.wall_seconds, result.train_tokens,
+                           repeated=proposal.known is not None)
+                if was_best:
+                    log_genotype(writer, proposal.genotype, trials.n)
+                log.info("trial %d: %s = %s (best %s), %.1f s, %d tokens: %s", trials.n, metric, result.value,
+                         trials.best, result.wall_seconds, result.train_tokens, proposal.genotype)
+                bar.update(1)
+                bar.set_postfix(best=f"{trials.best:.4g}" if trials.best is not None else "-")
     finally:
         bar.close()
     best_genotype = trials.best_genotype

@@ -12,27 +12,28 @@ checkpointed, then reloaded and scored on the test split.
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from nas.atomic import atomic_write_text
 from nas.data.sentences import Sentences, check_batchable, load_sst2, sentence_batches
 from nas.engine.asgd import averaged_weights, is_averaging, make_asgd, make_optimizer, nonmono_trigger, set_lr
-from nas.engine.common import (absolute_path, atomic_torch_save, configure_runtime, load_checkpoint,
-                               run_dir_from_hydra, seed_everything)
+from nas.engine.common import absolute_path, atomic_torch_save, configure_runtime, load_checkpoint, seed_everything
+from nas.engine.resume import CHECKPOINT, Keeper, load_into, open_run, retrain_keeper, start_run, stop_signals
 from nas.engine.lm import NonFiniteLossError
 from nas.engine.search import OneShotOutputs, _alpha_shape, _lrs, make_search_optimizer, select_path
-from nas.engine.tb import log_genotype, log_genotype_figure
+from nas.engine.tb import log_genotype_figure
 from nas.errors import ConfigError
 from nas.genotype import GenotypeError
 from nas.spaces import build_space
@@ -134,7 +135,7 @@ def classifier_step(model, optimizer, batch: SentenceInputs, clip: float, weight
 
     Returns ``(mean cross-entropy in nats, correct predictions)``.
     Raises:
-        NonFiniteLossError: the loss is NaN/inf; nothing has been updated then.
+        NonFiniteLossError: the loss or the gradient norm is NaN/inf; nothing has been updated then.
     """
     optimizer.zero_grad(set_to_none=True)
     out = model(*batch.inputs(), weights, batch.targets)
@@ -143,7 +144,11 @@ def classifier_step(model, optimizer, batch: SentenceInputs, clip: float, weight
         raise NonFiniteLossError(f"training loss became {value} (lr {optimizer.param_groups[0]['lr']:.3g}); "
                                  "lower lr or clip")
     out.loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    if not math.isfinite(norm.item()):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(f"the weights' gradient norm became {norm.item()} (loss {value:.4g}); lower lr "
+                                 "or clip")
     optimizer.step()
     return value, int((out.logits.detach().argmax(-1) == batch.targets).sum())
 
@@ -152,12 +157,43 @@ def _inputs(b) -> SentenceInputs:
     return SentenceInputs(b.tokens, b.labels, b.lengths)
 
 
-def _forever(split: Sentences, batch_size: int, rng, device) -> Iterator[SentenceInputs]:
-    """Shuffled batches of ``split``, reshuffled at every pass (the α stream of the search)."""
-    while True:
-        for b in sentence_batches(split, batch_size, shuffle=True, rng=rng, device=device, drop_last=True,
-                                    bucket=BUCKET):
-            yield _inputs(b)
+def _data_rng(seed: int, stream: int, k: int) -> np.random.Generator:
+    """The shuffling generator of training epoch ``k`` (``stream`` 0) or α pass ``k`` (``stream`` 1): each pass
+    has its own, so a resumed run rebuilds any pass's order from its number alone."""
+    return np.random.default_rng([seed, stream, k])
+
+
+def _epoch_batches(split: Sentences, cfg, stream: int, k: int, skip: int, device) -> Iterator[SentenceInputs]:
+    """The shuffled, length-bucketed batches of pass ``k`` of ``split``, from batch number ``skip`` on."""
+    batches = sentence_batches(split, cfg.batch_size, shuffle=True, rng=_data_rng(cfg.seed, stream, k),
+                               device=device, drop_last=True, bucket=BUCKET)
+    return itertools.islice(batches, skip, None)
+
+
+class _AlphaStream:
+    """The α batches of a search: endless passes over the α split, each shuffled anew; its position (pass, batch)
+    goes into the resume checkpoint."""
+
+    def __init__(self, split: Sentences, cfg, device):
+        self.split, self.cfg, self.device = split, cfg, device
+        self.k, self.n, self._it = 0, 0, None
+
+    def __next__(self) -> SentenceInputs:
+        while True:
+            if self._it is None:
+                self._it = _epoch_batches(self.split, self.cfg, 1, self.k, self.n, self.device)
+            b = next(self._it, None)
+            if b is not None:
+                self.n += 1
+                return _inputs(b)
+            self.k, self.n, self._it = self.k + 1, 0, None
+
+    def state(self) -> tuple:
+        return (self.k, self.n)
+
+    def load(self, state) -> None:
+        self.k, self.n = state
+        self._it = None
 
 
 def _steps_per_epoch(cfg, split: Sentences) -> int:
@@ -168,9 +204,14 @@ def _steps_per_epoch(cfg, split: Sentences) -> int:
 class _Meter:
     """Training-epoch bookkeeping: mean loss and accuracy, step counters, TensorBoard, progress bar."""
 
-    def __init__(self, state, writer, bar, log_every):
+    def __init__(self, state, writer, bar, log_every, partial=(0.0, 0, 0)):
         self.state, self.writer, self.bar, self.log_every = state, writer, bar, log_every
-        self.nll, self.correct, self.count = 0.0, 0, 0
+        self.nll, self.correct, self.count = partial
+
+    @property
+    def partial(self) -> tuple:
+        """``(summed NLL, correct, sentences)`` of the epoch so far (for a resume checkpoint)."""
+        return (self.nll, self.correct, self.count)
 
     def record(self, loss: float, correct: int, n: int, tokens: int, scalars: dict) -> None:
         self.nll += loss * n
@@ -213,15 +254,15 @@ def search_classifier(cfg, run_dir: Optional[str] = None) -> dict:
         nas.data.DataError: data missing, malformed or too small.  ConfigError: a space without a classifier.
         NonFiniteLossError: the loss became NaN/inf (the last checkpoint is kept).
     """
+    from nas.config import SearchConfig
+
     _check_task(cfg)
-    run_dir = run_dir or run_dir_from_hydra()
-    os.makedirs(run_dir, exist_ok=True)
+    cfg, run_dir, resuming = open_run(cfg, run_dir, SearchConfig, "search.py")
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    atomic_write_text(os.path.join(run_dir, "config.yaml"), cfg_yaml)
     space = build_space(cfg.space)
     _check_classifier(space.build_supernet, cfg)
     device = configure_runtime(cfg)
-    np_rng = seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     alpha_split = cfg.strategy.get("alpha_split", "valid")
     data = prepare_sentence_data(cfg, alpha_split)
     model = space.build_supernet(data.ntoken, num_classes=data.num_classes).to(device)
@@ -233,62 +274,86 @@ def search_classifier(cfg, run_dir: Optional[str] = None) -> dict:
              "%d weights, alphas %s, run dir %s", cfg.space.name, cfg.strategy.name,
              cfg.strategy.get("unrolled", False), cfg.dataset.name, len(data.train), len(data.search), device,
              n_params, _alpha_shape(strategy), run_dir)
-    writer = SummaryWriter(os.path.join(run_dir, "tb"))
-    writer.add_text("config", f"```\n{cfg_yaml}\n```", 0)
     per_epoch = _steps_per_epoch(cfg, data.train)
-    bar = tqdm(total=per_epoch * cfg.epochs, desc="search", unit="step", disable=not cfg.progress,
-               dynamic_ncols=True)
-    alpha_batches = _forever(data.search, cfg.batch_size, np_rng, device)
-    outputs = OneShotOutputs(run_dir, cfg, writer, space, model, strategy, w_optimizer, np_rng, "valid_accuracy",
-                             "maximize")
-    state = {"step": 0, "sentences": 0, "tokens": 0}
-    history, best_acc = [], -1.0
-    start = time.time()
+    alpha_batches = _AlphaStream(data.search, cfg, device)
+    state = {"step": 0, "sentences": 0, "tokens": 0, "history": [], "best_acc": -1.0, "epoch_start": 0.0,
+             "epoch_tokens": 0}
+    pos = {"epoch": 1, "batch": 0, "partial": (0.0, 0, 0)}
+
+    def restore(ck):
+        load_into("weights", run_dir, model, ck["model"])
+        load_into("architecture state (α)", run_dir, strategy, ck["strategy"])
+        load_into("weight optimizer state", run_dir, w_optimizer, ck["w_optimizer"])
+        pos.update(ck["position"])
+        alpha_batches.load(ck["alpha_stream"])
+
+    keeper = Keeper(cfg, run_dir, "search_classifier", "search.py", state,
+                    lambda: {"model": model.state_dict(), "strategy": strategy.state_dict(),
+                             "w_optimizer": w_optimizer.state_dict(), "position": dict(pos),
+                             "alpha_stream": alpha_batches.state()},
+                    restore, device, modules=(model, getattr(strategy, "alphas", None)))
+    writer = start_run(keeper, resuming, cfg_yaml)
+    bar = tqdm(total=per_epoch * cfg.epochs, initial=state["step"], desc="search", unit="step",
+               disable=not cfg.progress, dynamic_ncols=True)
+    outputs = OneShotOutputs(run_dir, cfg, writer, space, strategy, "valid_accuracy", "maximize")
+    outputs.trials.resume(keep=lambda r: r["epoch"] < pos["epoch"])
     try:
-        for epoch in range(1, cfg.epochs + 1):
-            epoch_start, epoch_tokens = time.time(), state["tokens"]
-            model.train()
-            meter = _Meter(state, writer, bar, cfg.log_every)
-            batches = sentence_batches(data.train, cfg.batch_size, shuffle=True, rng=np_rng, device=device,
-                                       drop_last=True, bucket=BUCKET)
-            for n, b in enumerate(batches):
-                if n >= per_epoch:
-                    break
-                train_b = _inputs(b)
-                strategy.step(train_b, next(alpha_batches), cfg.lr)
+        with stop_signals():
+            while pos["epoch"] <= cfg.epochs:
+                epoch = pos["epoch"]
+                if pos["batch"] == 0:
+                    state["epoch_start"], state["epoch_tokens"] = keeper.clock.now(), state["tokens"]
+                model.train()
+                meter = _Meter(state, writer, bar, cfg.log_every, tuple(pos["partial"]))
                 try:
-                    loss, correct = classifier_step(model, w_optimizer, train_b, cfg.clip, strategy.edge_weights())
+                    for b in _epoch_batches(data.train, cfg, 0, epoch, pos["batch"], device):
+                        if pos["batch"] >= per_epoch:
+                            break
+                        train_b = _inputs(b)
+                        lr = cfg.lr * state["lr_scale"]
+                        set_lr(w_optimizer, lr)
+                        strategy.step(train_b, next(alpha_batches), lr)
+                        loss, correct = classifier_step(model, w_optimizer, train_b, cfg.clip,
+                                                        strategy.edge_weights())
+                        meter.record(loss, correct, b.labels.numel(), int(b.lengths.sum()),
+                                     _lrs(w_optimizer, strategy))
+                        pos["batch"], pos["partial"] = pos["batch"] + 1, meter.partial
+                        keeper.step_done(f"at step {state['step']} (epoch {epoch})")
                 except NonFiniteLossError as err:
-                    raise NonFiniteLossError(f"step {state['step']}: {err}; the last checkpoint was kept") from None
-                meter.record(loss, correct, b.labels.numel(), int(b.lengths.sum()), _lrs(w_optimizer, strategy))
-            select_path(strategy, lambda w, n: evaluate_sentences(
-                model, data.valid, cfg.eval_batch_size, device, w,
-                n if n is not None else cfg.limit_eval_batches).accuracy, "maximize")
-            valid = evaluate_sentences(model, data.valid, cfg.eval_batch_size, device, strategy.eval_weights(),
-                                       cfg.limit_eval_batches)
-            genotype = strategy.export()
-            best_acc = max(best_acc, valid.accuracy)
-            history.append({"epoch": epoch, "train_loss": meter.loss, "train_accuracy": meter.accuracy,
-                            "valid_loss": valid.loss, "valid_accuracy": valid.accuracy,
-                            "genotype": genotype.to_dict()})
-            writer.add_scalar("valid/accuracy", valid.accuracy, epoch)
-            writer.add_scalar("valid/loss", valid.loss, epoch)
-            writer.add_scalar("train/epoch_accuracy", meter.accuracy, epoch)
-            outputs.epoch(epoch, state["step"], genotype, valid.accuracy, time.time() - epoch_start,
-                          state["tokens"] - epoch_tokens)
-            log.info("epoch %d: train accuracy %.4f, valid accuracy %.4f (loss %.4f), genotype %s", epoch,
-                     meter.accuracy, valid.accuracy, valid.loss, genotype)
-            bar.set_postfix(valid_acc=f"{valid.accuracy:.4f}")
+                    keeper.on_non_finite(NonFiniteLossError(f"step {state['step'] + 1}: {err}"), writer, bar, "step")
+                    continue
+                select_path(strategy, lambda w, n: evaluate_sentences(
+                    model, data.valid, cfg.eval_batch_size, device, w,
+                    n if n is not None else cfg.limit_eval_batches).accuracy, "maximize")
+                valid = evaluate_sentences(model, data.valid, cfg.eval_batch_size, device, strategy.eval_weights(),
+                                           cfg.limit_eval_batches)
+                genotype = strategy.export()
+                state["best_acc"] = max(state["best_acc"], valid.accuracy)
+                state["history"].append({"epoch": epoch, "train_loss": meter.loss, "train_accuracy": meter.accuracy,
+                                         "valid_loss": valid.loss, "valid_accuracy": valid.accuracy,
+                                         "genotype": genotype.to_dict()})
+                writer.add_scalar("valid/accuracy", valid.accuracy, epoch)
+                writer.add_scalar("valid/loss", valid.loss, epoch)
+                writer.add_scalar("train/epoch_accuracy", meter.accuracy, epoch)
+                outputs.epoch(epoch, genotype, valid.accuracy, keeper.clock.now() - state["epoch_start"],
+                              state["tokens"] - state["epoch_tokens"])
+                pos.update({"epoch": epoch + 1, "batch": 0, "partial": (0.0, 0, 0)})
+                keeper.save()
+                log.info("epoch %d: train accuracy %.4f, valid accuracy %.4f (loss %.4f), genotype %s", epoch,
+                         meter.accuracy, valid.accuracy, valid.loss, genotype)
+                bar.set_postfix(valid_acc=f"{valid.accuracy:.4f}")
+                if epoch < cfg.epochs:
+                    keeper.check_stop(f"after epoch {epoch}")
         genotype = outputs.final()
     finally:
         bar.close()
         writer.close()
-    wall = time.time() - start
+    wall, history = keeper.clock.now(), state["history"]
     metrics = {"task": "classification", "final_valid_accuracy": history[-1]["valid_accuracy"],
-               "final_valid_loss": history[-1]["valid_loss"], "best_valid_accuracy": best_acc,
+               "final_valid_loss": history[-1]["valid_loss"], "best_valid_accuracy": state["best_acc"],
                "epochs": cfg.epochs, "steps": state["step"], "train_sentences": state["sentences"],
                "train_tokens": state["tokens"], "wall_seconds": wall, "params": n_params,
-               "genotype": genotype.to_dict(), "history": history}
+               "rollbacks": state["rollbacks"], "genotype": genotype.to_dict(), "history": history}
     atomic_write_text(os.path.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
     log.info("done in %.1f s: genotype %s written to %s", wall, genotype, os.path.join(run_dir, "genotype.json"))
     return metrics
@@ -315,11 +380,11 @@ def train_classifier(cfg, genotype, arch_desc: str, run_dir: str, score_test: bo
     from nas.engine.train import BEST_CHECKPOINT
 
     _check_task(cfg)
-    start = time.time()
+    resuming = os.path.isfile(os.path.join(run_dir, CHECKPOINT)) and bool(cfg.get("resume"))
     space = build_space(cfg.space)
     _check_classifier(space.freeze, cfg)
     device = configure_runtime(cfg)
-    np_rng = seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     data = prepare_sentence_data(cfg, None)
     try:
         model = space.freeze(genotype, data.ntoken, num_classes=data.num_classes).to(device)
@@ -329,93 +394,118 @@ def train_classifier(cfg, genotype, arch_desc: str, run_dir: str, score_test: bo
     log.info("train: arch %s\n  genotype %s\n  %d parameters, %s (%d train / %d valid / %d test sentences), "
              "device %s, run dir %s", arch_desc, genotype, n_params, cfg.dataset.name, len(data.train),
              len(data.valid), len(data.test), device, run_dir)
-    writer = SummaryWriter(os.path.join(run_dir, "tb"))
-    writer.add_text("config", f"```\n{OmegaConf.to_yaml(cfg, resolve=True)}\n```", 0)
-    log_genotype(writer, genotype, 0)
-    log_genotype_figure(writer, genotype, 0, os.path.join(run_dir, "genotype.png"))
-    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
-    state = {"step": 0, "sentences": 0, "tokens": 0, "train_seconds": 0.0}
-    history, val_losses = [], []
-    best = {"accuracy": -1.0, "epoch": None, "loss": math.inf}
-    asgd_epoch = 0 if cfg.optimizer == "asgd" else None
+    opt = {"optimizer": make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)}
+    state = {"step": 0, "sentences": 0, "tokens": 0, "train_seconds": 0.0, "history": [], "val_losses": [],
+             "best": {"accuracy": -1.0, "epoch": None, "loss": math.inf},
+             "asgd_epoch": 0 if cfg.optimizer == "asgd" else None}
+    pos = {"epoch": 1, "batch": 0, "partial": (0.0, 0, 0)}
     best_path = os.path.join(run_dir, BEST_CHECKPOINT)
     per_epoch = _steps_per_epoch(cfg, data.train)
-    bar = tqdm(total=per_epoch * cfg.epochs, desc="train", unit="step", disable=not cfg.progress,
-               dynamic_ncols=True)
+
+    keeper = retrain_keeper(cfg, run_dir, "train_classifier", state, model, opt, _Position(pos), device)
+    writer = start_run(keeper, resuming, OmegaConf.to_yaml(cfg, resolve=True), genotype)
+    log_genotype_figure(writer, genotype, 0, os.path.join(run_dir, "genotype.png"))
+    bar = tqdm(total=per_epoch * cfg.epochs, initial=state["step"], desc="train", unit="step",
+               disable=not cfg.progress, dynamic_ncols=True)
     try:
-        for epoch in range(1, cfg.epochs + 1):
-            t0 = time.time()
-            model.train()
-            meter = _Meter(state, writer, bar, cfg.log_every)
-            set_lr(optimizer, cfg.lr)
-            batches = sentence_batches(data.train, cfg.batch_size, shuffle=True, rng=np_rng, device=device,
-                                       drop_last=True, bucket=BUCKET)
-            for n, b in enumerate(batches):
-                if n >= per_epoch:
-                    break
+        with stop_signals():
+            while pos["epoch"] <= cfg.epochs:
+                epoch, t0 = pos["epoch"], time.time()
+                model.train()
+                meter = _Meter(state, writer, bar, cfg.log_every, tuple(pos["partial"]))
+                lr = cfg.lr * state["lr_scale"]
+                set_lr(opt["optimizer"], lr)
                 try:
-                    loss, correct = classifier_step(model, optimizer, _inputs(b), cfg.clip)
+                    for b in _epoch_batches(data.train, cfg, 0, epoch, pos["batch"], device):
+                        if pos["batch"] >= per_epoch:
+                            break
+                        loss, correct = classifier_step(model, opt["optimizer"], _inputs(b), cfg.clip)
+                        meter.record(loss, correct, b.labels.numel(), int(b.lengths.sum()), {"lr": lr})
+                        pos["batch"], pos["partial"] = pos["batch"] + 1, meter.partial
+                        keeper.step_done(f"at step {state['step']} (epoch {epoch})")
                 except NonFiniteLossError as err:
-                    raise NonFiniteLossError(f"step {state['step']}: {err}; the best checkpoint so far was kept") \
-                        from None
-                meter.record(loss, correct, b.labels.numel(), int(b.lengths.sum()), {"lr": cfg.lr})
-            state["train_seconds"] += time.time() - t0
-            averaged = is_averaging(optimizer)
-            with averaged_weights(model, optimizer):
-                valid = evaluate_sentences(model, data.valid, cfg.eval_batch_size, device,
-                                           max_batches=cfg.limit_eval_batches)
-            if (valid.accuracy, -valid.loss) > (best["accuracy"], -best["loss"]) or best["epoch"] is None:
-                best = {"accuracy": valid.accuracy, "epoch": epoch, "loss": valid.loss}
+                    state["train_seconds"] += time.time() - t0
+                    keeper.on_non_finite(NonFiniteLossError(f"step {state['step'] + 1}: {err}"), writer, bar, "step")
+                    continue
+                state["train_seconds"] += time.time() - t0
+                optimizer = opt["optimizer"]
+                averaged = is_averaging(optimizer)
                 with averaged_weights(model, optimizer):
-                    atomic_torch_save({"model": model.state_dict(), "genotype": genotype.to_dict(),
-                                       "config": OmegaConf.to_container(cfg, resolve=True), "ntoken": data.ntoken,
-                                       "num_classes": data.num_classes, "params": n_params, "epoch": epoch,
-                                       "valid_accuracy": valid.accuracy, "valid_loss": valid.loss,
-                                       "averaged": averaged}, best_path)
-            switched = False
-            loss_for_trigger = valid.loss if math.isfinite(valid.loss) else math.inf
-            if cfg.optimizer == "ntasgd" and not averaged and nonmono_trigger(val_losses, loss_for_trigger,
-                                                                              cfg.nonmono):
-                optimizer, asgd_epoch, switched = make_asgd(model.parameters(), cfg.lr, cfg.weight_decay), epoch, True
-            if not averaged:
-                val_losses.append(loss_for_trigger)
-            history.append({"epoch": epoch, "train_loss": meter.loss, "train_accuracy": meter.accuracy,
-                            "valid_loss": valid.loss, "valid_accuracy": valid.accuracy, "averaged": averaged,
-                            "seconds": time.time() - t0})
-            writer.add_scalar("valid/accuracy", valid.accuracy, epoch)
-            writer.add_scalar("valid/loss", valid.loss, epoch)
-            writer.add_scalar("train/epoch_accuracy", meter.accuracy, epoch)
-            writer.add_scalar("optim/averaged", float(averaged), epoch)
-            writer.flush()
-            log.info("epoch %d: train accuracy %.4f, valid accuracy %.4f (loss %.4f)%s (best %.4f at epoch %d)%s",
-                     epoch, meter.accuracy, valid.accuracy, valid.loss, " [averaged weights]" if averaged else "",
-                     best["accuracy"], best["epoch"],
-                     "; switching to averaged SGD (non-monotone trigger)" if switched else "")
-            bar.set_postfix(valid_acc=f"{valid.accuracy:.4f}")
+                    valid = evaluate_sentences(model, data.valid, cfg.eval_batch_size, device,
+                                               max_batches=cfg.limit_eval_batches)
+                best = state["best"]
+                if (valid.accuracy, -valid.loss) > (best["accuracy"], -best["loss"]) or best["epoch"] is None:
+                    state["best"] = best = {"accuracy": valid.accuracy, "epoch": epoch, "loss": valid.loss}
+                    with averaged_weights(model, optimizer):
+                        atomic_torch_save({"model": model.state_dict(), "genotype": genotype.to_dict(),
+                                           "config": OmegaConf.to_container(cfg, resolve=True),
+                                           "ntoken": data.ntoken, "num_classes": data.num_classes,
+                                           "params": n_params, "epoch": epoch, "valid_accuracy": valid.accuracy,
+                                           "valid_loss": valid.loss, "averaged": averaged}, best_path)
+                switched = False
+                loss_for_trigger = valid.loss if math.isfinite(valid.loss) else math.inf
+                if cfg.optimizer == "ntasgd" and not averaged and nonmono_trigger(state["val_losses"],
+                                                                                  loss_for_trigger, cfg.nonmono):
+                    opt["optimizer"] = make_asgd(model.parameters(), cfg.lr, cfg.weight_decay)
+                    state["asgd_epoch"], switched = epoch, True
+                if not averaged:
+                    state["val_losses"].append(loss_for_trigger)
+                state["history"].append({"epoch": epoch, "train_loss": meter.loss,
+                                         "train_accuracy": meter.accuracy, "valid_loss": valid.loss,
+                                         "valid_accuracy": valid.accuracy, "averaged": averaged,
+                                         "seconds": time.time() - t0})
+                writer.add_scalar("valid/accuracy", valid.accuracy, epoch)
+                writer.add_scalar("valid/loss", valid.loss, epoch)
+                writer.add_scalar("train/epoch_accuracy", meter.accuracy, epoch)
+                writer.add_scalar("optim/averaged", float(averaged), epoch)
+                writer.flush()
+                pos.update({"epoch": epoch + 1, "batch": 0, "partial": (0.0, 0, 0)})
+                keeper.save()
+                log.info("epoch %d: train accuracy %.4f, valid accuracy %.4f (loss %.4f)%s (best %.4f at epoch "
+                         "%d)%s", epoch, meter.accuracy, valid.accuracy, valid.loss,
+                         " [averaged weights]" if averaged else "", best["accuracy"], best["epoch"],
+                         "; switching to averaged SGD (non-monotone trigger)" if switched else "")
+                bar.set_postfix(valid_acc=f"{valid.accuracy:.4f}")
+                if epoch < cfg.epochs:
+                    keeper.check_stop(f"after epoch {epoch}")
         bar.close()
         test = None
         if score_test:
             model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
             test = evaluate_sentences(model, data.test, cfg.eval_batch_size, device)
-            writer.add_scalar("test/accuracy", test.accuracy, best["epoch"])
-            writer.add_scalar("test/loss", test.loss, best["epoch"])
+            writer.add_scalar("test/accuracy", test.accuracy, state["best"]["epoch"])
+            writer.add_scalar("test/loss", test.loss, state["best"]["epoch"])
     finally:
         bar.close()
         writer.close()
-    wall = time.time() - start
+    wall, best = keeper.clock.now(), state["best"]
     metrics = {"task": "classification", "arch": cfg.arch, "best_valid_accuracy": best["accuracy"],
                "best_epoch": best["epoch"], "test_accuracy": test and test.accuracy,
-               "test_loss": test and test.loss, "test_sentences": test and test.count, "test_split": "GLUE dev (the GLUE test split has no labels)",
+               "test_loss": test and test.loss, "test_sentences": test and test.count,
+               "test_split": "GLUE dev (the GLUE test split has no labels)",
                "params": n_params, "epochs": cfg.epochs, "steps": state["step"],
-               "train_sentences": state["sentences"], "train_tokens": state["tokens"], "asgd_epoch": asgd_epoch,
-               "train_seconds": state["train_seconds"], "wall_seconds": wall, "device": str(device),
-               "genotype": genotype.to_dict(), "history": history}
+               "train_sentences": state["sentences"], "train_tokens": state["tokens"],
+               "asgd_epoch": state["asgd_epoch"], "train_seconds": state["train_seconds"], "wall_seconds": wall,
+               "device": str(device), "rollbacks": state["rollbacks"], "genotype": genotype.to_dict(),
+               "history": state["history"]}
     atomic_write_text(os.path.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
     tested = (f"test (GLUE dev) accuracy {test.accuracy:.4f} ({test.count} sentences)" if test is not None
               else "test split not scored")
     log.info("done in %.1f s: best valid accuracy %.4f (epoch %d), %s; %d params; %s", wall, best["accuracy"],
              best["epoch"], tested, n_params, os.path.join(run_dir, "metrics.json"))
     return metrics
+
+
+class _Position(NamedTuple):
+    """A classification loop's position (epoch, batch, partial figures) for the resume checkpoint."""
+
+    pos: dict
+
+    def snapshot(self) -> dict:
+        return {"position": dict(self.pos)}
+
+    def restore(self, ckpt: dict) -> None:
+        self.pos.update(ckpt["position"])
 
 
 def is_classification(cfg: DictConfig) -> bool:

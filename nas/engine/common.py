@@ -70,7 +70,8 @@ def tune_cpu_allocator() -> bool:
 
 
 def configure_runtime(cfg) -> torch.device:
-    """Apply a run config's ``num_threads`` and ``cpu_allocator`` settings; return its resolved device.
+    """Apply a run config's ``num_threads``, ``deterministic`` and ``cpu_allocator`` settings; return its resolved
+    device.
 
     Raises:
         ConfigError: for ``num_threads`` < 1 or an unusable ``device`` (see :func:`resolve_device`).
@@ -79,6 +80,10 @@ def configure_runtime(cfg) -> torch.device:
         raise ConfigError(f"num_threads must be >= 1 (or null for torch's default), got {cfg.num_threads}")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    if cfg.get("deterministic"):
+        # cuBLAS needs a fixed workspace for reproducible results; it must be set before its first use
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(bool(cfg.get("deterministic")))  # per run: a test's setting never leaks
     device = resolve_device(cfg.device)
     if device.type == "cpu" and cfg.tune_cpu_allocator and tune_cpu_allocator():
         log.debug("glibc allocator tuned: large blocks stay in the heap")

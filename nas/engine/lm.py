@@ -68,7 +68,7 @@ def weight_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: torch.
     Returns:
         ``(raw NLL in nats/token without AR/TAR, outgoing hidden [B, H] detached)``.
     Raises:
-        NonFiniteLossError: if the loss is NaN/inf; nothing has been updated then.
+        NonFiniteLossError: if the loss or the gradient norm is NaN/inf; nothing has been updated then.
     """
     optimizer.zero_grad(set_to_none=True)
     out = model(data, hidden, weights, targets)
@@ -79,7 +79,11 @@ def weight_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: torch.
         raise NonFiniteLossError(f"training loss became {loss_value} (lr {optimizer.param_groups[0]['lr']:.3g}); "
                                  f"lower lr or clip")
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    if not math.isfinite(norm.item()):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(f"the weights' gradient norm became {norm.item()} (loss {loss_value:.4g}, "
+                                 f"lr {optimizer.param_groups[0]['lr']:.3g}); lower lr or clip")
     optimizer.step()
     return raw_value, out.hidden.detach()
 
@@ -103,9 +107,16 @@ class EpochMeter:
     ``state`` is the run's dict with ``step`` and ``tokens`` counters (updated in place).
     """
 
-    def __init__(self, state: dict, writer, bar, log_every: int):
+    def __init__(self, state: dict, writer, bar, log_every: int, partial: tuple = (0.0, 0)):
+        """``partial``: ``(nll, tokens)`` of the epoch so far (a resumed epoch; see :meth:`partial`)."""
         self.state, self.writer, self.bar, self.log_every = state, writer, bar, log_every
-        self.nll, self.tokens, self.first = 0.0, 0, True
+        self.nll, self.tokens = partial
+        self.first = self.tokens == 0
+
+    @property
+    def partial(self) -> tuple:
+        """``(summed NLL, tokens)`` so far, to resume the epoch's figure from a checkpoint."""
+        return (self.nll, self.tokens)
 
     def record(self, raw: float, tokens: int, scalars: dict) -> None:
         """One step: raw NLL (nats/token) over ``tokens`` targets; ``scalars`` {tag: value} to log."""
@@ -127,6 +138,41 @@ class EpochMeter:
     def ppl(self) -> float:
         """Perplexity of the epoch so far (raw NLL, without AR/TAR)."""
         return perplexity(self.nll, max(self.tokens, 1))
+
+
+class LMLoop:
+    """Where a language-model training loop is (shared by search and retraining): the epoch, the segment
+    number in it and the next BPTT row, the hidden states carried across segments, and the epoch's partial
+    NLL -- what a resume checkpoint needs besides weights and optimizers."""
+
+    def __init__(self):
+        self.epoch, self.batch, self.row = 1, 0, 0
+        self.hidden = self.hidden_valid = None
+        self.partial = (0.0, 0)
+
+    def advance(self, seq_len: int, hidden, hidden_valid, partial: tuple) -> None:
+        """A segment of ``seq_len`` rows is done: the hidden states [B, H] after it, the epoch's (NLL, tokens)."""
+        self.batch += 1
+        self.row += seq_len
+        self.hidden, self.hidden_valid, self.partial = hidden, hidden_valid, partial
+
+    def next_epoch(self) -> None:
+        """The epoch is done: the next one starts at row 0 with fresh hidden states."""
+        self.epoch, self.batch, self.row = self.epoch + 1, 0, 0
+        self.hidden = self.hidden_valid = None
+        self.partial = (0.0, 0)
+
+    def snapshot(self, np_rng) -> dict:
+        """The checkpoint part: position, hidden states, partial NLL, and the data sampler ``np_rng``'s state."""
+        return {"position": {"epoch": self.epoch, "batch": self.batch, "row": self.row}, "hidden": self.hidden,
+                "hidden_valid": self.hidden_valid, "partial": self.partial, "np_rng": np_rng.bit_generator.state}
+
+    def restore(self, ckpt: dict, np_rng) -> None:
+        """Back to what :meth:`snapshot` saved (``np_rng`` is set to the saved state in place)."""
+        pos = ckpt["position"]
+        self.epoch, self.batch, self.row = pos["epoch"], pos["batch"], pos["row"]
+        self.hidden, self.hidden_valid, self.partial = ckpt["hidden"], ckpt["hidden_valid"], tuple(ckpt["partial"])
+        np_rng.bit_generator.state = ckpt["np_rng"]
 
 
 @dataclass(frozen=True)

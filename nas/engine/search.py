@@ -12,20 +12,18 @@ import json
 import logging
 import math
 import os
-import time
 from functools import partial
 from typing import NamedTuple, Optional
 
 import torch
 from omegaconf import OmegaConf
-from torch.utils.tensorboard import SummaryWriter
 
 from nas.data import bptt_segments, get_batch
-from nas.engine.common import (atomic_torch_save, compile_model, configure_runtime, rng_state, run_dir_from_hydra,
-                               seed_everything)
+from nas.engine.common import compile_model, configure_runtime, seed_everything
+from nas.engine.resume import Keeper, load_into, open_run, resume_config, start_run, stop_signals
 from nas.engine.asgd import SEARCH_OPTIMIZERS, make_optimizer, set_lr
-from nas.engine.lm import (EpochMeter, LMData, NonFiniteLossError, evaluate, lm_objective, prepare_lm_data,
-                           token_progress_bar, weight_step)
+from nas.engine.lm import (EpochMeter, LMData, LMLoop, NonFiniteLossError, evaluate, lm_objective,
+                           prepare_lm_data, token_progress_bar, weight_step)
 from nas.engine.blackbox import TrialLog
 from nas.engine.tb import log_alphas, log_genotype, log_genotype_figure
 from nas.atomic import atomic_write_text
@@ -77,16 +75,17 @@ def make_search_optimizer(cfg, model) -> torch.optim.Optimizer:
     return make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
 
 
-def search_step(setup: SearchSetup, cfg, train: Batch, valid: Batch):
+def search_step(setup: SearchSetup, cfg, train: Batch, valid: Batch, lr_scale: float = 1.0):
     """One bilevel step: α on the held-out segment, then the weights on the training segment.
 
-    The weight lr is ``cfg.lr * seq_len / bptt`` (AWD-LSTM sec. 4.1) for this step, and ξ of the
-    second-order update is that same lr (DARTS reference code).
+    The weight lr is ``cfg.lr * lr_scale * seq_len / bptt`` (AWD-LSTM sec. 4.1; ``lr_scale`` < 1 after a
+    ``nan_policy=rollback``) for this step, and ξ of the second-order update is that same lr (DARTS
+    reference code).
     Returns ``(raw training NLL in nats/token, hidden [B, H], hidden_valid [B, H])``, both detached.
     Raises:
         NonFiniteLossError: the training loss is NaN/inf (no weight update was made).
     """
-    lr = cfg.lr * train.data.size(0) / cfg.bptt
+    lr = cfg.lr * lr_scale * train.data.size(0) / cfg.bptt
     set_lr(setup.w_optimizer, lr)
     hidden_valid = setup.strategy.step(train, valid, lr)
     raw, hidden = weight_step(setup.model, setup.w_optimizer, train.data, train.targets, train.hidden, cfg.clip,
@@ -109,17 +108,15 @@ def _lrs(w_optimizer, strategy) -> dict:
 class OneShotOutputs:
     """What a one-shot search writes, shared by the language-model and the classification loops: after each
     epoch the derived genotype (``genotypes/epoch_NNN.json``), its ``trials.jsonl`` record, α heatmap, genotype
-    text and picture in TensorBoard, and the atomic ``checkpoint.pt``; at the end ``genotype.json`` and
-    ``genotype.png``.  All TensorBoard output goes through the run's one ``writer``."""
+    text and picture in TensorBoard; at the end ``genotype.json`` and ``genotype.png``.  All TensorBoard output goes through the run's one ``writer``."""
 
-    def __init__(self, run_dir: str, cfg, writer, space, model, strategy, w_optimizer, np_rng, metric: str,
-                 direction: str):
-        self.run_dir, self.cfg, self.writer, self.space = run_dir, cfg, writer, space
-        self.model, self.strategy, self.w_optimizer, self.np_rng = model, strategy, w_optimizer, np_rng
+    def __init__(self, run_dir: str, cfg, writer, space, strategy, metric: str, direction: str):
+        self.run_dir, self.cfg, self.writer, self.space, self.strategy = run_dir, cfg, writer, space, strategy
         self.trials = TrialLog(run_dir, cfg.strategy.name, metric, direction, cfg.seed, writer)
 
-    def epoch(self, epoch: int, step: int, genotype, value: float, seconds: float, tokens: int) -> None:
-        """Record the epoch's genotype and its validation ``value``, which cost ``seconds`` and ``tokens``."""
+    def epoch(self, epoch: int, genotype, value: float, seconds: float, tokens: int) -> None:
+        """Record the epoch's genotype and its validation ``value``, which cost ``seconds`` and ``tokens`` (the
+        caller then writes the resume checkpoint)."""
         genotype.save(os.path.join(self.run_dir, "genotypes", f"epoch_{epoch:03d}.json"))
         self.trials.add(genotype, value, seconds, tokens, epoch=epoch, supernet=True)
         if hasattr(self.strategy, "alphas"):
@@ -127,11 +124,6 @@ class OneShotOutputs:
         log_genotype(self.writer, genotype, epoch)
         log_genotype_figure(self.writer, genotype, epoch)
         self.writer.flush()
-        atomic_torch_save({"epoch": epoch, "step": step, "model": self.model.state_dict(),
-                           "strategy": self.strategy.state_dict(), "w_optimizer": self.w_optimizer.state_dict(),
-                           "rng": rng_state(), "np_rng": self.np_rng.bit_generator.state,
-                           "config": OmegaConf.to_container(self.cfg, resolve=True),
-                           "genotype": genotype.to_dict()}, os.path.join(self.run_dir, "checkpoint.pt"))
 
     def final(self):
         """Write the strategy's final genotype (``genotype.json``, ``genotype.png``) and return it."""
@@ -153,27 +145,33 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
     """Run a one-shot architecture search as configured; return the metrics written to ``metrics.json``.
 
     Args:
-        cfg: a composed :class:`nas.config.SearchConfig` (``conf/search.yaml``).
-        run_dir: output folder (default: the Hydra run directory).
-    A sentence-classification dataset (sst2) runs :func:`nas.engine.classify.search_classifier` instead.
-    Outputs in ``run_dir``: ``genotype.json`` (final), ``genotype.png`` (its DAG), ``genotypes/epoch_NNN.json``, ``metrics.json``,
-        ``checkpoint.pt``, ``tb/`` (TensorBoard events), ``config.yaml`` (resolved config).
+        cfg: a composed :class:`nas.config.SearchConfig` (``conf/search.yaml``); ``cfg.resume`` set: continue
+            that run dir from its checkpoint (:mod:`nas.engine.resume`).
+        run_dir: output folder (default: the Hydra run directory); refused if it already holds a run.
+    A sentence-classification dataset (sst2) runs :func:`nas.engine.classify.search_classifier` instead, a
+    black-box strategy :func:`nas.engine.blackbox.search_black_box`.
+    Outputs in ``run_dir``: ``genotype.json`` (final), ``genotype.png`` (its DAG), ``genotypes/epoch_NNN.json``,
+        ``metrics.json``, ``checkpoint.pt`` (resume state, every ``checkpoint_every`` steps and each epoch end),
+        ``tb/`` (TensorBoard events), ``config.yaml`` (resolved config).
     Raises:
-        nas.data.DataError: data missing or too small.  NonFiniteLossError: the loss became NaN/inf
-        (the last checkpoint is kept and nothing non-finite is written).
+        nas.data.DataError: data missing or too small.  NonFiniteLossError: the loss became NaN/inf under
+        ``nan_policy=stop`` (the last checkpoint is kept and nothing non-finite is written).
+        nas.engine.resume.Interrupted: SIGINT/SIGTERM (a checkpoint was written).  CheckpointError: a checkpoint
+        to resume from is damaged or does not fit.  ConfigError: a run dir that already holds a run.
     """
+    from nas.config import SearchConfig
     from nas.engine.classify import is_classification, search_classifier
 
+    if cfg.get("resume"):
+        cfg, _ = resume_config(cfg, SearchConfig)
     if STRATEGIES.get(cfg.strategy.name).kind == "black_box":
         from nas.engine.blackbox import search_black_box
 
         return search_black_box(cfg, run_dir)
     if is_classification(cfg):
         return search_classifier(cfg, run_dir)
-    run_dir = run_dir or run_dir_from_hydra()
-    os.makedirs(run_dir, exist_ok=True)
+    cfg, run_dir, resuming = open_run(cfg, run_dir, SearchConfig, "search.py")
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    atomic_write_text(os.path.join(run_dir, "config.yaml"), cfg_yaml)
     np_rng = seed_everything(cfg.seed)
     setup = build_search(cfg)
     data, space, model, strategy, w_optimizer = (setup.data, setup.space, setup.model, setup.strategy,
@@ -183,56 +181,79 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
     log.info("search: space=%s strategy=%s (unrolled=%s) on %s, device %s, %d weights, alphas %s, run dir %s",
              cfg.space.name, cfg.strategy.name, cfg.strategy.get("unrolled", False), cfg.dataset.name,
              device, n_params, _alpha_shape(strategy), run_dir)
-
-    writer = SummaryWriter(os.path.join(run_dir, "tb"))
-    writer.add_text("config", f"```\n{cfg_yaml}\n```", 0)
+    state = {"step": 0, "tokens": 0, "best_valid_ppl": math.inf, "history": [], "epoch_start": 0.0,
+             "epoch_tokens": 0}
+    loop = LMLoop()
+    keeper = Keeper(cfg, run_dir, "search_lm", "search.py", state,
+                    lambda: {"model": model.state_dict(), "strategy": strategy.state_dict(),
+                             "w_optimizer": w_optimizer.state_dict(), **loop.snapshot(np_rng)},
+                    lambda ck: (load_into("weights", run_dir, model, ck["model"]),
+                                load_into("architecture state (α)", run_dir, strategy, ck["strategy"]),
+                                load_into("weight optimizer state", run_dir, w_optimizer, ck["w_optimizer"]),
+                                loop.restore(ck, np_rng)),
+                    device, modules=(model, getattr(strategy, "alphas", None)))
+    writer = start_run(keeper, resuming, cfg_yaml)
     bar = token_progress_bar(cfg, data.train, "search")
-    state = {"step": 0, "tokens": 0, "best_valid_ppl": math.inf, "history": []}
-    outputs = OneShotOutputs(run_dir, cfg, writer, space, model, strategy, w_optimizer, np_rng, "valid_ppl",
-                             "minimize")
-    start = time.time()
+    bar.update(state["tokens"])
+    outputs = OneShotOutputs(run_dir, cfg, writer, space, strategy, "valid_ppl", "minimize")
+    outputs.trials.resume(keep=lambda r: r["epoch"] < loop.epoch)
     try:
-        for epoch in range(1, cfg.epochs + 1):
-            epoch_start, epoch_tokens = time.time(), state["tokens"]
-            train_ppl = _train_epoch(cfg, setup, np_rng, writer, bar, state)
-            select_path(strategy, lambda w, n: evaluate(model, data.valid, cfg.bptt, w,
-                                                        n if n is not None else cfg.limit_eval_batches).ppl)
-            valid = evaluate(model, data.valid, cfg.bptt, strategy.eval_weights(), cfg.limit_eval_batches)
-            genotype = strategy.export()
-            state["best_valid_ppl"] = min(state["best_valid_ppl"], valid.ppl)
-            state["history"].append({"epoch": epoch, "train_ppl": train_ppl, "valid_ppl": valid.ppl,
-                                     "genotype": genotype.to_dict()})
-            writer.add_scalar("valid/ppl", valid.ppl, epoch)
-            writer.add_scalar("valid/loss", valid.loss, epoch)
-            writer.add_scalar("train/epoch_ppl", train_ppl, epoch)
-            outputs.epoch(epoch, state["step"], genotype, valid.ppl, time.time() - epoch_start,
-                          state["tokens"] - epoch_tokens)
-            log.info("epoch %d: train ppl %.2f, valid ppl %.2f, genotype %s", epoch, train_ppl, valid.ppl, genotype)
-            bar.set_postfix(valid_ppl=f"{valid.ppl:.1f}")
+        with stop_signals():
+            while loop.epoch <= cfg.epochs:
+                try:
+                    epoch = loop.epoch
+                    if loop.batch == 0:
+                        state["epoch_start"], state["epoch_tokens"] = keeper.clock.now(), state["tokens"]
+                    train_ppl = _train_epoch(cfg, setup, np_rng, writer, bar, state, loop, keeper)
+                except NonFiniteLossError as err:
+                    keeper.on_non_finite(err, writer, bar)
+                    continue
+                select_path(strategy, lambda w, n: evaluate(model, data.valid, cfg.bptt, w,
+                                                            n if n is not None else cfg.limit_eval_batches).ppl)
+                valid = evaluate(model, data.valid, cfg.bptt, strategy.eval_weights(), cfg.limit_eval_batches)
+                genotype = strategy.export()
+                state["best_valid_ppl"] = min(state["best_valid_ppl"], valid.ppl)
+                state["history"].append({"epoch": epoch, "train_ppl": train_ppl, "valid_ppl": valid.ppl,
+                                         "genotype": genotype.to_dict()})
+                writer.add_scalar("valid/ppl", valid.ppl, epoch)
+                writer.add_scalar("valid/loss", valid.loss, epoch)
+                writer.add_scalar("train/epoch_ppl", train_ppl, epoch)
+                outputs.epoch(epoch, genotype, valid.ppl, keeper.clock.now() - state["epoch_start"],
+                              state["tokens"] - state["epoch_tokens"])
+                loop.next_epoch()
+                keeper.save()
+                log.info("epoch %d: train ppl %.2f, valid ppl %.2f, genotype %s", epoch, train_ppl, valid.ppl,
+                         genotype)
+                bar.set_postfix(valid_ppl=f"{valid.ppl:.1f}")
+                if epoch < cfg.epochs:
+                    keeper.check_stop(f"after epoch {epoch}")
         genotype = outputs.final()
     finally:
         bar.close()
         writer.close()
-    wall = time.time() - start
+    wall = keeper.clock.now()
     metrics = {"task": "language_modeling", "final_valid_ppl": state["history"][-1]["valid_ppl"],
                "best_valid_ppl": state["best_valid_ppl"],
                "epochs": cfg.epochs, "steps": state["step"], "train_tokens": state["tokens"],
                "wall_seconds": wall, "tokens_per_second": state["tokens"] / max(wall, 1e-9),
-               "params": n_params, "genotype": genotype.to_dict(), "history": state["history"]}
+               "params": n_params, "rollbacks": state["rollbacks"], "genotype": genotype.to_dict(),
+               "history": state["history"]}
     atomic_write_text(os.path.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
     log.info("done in %.1f s: genotype %s written to %s", wall, genotype, os.path.join(run_dir, "genotype.json"))
     return metrics
 
 
-def _train_epoch(cfg, setup: SearchSetup, np_rng, writer, bar, state) -> float:
-    """One pass over the training split; returns its training perplexity (raw NLL, no AR/TAR)."""
+def _train_epoch(cfg, setup: SearchSetup, np_rng, writer, bar, state, loop: LMLoop, keeper) -> float:
+    """The rest of the current epoch from ``loop``'s position; returns the epoch's training perplexity (raw
+    NLL, no AR/TAR).  Checkpoints and stop requests go through ``keeper`` after every step."""
     model, data, strategy = setup.model, setup.data, setup.strategy
     model.train()
-    hidden = model.init_hidden(cfg.batch_size)
-    hidden_valid = model.init_hidden(cfg.batch_size)
-    meter = EpochMeter(state, writer, bar, cfg.log_every)
-    segments = bptt_segments(data.train, cfg.bptt, variable=True, rng=np_rng, max_len=cfg.bptt + cfg.max_seq_len_delta)
-    for n, (i, seq_len) in enumerate(segments):
+    hidden = loop.hidden if loop.hidden is not None else model.init_hidden(cfg.batch_size)
+    hidden_valid = loop.hidden_valid if loop.hidden_valid is not None else model.init_hidden(cfg.batch_size)
+    meter = EpochMeter(state, writer, bar, cfg.log_every, loop.partial)
+    segments = bptt_segments(data.train, cfg.bptt, variable=True, rng=np_rng,
+                             max_len=cfg.bptt + cfg.max_seq_len_delta, start=loop.row)
+    for n, (i, seq_len) in enumerate(segments, loop.batch):
         if cfg.limit_train_batches and n >= cfg.limit_train_batches:
             break
         data_t, targets_t = get_batch(data.train, i, seq_len)
@@ -240,9 +261,11 @@ def _train_epoch(cfg, setup: SearchSetup, np_rng, writer, bar, state) -> float:
         data_v, targets_v = get_batch(data.search, i % (data.search.size(0) - 1), cfg.bptt)
         try:
             raw, hidden, hidden_valid = search_step(setup, cfg, Batch(data_t, targets_t, hidden),
-                                                    Batch(data_v, targets_v, hidden_valid))
+                                                    Batch(data_v, targets_v, hidden_valid), state["lr_scale"])
         except NonFiniteLossError as err:
-            raise NonFiniteLossError(f"step {state['step']}: {err}; the last checkpoint was kept") from None
+            raise NonFiniteLossError(f"step {state['step'] + 1}: {err}") from None
         meter.record(raw, targets_t.numel(), _lrs(setup.w_optimizer, strategy))
+        loop.advance(seq_len, hidden, hidden_valid, meter.partial)
+        keeper.step_done(f"at step {state['step']} (epoch {loop.epoch})")
     set_lr(setup.w_optimizer, cfg.lr)
     return meter.ppl

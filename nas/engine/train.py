@@ -19,17 +19,17 @@ from typing import NamedTuple, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from nas.data import bptt_segments, get_batch
 from nas.engine.asgd import (OPTIMIZERS, averaged_weights, is_averaging, make_asgd, make_optimizer, nonmono_trigger,
                              set_lr)
 from nas.engine.common import (CheckpointError, absolute_path, atomic_torch_save, compile_model, configure_runtime,
-                               load_checkpoint, run_dir_from_hydra, seed_everything)
-from nas.engine.lm import (EpochMeter, EvalResult, NonFiniteLossError, evaluate, prepare_lm_data,
+                               load_checkpoint, seed_everything)
+from nas.engine.lm import (EpochMeter, EvalResult, LMLoop, NonFiniteLossError, evaluate, prepare_lm_data,
                            token_progress_bar, weight_step)
-from nas.engine.tb import log_genotype, log_genotype_figure
+from nas.engine.resume import open_run, retrain_keeper, start_run, stop_signals
+from nas.engine.tb import log_genotype_figure
 from nas.atomic import atomic_write_text
 from nas.genotype import Genotype, GenotypeError
 from nas.published import resolve_arch
@@ -71,20 +71,21 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
         nas.data.DataError: data missing or too small.  ValueError: an invalid setting.
         NonFiniteLossError: the training loss became NaN/inf (``best.pt`` is kept).
     """
-    start = time.time()
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.structured(cfg)
+    from nas.config import TrainConfig
+
+    cfg, run_dir, resuming = open_run(cfg, run_dir, TrainConfig, "train.py")
     _check(cfg)
-    run_dir = run_dir or run_dir_from_hydra()
-    os.makedirs(run_dir, exist_ok=True)
-    genotype, arch_desc = resolve_arch(cfg.arch, base_dir=absolute_path("."))
+    # a resumed run retrains the genotype it saved (the arch path may be gone or relative to another dir)
+    arch = run_dir if cfg.get("resume") else cfg.arch
+    genotype, arch_desc = resolve_arch(arch, base_dir=absolute_path("."))
     space = build_space(cfg.space)
     try:
         space.check_genotype(genotype)
     except GenotypeError as err:
         raise GenotypeError(f"arch={cfg.arch} ({arch_desc}): {err}") from None
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    atomic_write_text(os.path.join(run_dir, "config.yaml"), cfg_yaml)
     genotype.save(os.path.join(run_dir, "genotype.json"))
     from nas.engine.classify import is_classification, train_classifier
 
@@ -101,66 +102,85 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     log.info("train: arch %s\n  genotype %s\n  %d parameters, %s, device %s, run dir %s",
              arch_desc, genotype, n_params, cfg.dataset.name, device, run_dir)
-
-    writer = SummaryWriter(os.path.join(run_dir, "tb"))
-    writer.add_text("config", f"```\n{cfg_yaml}\n```", 0)
-    log_genotype(writer, genotype, 0)
-    log_genotype_figure(writer, genotype, 0, os.path.join(run_dir, "genotype.png"))
-    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
+    opt = {"optimizer": make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)}
     eval_bptt = cfg.eval_bptt or cfg.bptt
-    state = {"step": 0, "tokens": 0, "train_seconds": 0.0}
-    history, val_losses = [], []
-    best = {"loss": math.inf, "epoch": None, "ppl": math.inf}
-    asgd_epoch = 0 if cfg.optimizer == "asgd" else None
+    state = {"step": 0, "tokens": 0, "train_seconds": 0.0, "history": [], "val_losses": [],
+             "best": {"loss": math.inf, "epoch": None, "ppl": math.inf},
+             "asgd_epoch": 0 if cfg.optimizer == "asgd" else None}
     best_path = os.path.join(run_dir, BEST_CHECKPOINT)
+    loop = LMLoop()
+
+    keeper = retrain_keeper(cfg, run_dir, "train_lm", state, model, opt, _Position(loop, np_rng), device)
+    writer = start_run(keeper, resuming, cfg_yaml, genotype)
+    log_genotype_figure(writer, genotype, 0, os.path.join(run_dir, "genotype.png"))
     bar = token_progress_bar(cfg, data.train, "train")
+    bar.update(state["tokens"])
+    valid = None
     try:
-        for epoch in range(1, cfg.epochs + 1):
-            t0 = time.time()
-            train_ppl = _train_epoch(cfg, model, optimizer, data.train, np_rng, writer, bar, state)
-            state["train_seconds"] += time.time() - t0
-            averaged = is_averaging(optimizer)
-            valid = evaluate_lm(model, data.valid, eval_bptt, optimizer, cfg.limit_eval_batches)
-            loss = valid.loss if math.isfinite(valid.loss) else math.inf
-            if loss < best["loss"] or best["epoch"] is None:
-                best = {"loss": loss, "epoch": epoch, "ppl": valid.ppl}
-                with averaged_weights(model, optimizer):
-                    _save_best(best_path, model, genotype, cfg, data.ntoken, n_params, epoch, valid, averaged)
-            switched = False
-            if cfg.optimizer == "ntasgd" and not averaged and nonmono_trigger(val_losses, loss, cfg.nonmono):
-                optimizer, asgd_epoch, switched = make_asgd(model.parameters(), cfg.lr, cfg.weight_decay), epoch, True
-            if not averaged:
-                val_losses.append(loss)  # the trigger compares SGD-phase losses only, as AWD-LSTM / DARTS
-            history.append({"epoch": epoch, "train_ppl": train_ppl, "valid_ppl": valid.ppl,
-                            "valid_loss": valid.loss, "averaged": averaged, "seconds": time.time() - t0})
-            writer.add_scalar("valid/ppl", valid.ppl, epoch)
-            writer.add_scalar("valid/loss", valid.loss, epoch)
-            writer.add_scalar("train/epoch_ppl", train_ppl, epoch)
-            writer.add_scalar("optim/averaged", float(averaged), epoch)
-            writer.flush()
-            log.info("epoch %d: train ppl %.2f, valid ppl %.2f%s (best %.2f at epoch %d)%s", epoch, train_ppl,
-                     valid.ppl, " [averaged weights]" if averaged else "", best["ppl"], best["epoch"],
-                     "; switching to averaged SGD (non-monotone trigger)" if switched else "")
-            bar.set_postfix(valid_ppl=f"{valid.ppl:.1f}")
+        with stop_signals():
+            while loop.epoch <= cfg.epochs:
+                epoch, t0 = loop.epoch, time.time()
+                try:
+                    train_ppl = _train_epoch(cfg, model, opt["optimizer"], data.train, np_rng, writer, bar, state,
+                                             loop, keeper)
+                except NonFiniteLossError as err:
+                    state["train_seconds"] += time.time() - t0
+                    keeper.on_non_finite(err, writer, bar)
+                    continue
+                state["train_seconds"] += time.time() - t0
+                optimizer = opt["optimizer"]
+                averaged = is_averaging(optimizer)
+                valid = evaluate_lm(model, data.valid, eval_bptt, optimizer, cfg.limit_eval_batches)
+                loss = valid.loss if math.isfinite(valid.loss) else math.inf
+                best = state["best"]
+                if loss < best["loss"] or best["epoch"] is None:
+                    state["best"] = best = {"loss": loss, "epoch": epoch, "ppl": valid.ppl}
+                    with averaged_weights(model, optimizer):
+                        _save_best(best_path, model, genotype, cfg, data.ntoken, n_params, epoch, valid, averaged)
+                switched = False
+                if cfg.optimizer == "ntasgd" and not averaged and nonmono_trigger(state["val_losses"], loss,
+                                                                                  cfg.nonmono):
+                    opt["optimizer"] = make_asgd(model.parameters(), cfg.lr, cfg.weight_decay)
+                    state["asgd_epoch"], switched = epoch, True
+                if not averaged:
+                    state["val_losses"].append(loss)  # the trigger compares SGD-phase losses, as AWD-LSTM / DARTS
+                state["history"].append({"epoch": epoch, "train_ppl": train_ppl, "valid_ppl": valid.ppl,
+                                         "valid_loss": valid.loss, "averaged": averaged,
+                                         "seconds": time.time() - t0})
+                writer.add_scalar("valid/ppl", valid.ppl, epoch)
+                writer.add_scalar("valid/loss", valid.loss, epoch)
+                writer.add_scalar("train/epoch_ppl", train_ppl, epoch)
+                writer.add_scalar("optim/averaged", float(averaged), epoch)
+                writer.flush()
+                loop.next_epoch()
+                keeper.save()
+                log.info("epoch %d: train ppl %.2f, valid ppl %.2f%s (best %.2f at epoch %d)%s", epoch, train_ppl,
+                         valid.ppl, " [averaged weights]" if averaged else "", best["ppl"], best["epoch"],
+                         "; switching to averaged SGD (non-monotone trigger)" if switched else "")
+                bar.set_postfix(valid_ppl=f"{valid.ppl:.1f}")
+                if epoch < cfg.epochs:
+                    keeper.check_stop(f"after epoch {epoch}")
         bar.close()
         t0, test = time.time(), None
         if score_test:
             test = _test_best(cfg, model, best_path, data.test, eval_bptt, device)
-            writer.add_scalar("test/ppl", test.ppl, best["epoch"])
+            writer.add_scalar("test/ppl", test.ppl, state["best"]["epoch"])
         test_seconds = time.time() - t0
     finally:
         bar.close()
         writer.close()
-    wall = time.time() - start
+    wall, best = keeper.clock.now(), state["best"]
+    if valid is None:  # resumed after the last epoch had finished: the best checkpoint holds its figures
+        valid = EvalResult(*(lambda ck: (ck["valid_nll"], ck["valid_tokens"]))(load_checkpoint(best_path)))
     metrics = {
         "arch": cfg.arch, "best_valid_ppl": best["ppl"], "best_epoch": best["epoch"], "test_ppl": test and test.ppl,
         "test_loss": test and test.loss, "test_tokens": test and test.tokens, "valid_tokens": valid.tokens,
-        "exact_eval": _whole(valid, data.valid) and (test is None or _whole(test, data.test)), "params": n_params, "epochs": cfg.epochs,
-        "steps": state["step"], "train_tokens": state["tokens"], "asgd_epoch": asgd_epoch,
-        "tokens_per_second": state["tokens"] / max(state["train_seconds"], 1e-9),
+        "exact_eval": _whole(valid, data.valid) and (test is None or _whole(test, data.test)), "params": n_params,
+        "epochs": cfg.epochs, "steps": state["step"], "train_tokens": state["tokens"],
+        "asgd_epoch": state["asgd_epoch"], "tokens_per_second": state["tokens"] / max(state["train_seconds"], 1e-9),
         "train_seconds": state["train_seconds"], "test_seconds": test_seconds, "wall_seconds": wall,
         "test_batch_size": cfg.test_batch_size, "eval_batch_size": cfg.eval_batch_size, "device": str(device),
-        "genotype": genotype.to_dict(), "history": history,
+        "rollbacks": state["rollbacks"], "genotype": genotype.to_dict(), "history": state["history"],
     }
     atomic_write_text(os.path.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
     tested = (f"test ppl {test.ppl:.2f} ({test.tokens} tokens, batch {cfg.test_batch_size}, {test_seconds:.1f} s)"
@@ -170,24 +190,41 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
     return metrics
 
 
-def _train_epoch(cfg, model, optimizer, source, np_rng, writer, bar, state) -> float:
-    """One pass over the training split [T, B]; returns its perplexity (raw NLL, without AR/TAR)."""
+class _Position(NamedTuple):
+    """The LM loop's position for :func:`nas.engine.resume.retrain_keeper`."""
+
+    loop: LMLoop
+    np_rng: object
+
+    def snapshot(self) -> dict:
+        return self.loop.snapshot(self.np_rng)
+
+    def restore(self, ckpt: dict) -> None:
+        self.loop.restore(ckpt, self.np_rng)
+
+
+def _train_epoch(cfg, model, optimizer, source, np_rng, writer, bar, state, loop: LMLoop, keeper) -> float:
+    """The rest of the current epoch over the training split [T, B] from ``loop``'s position; returns the
+    epoch's perplexity (raw NLL, without AR/TAR).  Checkpoints and stop requests go through ``keeper``."""
     model.train()
-    hidden = model.init_hidden(cfg.batch_size)
-    meter = EpochMeter(state, writer, bar, cfg.log_every)
-    segments = bptt_segments(source, cfg.bptt, variable=True, rng=np_rng, max_len=cfg.bptt + cfg.max_seq_len_delta)
-    for n, (i, seq_len) in enumerate(segments):
+    hidden = loop.hidden if loop.hidden is not None else model.init_hidden(cfg.batch_size)
+    meter = EpochMeter(state, writer, bar, cfg.log_every, loop.partial)
+    segments = bptt_segments(source, cfg.bptt, variable=True, rng=np_rng, max_len=cfg.bptt + cfg.max_seq_len_delta,
+                             start=loop.row)
+    for n, (i, seq_len) in enumerate(segments, loop.batch):
         if cfg.limit_train_batches and n >= cfg.limit_train_batches:
             break
         data, targets = get_batch(source, i, seq_len)
-        lr = cfg.lr * data.size(0) / cfg.bptt  # AWD-LSTM: longer segments take a larger step
+        lr = cfg.lr * state["lr_scale"] * data.size(0) / cfg.bptt  # AWD-LSTM: longer segments, larger steps
         set_lr(optimizer, lr)
         try:
             raw_value, hidden = weight_step(model, optimizer, data, targets, hidden, cfg.clip, cfg.ar_alpha,
                                             cfg.tar_beta)
         except NonFiniteLossError as err:
-            raise NonFiniteLossError(f"step {state['step']}: {err}; the best checkpoint so far was kept") from None
+            raise NonFiniteLossError(f"step {state['step'] + 1}: {err}") from None
         meter.record(raw_value, targets.numel(), {"lr": lr})
+        loop.advance(seq_len, hidden, None, meter.partial)
+        keeper.step_done(f"at step {state['step']} (epoch {loop.epoch})")
     set_lr(optimizer, cfg.lr)
     return meter.ppl
 

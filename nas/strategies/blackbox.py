@@ -154,6 +154,7 @@ class BayesianStrategy:
             # a shared study: workers started with the same seed would propose the same genotypes in the same
             # order, so each seeds its sampler apart (a multi-worker study is not reproducible anyway)
             seed = int.from_bytes(os.urandom(4), "little") ^ seed
+        self.seed = seed
         sampler = _sampler(cfg, seed)
         storage = cfg.storage or f"sqlite:///{os.path.join(os.path.abspath(run_dir or '.'), 'study.db')}"
         try:
@@ -169,12 +170,13 @@ class BayesianStrategy:
             raise ConfigError(f"strategy.storage={cfg.storage!r}: cannot open the Optuna study "
                               f"({type(err).__name__}: {err})") from None
         if not cfg.storage:
-            # this run's own study (resumed when the run dir is reused): a trial left RUNNING was killed with
-            # its process (nobody else uses this study), and the sampler must not replay the proposals it
-            # made before, so it is reseeded past them
+            # this run's own study, resumed: a trial left RUNNING was interrupted with its process (nobody else
+            # uses this study).  It is marked failed and interrupted, and its genotype is proposed again next,
+            # so the resumed run evaluates exactly what an uninterrupted one would have (see `ask`).
             for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                if t.user_attrs.get("proposed") and len(t.params) == len(self.decisions):
+                    self.study.enqueue_trial(dict(t.params), user_attrs={"resumes": t.number})
                 self.study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-            self.study.sampler = _sampler(cfg, seed + len(self.study.trials))
         if self.study.direction.name.lower() != direction:
             raise ConfigError(f"study {cfg.study_name!r} in {storage} was created to {self.study.direction.name.lower()}"
                               f", this run needs to {direction}")
@@ -183,6 +185,14 @@ class BayesianStrategy:
         """The study's next proposal (a new Optuna trial).  ``known`` is set when an identical genotype has a
         finished trial in the study (by any worker); when an earlier trial of another worker is still training
         it, this waits for its result rather than training the same genotype twice."""
+        # the sampler's random state is a function of the seed and of how many proposals came before (an
+        # interrupted one that is proposed again not counted), not of the process's history: a resumed study proposes what an uninterrupted one would
+        import optuna
+
+        trials = self.study.get_trials(deepcopy=False)
+        resumed = {t.user_attrs.get("resumes") for t in trials} - {None}
+        done = sum(1 for t in trials if t.state != optuna.trial.TrialState.WAITING and t.number not in resumed)
+        self.study.sampler = _sampler(self.cfg, int(np.random.SeedSequence([self.seed, done]).generate_state(1)[0]))
         trial = self.study.ask()
         choice = {name: trial.suggest_categorical(name, list(choices)) for name, choices in self.decisions}
         trial.set_user_attr("proposed", True)  # its params are complete: other workers may compare with them

@@ -141,9 +141,15 @@ class DartsStrategy:
         ``train`` / ``valid``: :class:`Batch` (language models) or :class:`SentenceInputs` (classifiers).
         Returns the held-out hidden state after ``valid`` [B, H], detached, to carry to the next segment
         (None for a classifier).
+        Raises:
+            nas.engine.lm.NonFiniteLossError: the hypergradient is NaN/inf (α is left unchanged).
         """
         self.optimizer.zero_grad(set_to_none=True)
         grad, hidden = self.arch_gradient(train, valid, eta)
+        if not bool(torch.isfinite(grad).all()):
+            from nas.engine.lm import NonFiniteLossError
+
+            raise NonFiniteLossError("the α gradient became non-finite (α was not updated); lower lr or arch_lr")
         self.alphas.grad = grad
         self.optimizer.step()
         return hidden

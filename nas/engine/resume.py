@@ -1,0 +1,428 @@
+"""Resumable runs: the resume checkpoint, ``resume=<run dir>``, stop signals, the non-finite policy, run dirs.
+
+Every search and retraining run keeps one resume checkpoint, ``checkpoint.pt`` in its run dir, holding all it
+needs to go on as if nothing had happened: weights, α, both optimizers' states (ASGD's averages included), the
+epoch, step and data position (next BPTT row and the data sampler's state), the hidden states carried across
+segments, every random state (python, numpy, torch, CUDA), the run's counters and history, and the TensorBoard
+step.  It is written every ``checkpoint_every`` steps and at each epoch end, atomically (temporary file, fsync,
+rename); the one it replaces is kept as ``checkpoint.prev.pt``.  Nothing non-finite is ever written.
+
+* ``resume=<run dir>`` continues that run in its own dir, with the config it was started with
+  (``config.yaml``); only ``num_threads``, ``progress`` and ``device`` may be given anew.
+* SIGINT / SIGTERM: the current step finishes, a checkpoint is written, and the run exits (status 128 + signal)
+  with the command that resumes it.  A second SIGINT stops at once (the last checkpoint stays).
+* A NaN/inf loss or gradient: ``nan_policy=stop`` (default) ends with a clear error, keeping the last good
+  checkpoint; ``rollback`` reloads it, halves the learning rate and goes on (logged; at most
+  ``MAX_ROLLBACKS`` times in a run).
+* A run dir already holding a run is refused unless resumed: results of two runs are never mixed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from nas.atomic import atomic_write
+from nas.engine.common import CheckpointError, load_checkpoint
+from nas.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"
+NAN_POLICIES = ("stop", "rollback")
+#: ``nan_policy=rollback`` gives up after this many rollbacks in one run (the lr is then 1/256 of its value)
+MAX_ROLLBACKS = 8
+#: settings ``resume=`` accepts anew (they change neither what is computed on CPU nor the results' meaning)
+RUNTIME_KEYS = ("num_threads", "progress", "device")
+_CHECKPOINT_VERSION = 1
+
+
+class Interrupted(Exception):  # noqa: N818 (it is not an error: the run stopped on request)
+    """The run stopped on SIGINT/SIGTERM after writing a checkpoint; ``exit_code`` = 128 + the signal number."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class RollbackLimit(FloatingPointError):
+    """``nan_policy=rollback`` rolled back ``MAX_ROLLBACKS`` times and the loss is still not finite."""
+
+
+# -- stop signals --------------------------------------------------------------------------------------------
+_stop = {"signal": None, "depth": 0, "previous": {}}
+
+
+def _on_signal(signum, frame):
+    if _stop["signal"] is not None and signum == signal.SIGINT:
+        raise KeyboardInterrupt  # a second Ctrl-C: stop now (the last checkpoint stays)
+    _stop["signal"] = signum
+    log.warning("%s received: finishing the current step, then writing a checkpoint (Ctrl-C again to stop now)",
+                signal.Signals(signum).name)
+
+
+@contextmanager
+def stop_signals() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM only set a flag (see :func:`stop_requested`); nested blocks share it.
+
+    Handlers can only be installed from the main thread; elsewhere the block is a no-op.
+    """
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    if main and _stop["depth"] == 0:
+        _stop["signal"] = None
+        for s in (signal.SIGINT, signal.SIGTERM):
+            _stop["previous"][s] = signal.signal(s, _on_signal)
+    _stop["depth"] += 1
+    try:
+        yield
+    finally:
+        _stop["depth"] -= 1
+        if main and _stop["depth"] == 0:
+            for s, handler in _stop["previous"].items():
+                signal.signal(s, handler)
+            _stop["previous"].clear()
+
+
+def stop_requested() -> Optional[int]:
+    """The signal number of a pending stop request, or None."""
+    return _stop["signal"]
+
+
+def interrupted(run_dir: str, script: str, where: str, saved: Optional[str] = None) -> Interrupted:
+    """The :class:`Interrupted` to raise once the state of ``run_dir`` is saved (``saved`` says what was;
+    default: its checkpoint)."""
+    signum = _stop["signal"] or signal.SIGINT
+    name = signal.Signals(signum).name
+    saved = saved or f"checkpoint {os.path.join(run_dir, CHECKPOINT)} written"
+    return Interrupted(f"{name}: stopped {where}; {saved}. Resume with: python {script} resume={run_dir}",
+                       128 + int(signum))
+
+
+# -- random states ---------------------------------------------------------------------------------------------
+def capture_rng() -> dict:
+    """Python's, numpy's global, torch's CPU and every CUDA device's random state."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore_rng(state: dict) -> None:
+    """Put back what :func:`capture_rng` returned (CUDA states only where CUDA is available)."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+# -- checkpoint files ------------------------------------------------------------------------------------------
+def all_finite(*modules_or_tensors) -> bool:
+    """True when every parameter of the given modules (or the given tensors) is finite."""
+    for m in modules_or_tensors:
+        if m is None:
+            continue
+        tensors = m.parameters() if isinstance(m, torch.nn.Module) else [m]
+        for t in tensors:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return False
+    return True
+
+
+def save_resume_checkpoint(run_dir: str, state: dict) -> str:
+    """Write ``state`` as the run's ``checkpoint.pt`` atomically, keeping the one it replaces as
+    ``checkpoint.prev.pt``.  Returns the path.
+
+    Raises:
+        CheckpointError: the file could not be written (e.g. a full disk); the previous checkpoint is intact.
+    """
+    path, prev = os.path.join(run_dir, CHECKPOINT), os.path.join(run_dir, PREVIOUS)
+    state = {"version": _CHECKPOINT_VERSION, **state}
+
+    def write(f):
+        torch.save(state, f)
+
+    try:
+        if os.path.isfile(path):
+            # a hard link keeps the current checkpoint reachable as `prev` while `path` is replaced
+            if os.path.lexists(prev):
+                os.remove(prev)
+            try:
+                os.link(path, prev)
+            except OSError:  # a filesystem without hard links: keep no previous copy
+                pass
+        atomic_write(path, write)
+    except OSError as err:
+        raise CheckpointError(f"cannot write checkpoint {path} ({err}); the previous checkpoint is intact "
+                              f"(free space and resume with resume={run_dir})") from None
+    return path
+
+
+def load_resume_checkpoint(run_dir: str, kind: str, device: Optional[torch.device] = None) -> dict:
+    """Load the resume checkpoint of ``run_dir`` and check it was written by a run of ``kind``.
+
+    Raises:
+        CheckpointError: none there, corrupt or truncated (the error names the intact previous one, if any),
+        or written by another kind of run.
+    """
+    path, prev = os.path.join(run_dir, CHECKPOINT), os.path.join(run_dir, PREVIOUS)
+    try:
+        ckpt = load_checkpoint(path, map_location=device or torch.device("cpu"))
+    except CheckpointError as err:
+        hint = ""
+        if os.path.isfile(prev):
+            try:
+                older = load_checkpoint(prev, map_location=torch.device("cpu"))
+                hint = (f"; the previous checkpoint {prev} (step {older.get('state', {}).get('step', '?')}) is "
+                        f"intact: `mv {prev} {path}` to resume from it")
+            except CheckpointError:
+                pass
+        raise CheckpointError(f"cannot resume {run_dir}: {err}{hint}") from None
+    if ckpt.get("kind") != kind or ckpt.get("version") != _CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} is not a resume checkpoint of a {kind} run (kind {ckpt.get('kind')!r}, "
+                              f"version {ckpt.get('version')!r})")
+    return ckpt
+
+
+def load_into(what: str, path: str, target, state) -> None:
+    """``target.load_state_dict(state)``, turning a mismatch into a CheckpointError that names ``what``."""
+    try:
+        target.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{path}: the {what} in the checkpoint do not fit this run ({err})") from None
+
+
+# -- run dirs and configs ---------------------------------------------------------------------------------------
+def run_dir_status(run_dir: str) -> Optional[str]:
+    """``finished`` (metrics.json), ``unfinished`` (a checkpoint or trials record without metrics), or None."""
+    if os.path.isfile(os.path.join(run_dir, "metrics.json")):
+        return "finished"
+    if any(os.path.isfile(os.path.join(run_dir, f)) for f in (CHECKPOINT, "trials.jsonl")):
+        return "unfinished"
+    return None
+
+
+def check_fresh_run_dir(run_dir: str, script: str) -> None:
+    """Refuse to start a new run in a dir that already holds one (results are never mixed).
+
+    Raises:
+        ConfigError: naming the dir, what it holds, and what to do instead.
+    """
+    status = run_dir_status(run_dir)
+    if status == "finished":
+        raise ConfigError(f"run dir {run_dir} already holds a finished run (metrics.json); choose another "
+                          "hydra.run.dir (a new run never overwrites an old one)")
+    if status == "unfinished":
+        raise ConfigError(f"run dir {run_dir} already holds an unfinished run; continue it with "
+                          f"`python {script} resume={run_dir}` or choose another hydra.run.dir")
+
+
+def resume_config(cfg, schema, given=RUNTIME_KEYS):
+    """The config to resume ``cfg.resume`` with: that run's ``config.yaml`` (checked against ``schema``), with
+    the :data:`RUNTIME_KEYS` in ``given`` and ``resume`` taken from ``cfg`` (the command line passes only the
+    ones it sets: the others keep their saved values, so a resumed CPU run keeps its thread count and stays
+    bit-identical).  Returns ``(config, run_dir)``.
+
+    Raises:
+        ConfigError: no such run dir, no config in it, or a config that does not fit the schema; or the run there
+        has already finished.
+    """
+    from omegaconf.errors import OmegaConfBaseException
+
+    from nas.engine.common import absolute_path
+
+    run_dir = absolute_path(cfg.resume)
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isdir(run_dir):
+        raise ConfigError(f"resume={cfg.resume}: no such run dir")
+    if not os.path.isfile(path):
+        raise ConfigError(f"resume={cfg.resume}: {path} is missing, so this is not a run dir of search.py/train.py")
+    if run_dir_status(run_dir) == "finished":
+        raise ConfigError(f"resume={cfg.resume}: that run has finished (metrics.json); nothing to resume")
+    try:
+        saved = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path))
+    except (OmegaConfBaseException, OSError, ValueError) as err:
+        raise ConfigError(f"resume={cfg.resume}: {path} is not a valid run config ({err})") from None
+    for key in given:
+        saved[key] = cfg[key]
+    saved.resume = run_dir
+    return saved, run_dir
+
+
+def check_nan_policy(cfg) -> None:
+    if cfg.nan_policy not in NAN_POLICIES:
+        raise ConfigError(f"nan_policy={cfg.nan_policy!r}; valid: {', '.join(NAN_POLICIES)}")
+    if cfg.checkpoint_every < 0:
+        raise ConfigError(f"checkpoint_every must be >= 0 (0: at epoch ends only), got {cfg.checkpoint_every}")
+
+
+def open_run(cfg, run_dir: Optional[str], schema, script: str):
+    """Start or resume a run: ``(config, run dir, checkpoint or None)``.
+
+    A fresh run (``resume`` unset) gets ``run_dir`` (default: Hydra's), refused if it already holds a run
+    (:func:`check_fresh_run_dir`), and its resolved ``config.yaml``.  ``resume=<dir>`` returns that run's own
+    config (:func:`resume_config`); the caller restores the checkpoint (a run killed before its first
+    checkpoint starts over in its dir).
+    """
+    from nas.atomic import atomic_write_text
+    from nas.engine.common import run_dir_from_hydra
+
+    if cfg.get("resume"):
+        cfg, run_dir = resume_config(cfg, schema)
+        return cfg, run_dir, os.path.isfile(os.path.join(run_dir, CHECKPOINT))
+    run_dir = os.path.abspath(run_dir or run_dir_from_hydra())
+    check_fresh_run_dir(run_dir, script)
+    os.makedirs(run_dir, exist_ok=True)
+    atomic_write_text(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
+    return cfg, run_dir, False
+
+
+class Clock:
+    """Wall seconds of a run across resumes: ``now()`` = seconds before the resume + seconds since."""
+
+    def __init__(self, before: float = 0.0):
+        import time
+
+        self._t0, self.before = time.time(), before
+
+    def now(self) -> float:
+        import time
+
+        return self.before + time.time() - self._t0
+
+
+class Keeper:
+    """The resume checkpoint of one run: periodic and epoch-end saves, stop requests, resume and rollback.
+
+    ``snapshot()`` returns the engine's part of a checkpoint (weights, optimizers, data position...);
+    ``restore(ckpt)`` puts it back.  ``state`` is the run's counter dict (``step`` required); ``lr_scale`` and
+    ``rollbacks`` are kept in it for ``nan_policy=rollback``.
+    """
+
+    def __init__(self, cfg, run_dir: str, kind: str, script: str, state: dict, snapshot, restore,
+                 device: Optional[torch.device] = None, modules=()):
+        check_nan_policy(cfg)
+        self.cfg, self.run_dir, self.kind, self.script = cfg, run_dir, kind, script
+        self.state, self.snapshot, self.restore, self.device = state, snapshot, restore, device
+        self.modules = modules
+        state.setdefault("lr_scale", 1.0)
+        state.setdefault("rollbacks", 0)
+        state.setdefault("elapsed", 0.0)
+        self.clock = Clock()
+        self.last_saved_step = None
+
+    def save(self) -> None:
+        """Write the checkpoint now (nothing non-finite: raises NonFiniteLossError instead)."""
+        from nas.engine.lm import NonFiniteLossError
+
+        if not all_finite(*self.modules):
+            raise NonFiniteLossError(f"step {self.state['step']}: the weights became non-finite")
+        self.state["elapsed"] = self.clock.now()
+        payload = self.snapshot()
+        payload.update({"kind": self.kind, "config": OmegaConf.to_container(self.cfg, resolve=True),
+                        "state": self.state, "rng": capture_rng()})
+        save_resume_checkpoint(self.run_dir, payload)
+        self.last_saved_step = self.state["step"]
+
+    def step_done(self, where: str = "") -> None:
+        """After each step: checkpoint every ``checkpoint_every`` steps; on a stop request, checkpoint and raise
+        :class:`Interrupted`."""
+        every = self.cfg.checkpoint_every
+        if every and self.state["step"] % every == 0:
+            self.save()
+        self.check_stop(where or f"after step {self.state['step']}")
+
+    def check_stop(self, where: str) -> None:
+        if stop_requested() is not None:
+            if self.last_saved_step != self.state["step"]:
+                self.save()
+            raise interrupted(self.run_dir, self.script, where)
+
+    def resume(self) -> dict:
+        """Load the checkpoint and restore the run from it; returns the checkpoint."""
+        ckpt = load_resume_checkpoint(self.run_dir, self.kind, self.device)
+        self._restore(ckpt)
+        log.info("resumed %s at step %d from %s", self.run_dir, self.state["step"],
+                 os.path.join(self.run_dir, CHECKPOINT))
+        return ckpt
+
+    def _restore(self, ckpt: dict) -> None:
+        self.state.clear()
+        self.state.update(ckpt["state"])
+        self.restore(ckpt)
+        restore_rng(ckpt["rng"])
+        self.clock = Clock(self.state["elapsed"])
+        self.last_saved_step = self.state["step"]
+
+    def on_non_finite(self, err: Exception, writer=None, bar=None, bar_counter: str = "tokens") -> None:
+        """``nan_policy=stop``: re-raise ``err``.  ``rollback``: reload the last checkpoint, halve the lr, go on
+        (the progress ``bar`` goes back to the checkpoint's ``state[bar_counter]``).
+
+        Raises:
+            NonFiniteLossError: the policy is stop.  RollbackLimit: :data:`MAX_ROLLBACKS` rollbacks already.
+        """
+        if self.cfg.nan_policy == "stop":
+            raise err
+        rollbacks, scale = self.state["rollbacks"] + 1, self.state["lr_scale"]
+        if rollbacks > MAX_ROLLBACKS:
+            raise RollbackLimit(f"{err}; still non-finite after {MAX_ROLLBACKS} rollbacks (lr x {scale:g}); "
+                                "the last checkpoint was kept") from None
+        ckpt = load_resume_checkpoint(self.run_dir, self.kind, self.device)
+        self._restore(ckpt)
+        self.state["lr_scale"] = min(scale, self.state["lr_scale"]) / 2
+        self.state["rollbacks"] = rollbacks
+        log.warning("%s; nan_policy=rollback: back to step %d of the last checkpoint, weight lr x %g (rollback %d "
+                    "of at most %d)", err, self.state["step"], self.state["lr_scale"], rollbacks, MAX_ROLLBACKS)
+        if writer is not None:
+            writer.add_scalar("faults/rollback_lr_scale", self.state["lr_scale"], self.state["step"])
+        if bar is not None:
+            bar.reset(bar.total)
+            bar.update(self.state[bar_counter])
+
+
+def retrain_keeper(cfg, run_dir: str, kind: str, state: dict, model, opt: dict, position, device) -> Keeper:
+    """The :class:`Keeper` of a retraining loop (language model or classifier): weights, the optimizer in
+    ``opt["optimizer"]`` (re-created as ASGD when NT-ASGD had switched by the checkpoint, or back to the starting
+    optimizer when it had not), and the loop's position: ``position.snapshot()`` -> dict, ``position.restore(ck)``.
+    """
+    from nas.engine.asgd import is_averaging, make_asgd, make_optimizer
+
+    def restore(ck):
+        if ck["averaging"] != is_averaging(opt["optimizer"]):  # NT-ASGD switched between then and now
+            opt["optimizer"] = (make_asgd(model.parameters(), cfg.lr, cfg.weight_decay) if ck["averaging"] else
+                                make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay))
+        load_into("weights", run_dir, model, ck["model"])
+        load_into("optimizer state", run_dir, opt["optimizer"], ck["optimizer"])
+        position.restore(ck)
+
+    return Keeper(cfg, run_dir, kind, "train.py", state,
+                  lambda: {"model": model.state_dict(), "optimizer": opt["optimizer"].state_dict(),
+                           "averaging": is_averaging(opt["optimizer"]), **position.snapshot()},
+                  restore, device, modules=(model,))
+
+
+def start_run(keeper: Keeper, resuming: bool, cfg_yaml: str, genotype=None):
+    """Resume ``keeper``'s run (or write its first checkpoint) and open its TensorBoard writer: a resumed writer
+    purges the events logged after the checkpoint.  Returns the ``SummaryWriter``."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from nas.engine.tb import log_genotype
+
+    if resuming:
+        keeper.resume()
+    state = keeper.state
+    writer = SummaryWriter(os.path.join(keeper.run_dir, "tb"), purge_step=state["step"] + 1 if resuming else None)
+    if not resuming:
+        writer.add_text("config", f"```\n{cfg_yaml}\n```", 0)
+        if genotype is not None:
+            log_genotype(writer, genotype, 0)
+        keeper.save()  # a first checkpoint: a rollback or a resume always has one
+    return writer
