@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+from nas.engine.resume import run_dir_status
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
@@ -49,16 +51,22 @@ def load_preset(name: str) -> dict:
 
 
 def run(script: str, overrides: list, run_dir: str, log_path: str) -> dict:
-    """Run ``script`` (search.py / train.py) into ``run_dir`` unless it already finished; return its metrics."""
+    """Run ``script`` (search.py / train.py) into ``run_dir`` unless it already finished (an interrupted run is
+    resumed); return its metrics."""
     metrics = os.path.join(run_dir, "metrics.json")
     if os.path.isfile(metrics):
         print(f"  done before: {run_dir}", flush=True)
         return json.load(open(metrics))
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    cmd = [sys.executable, os.path.join(ROOT, script)] + overrides + ["progress=false", f"hydra.run.dir={run_dir}"]
+    if run_dir_status(run_dir) == "unfinished":  # interrupted before: go on from its checkpoint / trials
+        runtime = [o for o in overrides if o.split("=", 1)[0] in ("num_threads", "device")]
+        cmd = [sys.executable, os.path.join(ROOT, script), f"resume={run_dir}"] + runtime
+    else:
+        cmd = [sys.executable, os.path.join(ROOT, script)] + overrides
+    cmd += ["progress=false", f"hydra.run.dir={run_dir}"]
     print("  $ " + " ".join(cmd[1:]), flush=True)
     start = time.time()
-    with open(log_path, "w") as log:
+    with open(log_path, "a") as log:
         proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         sys.exit(f"{script} failed (exit {proc.returncode}) after {time.time() - start:.0f} s; log: {log_path}")
