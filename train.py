@@ -25,4 +25,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    from nas.cli import prepare_argv
+
+    sys.argv = prepare_argv(sys.argv, "train.py")
     main()

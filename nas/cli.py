@@ -33,6 +33,31 @@ def check_overrides(overrides) -> None:
                          f"the schema (list them with --cfg job), so set it without '+' or '~'")
 
 
+def prepare_argv(argv: list, script: str) -> list:
+    """Before Hydra starts (it writes ``.hydra/`` into the run dir first): refuse ``hydra.run.dir=<a dir holding a
+    run>`` unless resuming, and send a resume command's own Hydra files to ``<run dir>/resumes/<time>/`` so the
+    run's ``.hydra/`` stays the record of how it was started.  Returns the argv to run Hydra with.
+
+    Exits with status 1 and a one-line message for a dir already in use.
+    """
+    from nas.engine.resume import check_fresh_run_dir
+
+    args = dict(a.split("=", 1) for a in argv[1:] if "=" in a and not a.startswith("-"))
+    if args.get("resume"):
+        if "hydra.run.dir" not in args:
+            return argv + [f"hydra.run.dir={os.path.join(args['resume'], 'resumes', '${now:%Y-%m-%d_%H-%M-%S_%f}')}"]
+        return argv
+    if args.get("hydra.run.dir"):
+        from nas.errors import ConfigError
+
+        try:
+            check_fresh_run_dir(os.path.abspath(args["hydra.run.dir"]), script)
+        except ConfigError as err:
+            print(f"ConfigError: {err}", file=sys.stderr)
+            sys.exit(1)
+    return argv
+
+
 def check_resume_overrides(overrides) -> None:
     """With ``resume=<run dir>`` only the settings of :data:`nas.engine.resume.RUNTIME_KEYS` may be given: the
     run goes on with the config it was started with.
@@ -73,7 +98,7 @@ def run_entry(fn: Callable[[DictConfig], object], cfg: DictConfig) -> None:
     from nas.data import DataError
     from nas.engine.common import CheckpointError
     from nas.engine.lm import NonFiniteLossError
-    from nas.engine.resume import Interrupted
+    from nas.engine.resume import Interrupted, stop_signals
     from nas.errors import ConfigError
     from nas.genotype import GenotypeError
 
@@ -88,10 +113,16 @@ def run_entry(fn: Callable[[DictConfig], object], cfg: DictConfig) -> None:
             given = {o.split("=", 1)[0] for o in overrides} & set(RUNTIME_KEYS)
             cfg, _ = resume_config(cfg, TrainConfig if "arch" in cfg.keys() else SearchConfig, given)
             _log_to_resumed_run(cfg)
-        fn(cfg)
+        with stop_signals():  # the whole run: a signal during start-up or wrap-up is not lost either
+            fn(cfg)
     except Interrupted as err:
         log.warning("%s", err)
         sys.exit(err.exit_code)
+    except KeyboardInterrupt:  # a second Ctrl-C
+        run_dir = cfg.get("resume") or HydraConfig.get().runtime.output_dir
+        log.warning("stopped at once by a second Ctrl-C; the last checkpoint stays. Resume with: python %s "
+                    "resume=%s", HydraConfig.get().job.name + ".py", run_dir)
+        sys.exit(130)
     except (UsageError, ConfigError, DataError, GenotypeError, CheckpointError, NonFiniteLossError) as err:
         log.error("%s: %s", type(err).__name__, err)
         sys.exit(1)

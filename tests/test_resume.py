@@ -427,3 +427,39 @@ def test_sigkill_at_random_moments_then_resume_ends_like_an_uninterrupted_run(tm
     assert_identical(final_state(cut), final_state(whole))
     assert json.load(open(os.path.join(cut, "genotype.json"))) == json.load(open(os.path.join(whole, "genotype.json")))
     assert trial_records(cut) == trial_records(whole)
+
+
+def test_resuming_another_scripts_run_names_the_script(interrupted_run):
+    with pytest.raises(ConfigError, match=r"is a run of search.py: resume it with `python search.py resume="):
+        resume("train", str(interrupted_run), train)
+
+
+def test_a_nan_stopped_run_resumes_with_rollback(tmp_path, corpus, monkeypatch):
+    """nan_policy may be given anew on resume: a run stopped by a NaN goes on at a lower learning rate."""
+    import nas.engine.search as search_mod
+
+    original, calls = search_mod.weight_step, {"n": 0}
+
+    def flaky(*args, **kwargs):  # step 5 overflows at the full learning rate (the first run, and its resume)
+        calls["n"] += 1
+        if calls["n"] in (5, 6):
+            raise NonFiniteLossError("training loss became inf")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(search_mod, "weight_step", flaky)
+    with pytest.raises(NonFiniteLossError, match="step 5"):
+        search(compose_cfg("search", SEARCH + [f"dataset.root={corpus}", "checkpoint_every=1"]), run_dir=str(tmp_path))
+    metrics = search(compose_cfg("search", [f"resume={tmp_path}", "nan_policy=rollback", "num_threads=1"]))
+    assert metrics["rollbacks"] == 1 and metrics["steps"] == 10
+    assert final_state(tmp_path)["state"]["lr_scale"] == 0.5
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_used_run_dir_before_hydra_writes_into_it(interrupted_run):
+    hydra_files = {p: open(p, "rb").read() for p in glob.glob(str(interrupted_run / ".hydra" / "*"))}
+    before = snapshot(interrupted_run)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "experiment=smoke", "arch=darts_v2",
+                           f"hydra.run.dir={interrupted_run}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "already holds an unfinished run" in proc.stderr
+    assert snapshot(interrupted_run) == before and not os.path.isfile(interrupted_run / "train.log")
+    assert {p: open(p, "rb").read() for p in glob.glob(str(interrupted_run / ".hydra" / "*"))} == hydra_files

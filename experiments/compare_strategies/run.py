@@ -60,10 +60,10 @@ def run(script: str, overrides: list, run_dir: str, log_path: str) -> dict:
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     if run_dir_status(run_dir) == "unfinished":  # interrupted before: go on from its checkpoint / trials
         runtime = [o for o in overrides if o.split("=", 1)[0] in ("num_threads", "device")]
-        cmd = [sys.executable, os.path.join(ROOT, script), f"resume={run_dir}"] + runtime
+        cmd = [sys.executable, os.path.join(ROOT, script), f"resume={run_dir}", "progress=false"] + runtime
     else:
-        cmd = [sys.executable, os.path.join(ROOT, script)] + overrides
-    cmd += ["progress=false", f"hydra.run.dir={run_dir}"]
+        cmd = [sys.executable, os.path.join(ROOT, script)] + overrides + ["progress=false",
+                                                                          f"hydra.run.dir={run_dir}"]
     print("  $ " + " ".join(cmd[1:]), flush=True)
     start = time.time()
     with open(log_path, "a") as log:

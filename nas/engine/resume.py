@@ -8,7 +8,7 @@ step.  It is written every ``checkpoint_every`` steps and at each epoch end, ato
 rename); the one it replaces is kept as ``checkpoint.prev.pt``.  Nothing non-finite is ever written.
 
 * ``resume=<run dir>`` continues that run in its own dir, with the config it was started with
-  (``config.yaml``); only ``num_threads``, ``progress`` and ``device`` may be given anew.
+  (``config.yaml``); only the :data:`RUNTIME_KEYS` may be given anew.
 * SIGINT / SIGTERM: the current step finishes, a checkpoint is written, and the run exits (status 128 + signal)
   with the command that resumes it.  A second SIGINT stops at once (the last checkpoint stays).
 * A NaN/inf loss or gradient: ``nan_policy=stop`` (default) ends with a clear error, keeping the last good
@@ -31,6 +31,7 @@ from omegaconf import OmegaConf
 
 from nas.atomic import atomic_write
 from nas.engine.common import CheckpointError, load_checkpoint
+from nas.engine.lm import NonFiniteLossError
 from nas.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,9 @@ PREVIOUS = "checkpoint.prev.pt"
 NAN_POLICIES = ("stop", "rollback")
 #: ``nan_policy=rollback`` gives up after this many rollbacks in one run (the lr is then 1/256 of its value)
 MAX_ROLLBACKS = 8
-#: settings ``resume=`` accepts anew (they change neither what is computed on CPU nor the results' meaning)
-RUNTIME_KEYS = ("num_threads", "progress", "device")
+#: settings ``resume=`` accepts anew (they change neither what is computed on CPU nor the results' meaning;
+#: ``nan_policy=rollback`` lets a run stopped by a NaN go on at a lower learning rate)
+RUNTIME_KEYS = ("num_threads", "progress", "device", "nan_policy", "checkpoint_every")
 _CHECKPOINT_VERSION = 1
 
 
@@ -53,7 +55,7 @@ class Interrupted(Exception):  # noqa: N818 (it is not an error: the run stopped
         self.exit_code = exit_code
 
 
-class RollbackLimit(FloatingPointError):
+class RollbackLimit(NonFiniteLossError):
     """``nan_policy=rollback`` rolled back ``MAX_ROLLBACKS`` times and the loss is still not finite."""
 
 
@@ -65,7 +67,8 @@ def _on_signal(signum, frame):
     if _stop["signal"] is not None and signum == signal.SIGINT:
         raise KeyboardInterrupt  # a second Ctrl-C: stop now (the last checkpoint stays)
     _stop["signal"] = signum
-    log.warning("%s received: finishing the current step, then writing a checkpoint (Ctrl-C again to stop now)",
+    log.warning("%s received: the run stops at the end of the current step, with a checkpoint (Ctrl-C again to "
+                "stop at once)",
                 signal.Signals(signum).name)
 
 
@@ -177,7 +180,7 @@ def load_resume_checkpoint(run_dir: str, kind: str, device: Optional[torch.devic
     try:
         ckpt = load_checkpoint(path, map_location=device or torch.device("cpu"))
     except CheckpointError as err:
-        hint = ""
+        hint = f"; remove {path} to start this run over in its dir"
         if os.path.isfile(prev):
             try:
                 older = load_checkpoint(prev, map_location=torch.device("cpu"))
@@ -248,7 +251,12 @@ def resume_config(cfg, schema, given=RUNTIME_KEYS):
     if run_dir_status(run_dir) == "finished":
         raise ConfigError(f"resume={cfg.resume}: that run has finished (metrics.json); nothing to resume")
     try:
-        saved = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path))
+        raw = OmegaConf.load(path)
+        for key, script in (("arch", "train.py"), ("strategy", "search.py")):
+            if key in raw and key not in OmegaConf.structured(schema).keys():
+                raise ConfigError(f"resume={cfg.resume} is a run of {script}: resume it with `python {script} "
+                                  f"resume={cfg.resume}`")
+        saved = OmegaConf.merge(OmegaConf.structured(schema), raw)
     except (OmegaConfBaseException, OSError, ValueError) as err:
         raise ConfigError(f"resume={cfg.resume}: {path} is not a valid run config ({err})") from None
     for key in given:
@@ -277,7 +285,9 @@ def open_run(cfg, run_dir: Optional[str], schema, script: str):
 
     if cfg.get("resume"):
         cfg, run_dir = resume_config(cfg, schema)
+        check_nan_policy(cfg)
         return cfg, run_dir, os.path.isfile(os.path.join(run_dir, CHECKPOINT))
+    check_nan_policy(cfg)
     run_dir = os.path.abspath(run_dir or run_dir_from_hydra())
     check_fresh_run_dir(run_dir, script)
     os.makedirs(run_dir, exist_ok=True)
