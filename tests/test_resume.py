@@ -275,22 +275,26 @@ def test_truncated_checkpoint_is_named_and_the_previous_one_offered(interrupted_
     assert snapshot(interrupted_run) == before
 
 
-def test_checkpoint_with_alphas_of_the_wrong_shape_is_refused(interrupted_run):
-    ckpt = torch.load(interrupted_run / CHECKPOINT, weights_only=False)
+def _alphas_of_the_wrong_shape(ckpt):
     ckpt["strategy"]["alphas"] = torch.zeros(5, 5)
+
+
+def _written_by_a_train_run(ckpt):
+    ckpt["kind"] = "train_lm"
+
+
+@pytest.mark.parametrize("tamper,message", [
+    (_alphas_of_the_wrong_shape, r"α.*shape \(5, 5\).*\(6, 5\)"),
+    (_written_by_a_train_run, "not a resume checkpoint of a search_lm run"),
+])
+def test_checkpoint_that_does_not_fit_the_run_is_refused(interrupted_run, tamper, message):
+    ckpt = torch.load(interrupted_run / CHECKPOINT, weights_only=False)
+    tamper(ckpt)
     torch.save(ckpt, interrupted_run / CHECKPOINT)
     before = snapshot(interrupted_run)
-    with pytest.raises(CheckpointError, match=r"α.*shape \(5, 5\).*\(6, 5\)"):
+    with pytest.raises(CheckpointError, match=message):
         resume("search", str(interrupted_run), search)
     assert snapshot(interrupted_run) == before
-
-
-def test_a_train_checkpoint_is_not_resumed_as_a_search(interrupted_run):
-    ckpt = torch.load(interrupted_run / CHECKPOINT, weights_only=False)
-    ckpt["kind"] = "train_lm"
-    torch.save(ckpt, interrupted_run / CHECKPOINT)
-    with pytest.raises(CheckpointError, match="not a resume checkpoint of a search_lm run"):
-        resume("search", str(interrupted_run), search)
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(interrupted_run, monkeypatch):

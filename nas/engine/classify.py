@@ -30,7 +30,7 @@ from nas.atomic import atomic_write_text
 from nas.data.sentences import Sentences, check_batchable, load_sst2, sentence_batches
 from nas.engine.asgd import averaged_weights, is_averaging, make_asgd, make_optimizer, nonmono_trigger, set_lr
 from nas.engine.common import absolute_path, atomic_torch_save, configure_runtime, load_checkpoint, seed_everything
-from nas.engine.resume import CHECKPOINT, Keeper, load_into, open_run, retrain_keeper, start_run, stop_signals
+from nas.engine.resume import Keeper, load_into, open_run, retrain_keeper, start_run, stop_signals
 from nas.engine.lm import NonFiniteLossError
 from nas.engine.search import OneShotOutputs, _alpha_shape, _lrs, make_search_optimizer, select_path
 from nas.engine.tb import log_genotype_figure
@@ -368,10 +368,12 @@ def _check_classifier(factory, cfg) -> None:
         raise ConfigError("compile=true: the classifiers have no compiled path; set compile=false")
 
 
-def train_classifier(cfg, genotype, arch_desc: str, run_dir: str, score_test: bool = True) -> dict:
+def train_classifier(cfg, genotype, arch_desc: str, run_dir: str, score_test: bool = True,
+                     resuming: bool = False) -> dict:
     """Retrain ``genotype`` as a sentence classifier; returns the metrics of ``metrics.json``.
 
-    Called by :func:`nas.engine.train.train` (which resolved and checked the genotype).  Selects the epoch with
+    Called by :func:`nas.engine.train.train` (which resolved and checked the genotype, and says whether the run
+    dir holds a checkpoint to resume: ``resuming``).  Selects the epoch with
     the best held-out accuracy (``best.pt``, averaged weights under ASGD), reloads it and reports the test
     (GLUE dev) accuracy and loss.
     Raises:
@@ -380,7 +382,6 @@ def train_classifier(cfg, genotype, arch_desc: str, run_dir: str, score_test: bo
     from nas.engine.train import BEST_CHECKPOINT
 
     _check_task(cfg)
-    resuming = os.path.isfile(os.path.join(run_dir, CHECKPOINT)) and bool(cfg.get("resume"))
     space = build_space(cfg.space)
     _check_classifier(space.freeze, cfg)
     device = configure_runtime(cfg)

@@ -118,6 +118,15 @@ def rng_state() -> dict:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
+def set_rng_state(state: dict) -> None:
+    """Put back what :func:`rng_state` returned (CUDA states only where CUDA is available)."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
 def atomic_torch_save(obj: Any, path: str) -> None:
     """``torch.save`` atomically: temporary file in the same folder, fsync, then ``os.replace``.
 

@@ -20,17 +20,16 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import signal
+import time
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 
 from nas.atomic import atomic_write
-from nas.engine.common import CheckpointError, load_checkpoint
+from nas.engine.common import CheckpointError, load_checkpoint, rng_state, set_rng_state
 from nas.engine.lm import NonFiniteLossError
 from nas.errors import ConfigError
 
@@ -109,22 +108,6 @@ def interrupted(run_dir: str, script: str, where: str, saved: Optional[str] = No
     saved = saved or f"checkpoint {os.path.join(run_dir, CHECKPOINT)} written"
     return Interrupted(f"{name}: stopped {where}; {saved}. Resume with: python {script} resume={run_dir}",
                        128 + int(signum))
-
-
-# -- random states ---------------------------------------------------------------------------------------------
-def capture_rng() -> dict:
-    """Python's, numpy's global, torch's CPU and every CUDA device's random state."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def restore_rng(state: dict) -> None:
-    """Put back what :func:`capture_rng` returned (CUDA states only where CUDA is available)."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"].cpu())
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 # -- checkpoint files ------------------------------------------------------------------------------------------
@@ -299,13 +282,9 @@ class Clock:
     """Wall seconds of a run across resumes: ``now()`` = seconds before the resume + seconds since."""
 
     def __init__(self, before: float = 0.0):
-        import time
-
         self._t0, self.before = time.time(), before
 
     def now(self) -> float:
-        import time
-
         return self.before + time.time() - self._t0
 
 
@@ -319,7 +298,6 @@ class Keeper:
 
     def __init__(self, cfg, run_dir: str, kind: str, script: str, state: dict, snapshot, restore,
                  device: Optional[torch.device] = None, modules=()):
-        check_nan_policy(cfg)
         self.cfg, self.run_dir, self.kind, self.script = cfg, run_dir, kind, script
         self.state, self.snapshot, self.restore, self.device = state, snapshot, restore, device
         self.modules = modules
@@ -331,14 +309,12 @@ class Keeper:
 
     def save(self) -> None:
         """Write the checkpoint now (nothing non-finite: raises NonFiniteLossError instead)."""
-        from nas.engine.lm import NonFiniteLossError
-
         if not all_finite(*self.modules):
             raise NonFiniteLossError(f"step {self.state['step']}: the weights became non-finite")
         self.state["elapsed"] = self.clock.now()
         payload = self.snapshot()
         payload.update({"kind": self.kind, "config": OmegaConf.to_container(self.cfg, resolve=True),
-                        "state": self.state, "rng": capture_rng()})
+                        "state": self.state, "rng": rng_state()})
         save_resume_checkpoint(self.run_dir, payload)
         self.last_saved_step = self.state["step"]
 
@@ -368,7 +344,7 @@ class Keeper:
         self.state.clear()
         self.state.update(ckpt["state"])
         self.restore(ckpt)
-        restore_rng(ckpt["rng"])
+        set_rng_state(ckpt["rng"])
         self.clock = Clock(self.state["elapsed"])
         self.last_saved_step = self.state["step"]
 

@@ -90,7 +90,7 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
     from nas.engine.classify import is_classification, train_classifier
 
     if is_classification(cfg):
-        return train_classifier(cfg, genotype, arch_desc, run_dir, score_test)
+        return train_classifier(cfg, genotype, arch_desc, run_dir, score_test, resuming)
     device = configure_runtime(cfg)
     np_rng = seed_everything(cfg.seed)
     data = prepare_lm_data(cfg, device, alpha_split=None, test_batch_size=cfg.test_batch_size)
@@ -171,7 +171,8 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
         writer.close()
     wall, best = keeper.clock.now(), state["best"]
     if valid is None:  # resumed after the last epoch had finished: the best checkpoint holds its figures
-        valid = EvalResult(*(lambda ck: (ck["valid_nll"], ck["valid_tokens"]))(load_checkpoint(best_path)))
+        best_ckpt = load_checkpoint(best_path)
+        valid = EvalResult(best_ckpt["valid_nll"], best_ckpt["valid_tokens"])
     metrics = {
         "arch": cfg.arch, "best_valid_ppl": best["ppl"], "best_epoch": best["epoch"], "test_ppl": test and test.ppl,
         "test_loss": test and test.loss, "test_tokens": test and test.tokens, "valid_tokens": valid.tokens,
