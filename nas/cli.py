@@ -38,8 +38,58 @@ def prepare_argv(argv: list, script: str) -> list:
     run>`` unless resuming, and send a resume command's own Hydra files to ``<run dir>/resumes/<time>/`` so the
     run's ``.hydra/`` stays the record of how it was started.  Returns the argv to run Hydra with.
 
-    Exits with status 1 and a one-line message for a dir already in use.
+    Under ``torchrun`` the processes join their group here; rank 0 decides the run dir (its default is a time
+    stamp, which would differ between processes) and every rank uses it; the other ranks get no ``.hydra/`` and
+    no log file (their log goes to stderr).
+    Exits with status 1 and a one-line message for a dir already in use, or for ``--multirun`` under torchrun.
     """
+    from nas import distributed
+
+    world = distributed.launched()
+    if world is None:
+        return _prepare_argv(argv, script)
+    distributed.init()
+    decision = None
+    if world.rank == 0:
+        if any(a in ("-m", "--multirun") for a in argv[1:]):
+            decision = ("exit", "--multirun under torchrun: launch one torchrun per run (or sweep without torchrun)")
+        else:
+            try:
+                argv0 = _prepare_argv(argv, script)
+                decision = ("run", _resolved_run_dir(argv0, script))
+            except SystemExit as err:
+                decision = ("exit", None if err.code in (0, 1) else str(err.code))
+    decision = distributed.broadcast_object(decision)
+    if decision[0] == "exit":
+        if decision[1] and world.rank == 0:
+            print(f"UsageError: {decision[1]}", file=sys.stderr)
+        sys.exit(1)
+    run_dir = decision[1]
+    base = [a for a in (argv0 if world.rank == 0 else argv) if not a.startswith("hydra.run.dir=")]
+    extra = [f"hydra.run.dir={run_dir}"]
+    if world.rank != 0:
+        extra += ["hydra.output_subdir=null", "hydra.job_logging.root.handlers=[console]"]
+    return base + extra
+
+
+def _resolved_run_dir(argv: list, script: str) -> str:
+    """The run dir Hydra would use for ``argv`` (its ``hydra.run.dir=`` or the script's config default), with
+    ``${now:...}`` resolved once, here."""
+    from hydra.core.utils import setup_globals
+    from omegaconf import OmegaConf
+
+    setup_globals()  # Hydra's resolvers, ``now`` among them
+
+    given = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("hydra.run.dir=")]
+    if given:
+        pattern = given[-1]
+    else:
+        conf = os.path.join(os.path.dirname(os.path.abspath(argv[0])), "conf", os.path.splitext(script)[0] + ".yaml")
+        pattern = OmegaConf.load(conf).hydra.run._get_node("dir")._value()
+    return os.path.abspath(str(OmegaConf.create({"dir": pattern}).dir))
+
+
+def _prepare_argv(argv: list, script: str) -> list:
     from nas.engine.resume import check_fresh_run_dir
 
     args = dict(a.split("=", 1) for a in argv[1:] if "=" in a and not a.startswith("-"))

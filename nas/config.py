@@ -84,6 +84,9 @@ class LMRunConfig:
     #: torch.use_deterministic_algorithms(True) (and cuBLAS's deterministic workspace on CUDA); CPU runs with
     #: the same seed and threads are bit-identical without it
     deterministic: bool = False
+    #: floating-point precision of weights, α and activations: float32, or float64 for numerical checks (e.g. a
+    #: torchrun run against one process, where float32 rounding grows through training)
+    dtype: str = "float32"
 
 
 @dataclass
@@ -94,6 +97,9 @@ class SearchConfig(LMRunConfig):
     #: the weights' optimizer: ``sgd`` (DARTS) or ``adam`` (the sentence classifiers).  The second-order
     #: update's virtual step is an SGD step with ξ = lr either way (DARTS eq. 6; with Adam an approximation)
     optimizer: str = "sgd"
+    #: a label that tells apart the workers of one shared study in a sweep (``python search.py -m
+    #: hydra/launcher=workers worker=range(4) strategy.storage=...``: four jobs, four workers); it changes nothing else
+    worker: int = 0
 
 
 @dataclass

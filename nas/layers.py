@@ -1,14 +1,35 @@
 """Regularizing layers of AWD-LSTM (Merity et al. 2018, sec. 4) used by the DARTS language models."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nas.distributed import shard_mask, world
 
-def dropout_mask(like: torch.Tensor, shape, p: float) -> torch.Tensor:
-    """A Bernoulli(1-p) mask scaled by 1/(1-p) (inverted dropout), with ``like``'s dtype and device."""
+
+def dropout_mask(like: torch.Tensor, shape, p: float, batch_dim: Optional[int] = None) -> torch.Tensor:
+    """A Bernoulli(1-p) mask scaled by 1/(1-p) (inverted dropout), with ``like``'s dtype and device.
+
+    ``batch_dim``: the dimension of ``shape`` that indexes batch rows.  Under torchrun the mask is drawn for the
+    global batch and this rank keeps its rows (:func:`nas.distributed.shard_mask`), as one process would draw it.
+    """
+    if batch_dim is None:
+        return _bernoulli(like, shape, p)
+    return shard_mask(like, shape, batch_dim, lambda t, full: _bernoulli(t, full, p))
+
+
+def _bernoulli(like: torch.Tensor, shape, p: float) -> torch.Tensor:
     return like.new_empty(shape).bernoulli_(1.0 - p).div_(1.0 - p)
+
+
+def dropout(x: torch.Tensor, p: float, batch_dim: int) -> torch.Tensor:
+    """``F.dropout(x, p)`` in training; under torchrun with the global batch's mask (see :func:`dropout_mask`)."""
+    if world() is None:
+        return F.dropout(x, p)
+    return x * dropout_mask(x, x.shape, p, batch_dim)
 
 
 class LockedDropout(nn.Module):
@@ -21,7 +42,7 @@ class LockedDropout(nn.Module):
     def forward(self, x: torch.Tensor, p: float) -> torch.Tensor:
         if not self.training or p <= 0:
             return x
-        return x * dropout_mask(x, (1, x.size(1), x.size(2)), p)
+        return x * dropout_mask(x, (1, x.size(1), x.size(2)), p, batch_dim=1)
 
 
 def embedded_dropout(embed: nn.Embedding, words: torch.Tensor, p: float) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from nas import distributed
 from nas.atomic import atomic_write
 from nas.errors import ConfigError
 
@@ -69,12 +70,17 @@ def tune_cpu_allocator() -> bool:
     return ok
 
 
+#: the ``dtype`` settings a run accepts
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
 def configure_runtime(cfg) -> torch.device:
-    """Apply a run config's ``num_threads``, ``deterministic`` and ``cpu_allocator`` settings; return its resolved
-    device.
+    """Apply a run config's ``num_threads``, ``deterministic``, ``dtype`` and ``cpu_allocator`` settings; return its resolved
+    device (under torchrun with CUDA: this rank's GPU, ``cuda:LOCAL_RANK``).
 
     Raises:
-        ConfigError: for ``num_threads`` < 1 or an unusable ``device`` (see :func:`resolve_device`).
+        ConfigError: for ``num_threads`` < 1, an unknown ``dtype`` or an unusable ``device`` (see
+            :func:`resolve_device`).
     """
     if cfg.num_threads is not None and cfg.num_threads < 1:
         raise ConfigError(f"num_threads must be >= 1 (or null for torch's default), got {cfg.num_threads}")
@@ -84,7 +90,12 @@ def configure_runtime(cfg) -> torch.device:
         # cuBLAS needs a fixed workspace for reproducible results; it must be set before its first use
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(bool(cfg.get("deterministic")))  # per run: a test's setting never leaks
-    device = resolve_device(cfg.device)
+    dtype = cfg.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r}; valid: {', '.join(DTYPES)}")
+    torch.set_default_dtype(DTYPES[dtype])  # per run as well; models and α are built after this
+    distributed.init()  # under torchrun (no-op otherwise; the CLI has joined the group already)
+    device = distributed.device_for(resolve_device(cfg.device))
     if device.type == "cpu" and cfg.tune_cpu_allocator and tune_cpu_allocator():
         log.debug("glibc allocator tuned: large blocks stay in the heap")
     return device
@@ -114,8 +125,11 @@ def seed_everything(seed: int) -> np.random.Generator:
 
 def rng_state() -> dict:
     """All random states a run depends on (to store in a checkpoint)."""
+    cuda = torch.cuda.is_available()
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state_all() if cuda else None,
+            # under torchrun each rank draws on its own GPU, the current device (the ranks' streams are equal)
+            "cuda_current": torch.cuda.get_rng_state() if cuda and distributed.world() else None}
 
 
 def set_rng_state(state: dict) -> None:
@@ -125,6 +139,8 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        if distributed.world() and state.get("cuda_current") is not None:
+            torch.cuda.set_rng_state(state["cuda_current"].cpu())
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from nas import distributed
 from nas.data import DataError, batchify, bptt_segments, check_min_size, get_batch, load_corpus
 from nas.engine.common import absolute_path
 from nas.losses import lm_nll
@@ -67,6 +68,7 @@ def weight_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: torch.
         clip: max gradient 2-norm (AWD-LSTM / DARTS 0.25); weights: supernet edge weights [E, K] (detached).
     Returns:
         ``(raw NLL in nats/token without AR/TAR, outgoing hidden [B, H] detached)``.
+    Under torchrun the gradient and the returned NLL are the means over the ranks' shards (:mod:`nas.distributed`).
     Raises:
         NonFiniteLossError: if the loss or the gradient norm is NaN/inf; nothing has been updated then.
     """
@@ -74,11 +76,13 @@ def weight_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: torch.
     out = model(data, hidden, weights, targets)
     raw = out.loss
     loss = raw + activation_regularization(out, ar_alpha, tar_beta)
-    raw_value, loss_value = raw.item(), loss.item()
+    # under torchrun: the global batch's mean (equal shards), so every rank logs and decides alike
+    raw_value, loss_value = distributed.mean_values([raw.item(), loss.item()])
     if not math.isfinite(loss_value):
         raise NonFiniteLossError(f"training loss became {loss_value} (lr {optimizer.param_groups[0]['lr']:.3g}); "
                                  f"lower lr or clip")
     loss.backward()
+    distributed.average_([p.grad for p in model.parameters()])  # torchrun: the global batch's gradient
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     if not math.isfinite(norm.item()):
         optimizer.zero_grad(set_to_none=True)
@@ -93,11 +97,12 @@ def token_progress_bar(cfg, source: torch.Tensor, desc: str):
 
     It counts tokens, not steps: an epoch scores every training row once, whatever the sampled lengths.
     """
-    per_epoch = (source.size(0) - 1) * source.size(1)
+    columns = source.size(1) * distributed.size()  # under torchrun: the global batch's
+    per_epoch = (source.size(0) - 1) * columns
     if cfg.limit_train_batches:
-        per_epoch = min(per_epoch, cfg.limit_train_batches * cfg.bptt * source.size(1))
-    return tqdm(total=per_epoch * cfg.epochs, desc=desc, unit="tok", unit_scale=True, disable=not cfg.progress,
-                dynamic_ncols=True)
+        per_epoch = min(per_epoch, cfg.limit_train_batches * cfg.bptt * columns)
+    return tqdm(total=per_epoch * cfg.epochs, desc=desc, unit="tok", unit_scale=True,
+                disable=not cfg.progress or not distributed.is_writer(), dynamic_ncols=True)
 
 
 class EpochMeter:
@@ -164,14 +169,18 @@ class LMLoop:
 
     def snapshot(self, np_rng) -> dict:
         """The checkpoint part: position, hidden states, partial NLL, and the data sampler ``np_rng``'s state."""
-        return {"position": {"epoch": self.epoch, "batch": self.batch, "row": self.row}, "hidden": self.hidden,
-                "hidden_valid": self.hidden_valid, "partial": self.partial, "np_rng": np_rng.bit_generator.state}
+        # under torchrun the hidden states of the global batch (a collective), so any world size can resume
+        return {"position": {"epoch": self.epoch, "batch": self.batch, "row": self.row},
+                "hidden": distributed.gather_columns(self.hidden),
+                "hidden_valid": distributed.gather_columns(self.hidden_valid), "partial": self.partial,
+                "np_rng": np_rng.bit_generator.state}
 
     def restore(self, ckpt: dict, np_rng) -> None:
         """Back to what :meth:`snapshot` saved (``np_rng`` is set to the saved state in place)."""
         pos = ckpt["position"]
         self.epoch, self.batch, self.row = pos["epoch"], pos["batch"], pos["row"]
-        self.hidden, self.hidden_valid, self.partial = ckpt["hidden"], ckpt["hidden_valid"], tuple(ckpt["partial"])
+        self.hidden, self.hidden_valid = distributed.shard_rows(ckpt["hidden"]), distributed.shard_rows(ckpt["hidden_valid"])
+        self.partial = tuple(ckpt["partial"])
         np_rng.bit_generator.state = ckpt["np_rng"]
 
 
@@ -194,7 +203,7 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(model: nn.Module, source: torch.Tensor, bptt: int, weights: Optional[torch.Tensor] = None,
              max_batches: Optional[int] = None,
-             progress: Optional[Callable[[int], None]] = None) -> EvalResult:
+             progress: Optional[Callable[[int], None]] = None, over_ranks: bool = False) -> EvalResult:
     """Exact perplexity of ``model`` on a batchified split.
 
     Every target position of ``source`` [T, B] is scored once, in fixed segments of ``bptt`` (the last
@@ -208,6 +217,8 @@ def evaluate(model: nn.Module, source: torch.Tensor, bptt: int, weights: Optiona
         source: [T, B] token ids; weights: supernet edge weights [E, K] or None.
         max_batches: score only the first segments (a partial, still exact, figure).
         progress: called after each segment with its number of target tokens (e.g. ``tqdm.update``).
+        over_ranks: ``source`` is this rank's shard of the split (torchrun): the NLL and token counts are summed
+            over the ranks, giving the whole split's figure (a collective; see :attr:`LMData.sharded`).
     """
     was_training = model.training
     model.eval()
@@ -225,6 +236,9 @@ def evaluate(model: nn.Module, source: torch.Tensor, bptt: int, weights: Optiona
             hidden = out.hidden
             if progress is not None:
                 progress(targets.numel())
+        if over_ranks:
+            total, count = distributed.sum_values([total, count])
+            count = int(count)
         return EvalResult(total, count)
     finally:
         model.train(was_training)
@@ -240,13 +254,22 @@ def _batchify(tokens: torch.Tensor, batch_size: int, device, what: str) -> torch
 @dataclass
 class LMData:
     """Batchified splits for one run: ``train`` [T, B] (weights), ``search`` [T, B] (α; None when
-    retraining), ``valid`` / ``test`` [T, B_eval]; ``ntoken`` the vocabulary size."""
+    retraining), ``valid`` / ``test`` [T, B_eval]; ``ntoken`` the vocabulary size.
+
+    Under torchrun each split holds this rank's shard of the batch columns [T, B/N]; ``sharded`` names the
+    evaluation splits that are sharded (an evaluation batch size not divisible by N is scored whole on every
+    rank instead): pass ``over_ranks=data.sharded[name]`` to :func:`evaluate`."""
 
     ntoken: int
     train: torch.Tensor
     search: Optional[torch.Tensor]
     valid: torch.Tensor
     test: torch.Tensor
+    sharded: Optional[dict] = None
+
+    def over_ranks(self, split: str) -> bool:
+        """Whether ``split`` (valid / test) is sharded over torchrun ranks (its figure needs their sum)."""
+        return bool(self.sharded and self.sharded.get(split))
 
 
 def prepare_lm_data(cfg, device: torch.device, alpha_split: Optional[str] = None,
@@ -275,4 +298,12 @@ def prepare_lm_data(cfg, device: torch.device, alpha_split: Optional[str] = None
         check_min_size(search, cfg.bptt, f"{d.name} {alpha_split} (alpha split)", full=True)
     check_min_size(valid, cfg.bptt, f"{d.name} valid")
     check_min_size(test, cfg.bptt, f"{d.name} test")
-    return LMData(len(corpus.vocab), train, search, valid, test)
+    if distributed.world() is None:
+        return LMData(len(corpus.vocab), train, search, valid, test)
+    # torchrun: each rank keeps its shard of the columns of the single-process layout
+    distributed.check_divisible(cfg.batch_size, "batch_size")
+    train, search = distributed.shard_columns(train), search if search is None else distributed.shard_columns(search)
+    sharded = {name: split.size(1) % distributed.size() == 0 for name, split in (("valid", valid), ("test", test))}
+    valid, test = (distributed.shard_columns(valid) if sharded["valid"] else valid,
+                   distributed.shard_columns(test) if sharded["test"] else test)
+    return LMData(len(corpus.vocab), train, search, valid, test, sharded)

@@ -28,6 +28,7 @@ from typing import Iterator, Optional
 import torch
 from omegaconf import OmegaConf
 
+from nas import distributed
 from nas.atomic import atomic_write
 from nas.engine.common import CheckpointError, load_checkpoint, rng_state, set_rng_state
 from nas.engine.lm import NonFiniteLossError
@@ -272,6 +273,8 @@ def open_run(cfg, run_dir: Optional[str], schema, script: str):
         return cfg, run_dir, os.path.isfile(os.path.join(run_dir, CHECKPOINT))
     check_nan_policy(cfg)
     run_dir = os.path.abspath(run_dir or run_dir_from_hydra())
+    if not distributed.is_writer():  # torchrun: rank 0 checks and writes the run dir
+        return cfg, run_dir, False
     check_fresh_run_dir(run_dir, script)
     os.makedirs(run_dir, exist_ok=True)
     atomic_write_text(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
@@ -312,10 +315,11 @@ class Keeper:
         if not all_finite(*self.modules):
             raise NonFiniteLossError(f"step {self.state['step']}: the weights became non-finite")
         self.state["elapsed"] = self.clock.now()
-        payload = self.snapshot()
-        payload.update({"kind": self.kind, "config": OmegaConf.to_container(self.cfg, resolve=True),
-                        "state": self.state, "rng": rng_state()})
-        save_resume_checkpoint(self.run_dir, payload)
+        payload = self.snapshot()  # under torchrun a collective (the global batch's hidden states)
+        if distributed.is_writer():  # the ranks hold the same state: rank 0 writes it
+            payload.update({"kind": self.kind, "config": OmegaConf.to_container(self.cfg, resolve=True),
+                            "state": self.state, "rng": rng_state()})
+            save_resume_checkpoint(self.run_dir, payload)
         self.last_saved_step = self.state["step"]
 
     def step_done(self, where: str = "") -> None:
@@ -327,7 +331,11 @@ class Keeper:
         self.check_stop(where or f"after step {self.state['step']}")
 
     def check_stop(self, where: str) -> None:
-        if stop_requested() is not None:
+        """On a stop request (under torchrun: one on any rank, so all stop at the same step), checkpoint and raise
+        :class:`Interrupted`."""
+        signum = distributed.any_rank(stop_requested())
+        if signum is not None:
+            _stop["signal"] = signum
             if self.last_saved_step != self.state["step"]:
                 self.save()
             raise interrupted(self.run_dir, self.script, where)
@@ -395,6 +403,13 @@ def retrain_keeper(cfg, run_dir: str, kind: str, state: dict, model, opt: dict, 
                   restore, device, modules=(model,))
 
 
+class NullWriter:
+    """A TensorBoard writer that writes nothing (torchrun ranks other than 0): every method is a no-op."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
 def start_run(keeper: Keeper, resuming: bool, cfg_yaml: str, genotype=None):
     """Resume ``keeper``'s run (or write its first checkpoint) and open its TensorBoard writer: a resumed writer
     purges the events logged after the checkpoint.  Returns the ``SummaryWriter``."""
@@ -405,6 +420,10 @@ def start_run(keeper: Keeper, resuming: bool, cfg_yaml: str, genotype=None):
     if resuming:
         keeper.resume()
     state = keeper.state
+    if not distributed.is_writer():  # torchrun: rank 0 writes the run's files, the others keep step
+        if not resuming:
+            keeper.save()  # (a collective on every rank)
+        return NullWriter()
     writer = SummaryWriter(os.path.join(keeper.run_dir, "tb"), purge_step=state["step"] + 1 if resuming else None)
     if not resuming:
         writer.add_text("config", f"```\n{cfg_yaml}\n```", 0)

@@ -26,6 +26,7 @@ from nas.engine.lm import (EpochMeter, LMData, LMLoop, NonFiniteLossError, evalu
                            prepare_lm_data, token_progress_bar, weight_step)
 from nas.engine.blackbox import TrialLog
 from nas.engine.tb import log_alphas, log_genotype, log_genotype_figure
+from nas import distributed
 from nas.atomic import atomic_write_text
 from nas.spaces import build_space
 from nas.strategies import STRATEGIES
@@ -116,7 +117,11 @@ class OneShotOutputs:
 
     def epoch(self, epoch: int, genotype, value: float, seconds: float, tokens: int) -> None:
         """Record the epoch's genotype and its validation ``value``, which cost ``seconds`` and ``tokens`` (the
-        caller then writes the resume checkpoint)."""
+        caller then writes the resume checkpoint).  Under torchrun the ranks' genotypes are compared first
+        (RuntimeError if they differ) and rank 0 writes."""
+        distributed.check_same(str(genotype), f"genotype of epoch {epoch}")
+        if not distributed.is_writer():
+            return
         genotype.save(os.path.join(self.run_dir, "genotypes", f"epoch_{epoch:03d}.json"))
         self.trials.add(genotype, value, seconds, tokens, epoch=epoch, supernet=True)
         if hasattr(self.strategy, "alphas"):
@@ -128,6 +133,10 @@ class OneShotOutputs:
     def final(self):
         """Write the strategy's final genotype (``genotype.json``, ``genotype.png``) and return it."""
         genotype = self.strategy.export()
+        distributed.check_same(str(genotype), "final genotype")
+        if not distributed.is_writer():
+            log.info("rank %d: final genotype %s (the same as rank 0's)", distributed.rank(), genotype)
+            return genotype
         genotype.save(os.path.join(self.run_dir, "genotype.json"))
         log_genotype_figure(self.writer, genotype, self.cfg.epochs, os.path.join(self.run_dir, "genotype.png"))
         return genotype
@@ -164,6 +173,7 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
 
     if cfg.get("resume"):
         cfg, _ = resume_config(cfg, SearchConfig)
+    _check_data_parallel(cfg, is_classification(cfg))
     if STRATEGIES.get(cfg.strategy.name).kind == "black_box":
         from nas.engine.blackbox import search_black_box
 
@@ -196,7 +206,8 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
     bar = token_progress_bar(cfg, data.train, "search")
     bar.update(state["tokens"])
     outputs = OneShotOutputs(run_dir, cfg, writer, space, strategy, "valid_ppl", "minimize")
-    outputs.trials.resume(keep=lambda r: r["epoch"] < loop.epoch)
+    if distributed.is_writer():
+        outputs.trials.resume(keep=lambda r: r["epoch"] < loop.epoch)
     try:
         with stop_signals():
             while loop.epoch <= cfg.epochs:
@@ -208,9 +219,12 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
                 except NonFiniteLossError as err:
                     keeper.on_non_finite(err, writer, bar)
                     continue
+                over = data.over_ranks("valid")
                 select_path(strategy, lambda w, n: evaluate(model, data.valid, cfg.bptt, w,
-                                                            n if n is not None else cfg.limit_eval_batches).ppl)
-                valid = evaluate(model, data.valid, cfg.bptt, strategy.eval_weights(), cfg.limit_eval_batches)
+                                                            n if n is not None else cfg.limit_eval_batches,
+                                                            over_ranks=over).ppl)
+                valid = evaluate(model, data.valid, cfg.bptt, strategy.eval_weights(), cfg.limit_eval_batches,
+                                 over_ranks=over)
                 genotype = strategy.export()
                 state["best_valid_ppl"] = min(state["best_valid_ppl"], valid.ppl)
                 state["history"].append({"epoch": epoch, "train_ppl": train_ppl, "valid_ppl": valid.ppl,
@@ -238,9 +252,27 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
                "wall_seconds": wall, "tokens_per_second": state["tokens"] / max(wall, 1e-9),
                "params": n_params, "rollbacks": state["rollbacks"], "genotype": genotype.to_dict(),
                "history": state["history"]}
-    atomic_write_text(os.path.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
-    log.info("done in %.1f s: genotype %s written to %s", wall, genotype, os.path.join(run_dir, "genotype.json"))
+    if distributed.is_writer():
+        atomic_write_text(os.path.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
+        log.info("done in %.1f s: genotype %s written to %s", wall, genotype, os.path.join(run_dir, "genotype.json"))
     return metrics
+
+
+def _check_data_parallel(cfg, classification: bool) -> None:
+    """Under torchrun: only the one-shot language-model search runs data parallel (ConfigError otherwise)."""
+    if distributed.launched() is None:
+        return
+    if STRATEGIES.get(cfg.strategy.name).kind == "black_box":
+        raise ConfigError(f"strategy={cfg.strategy.name} evaluates independent trials: run several plain "
+                          "`python search.py` workers on one study.storage instead of torchrun (README: Scaling out)")
+    if classification:
+        raise ConfigError(f"dataset={cfg.dataset.name}: data-parallel (torchrun) search covers the language-model "
+                          "datasets (ptb, wikitext2); run sentence classification as one process")
+    distributed.init()
+    distributed.check_divisible(cfg.batch_size, "batch_size")
+    if cfg.space.get("dropouta", 0.0) > 0:
+        raise ConfigError("space.dropouta > 0 under torchrun: attention dropout draws its masks inside "
+                          "nn.MultiheadAttention, per shard; set space.dropouta=0 or run as one process")
 
 
 def _train_epoch(cfg, setup: SearchSetup, np_rng, writer, bar, state, loop: LMLoop, keeper) -> float:
@@ -248,8 +280,8 @@ def _train_epoch(cfg, setup: SearchSetup, np_rng, writer, bar, state, loop: LMLo
     NLL, no AR/TAR).  Checkpoints and stop requests go through ``keeper`` after every step."""
     model, data, strategy = setup.model, setup.data, setup.strategy
     model.train()
-    hidden = loop.hidden if loop.hidden is not None else model.init_hidden(cfg.batch_size)
-    hidden_valid = loop.hidden_valid if loop.hidden_valid is not None else model.init_hidden(cfg.batch_size)
+    hidden = loop.hidden if loop.hidden is not None else model.init_hidden(data.train.size(1))
+    hidden_valid = loop.hidden_valid if loop.hidden_valid is not None else model.init_hidden(data.train.size(1))
     meter = EpochMeter(state, writer, bar, cfg.log_every, loop.partial)
     segments = bptt_segments(data.train, cfg.bptt, variable=True, rng=np_rng,
                              max_len=cfg.bptt + cfg.max_seq_len_delta, start=loop.row)
@@ -264,7 +296,7 @@ def _train_epoch(cfg, setup: SearchSetup, np_rng, writer, bar, state, loop: LMLo
                                                     Batch(data_v, targets_v, hidden_valid), state["lr_scale"])
         except NonFiniteLossError as err:
             raise NonFiniteLossError(f"step {state['step'] + 1}: {err}") from None
-        meter.record(raw, targets_t.numel(), _lrs(setup.w_optimizer, strategy))
+        meter.record(raw, targets_t.numel() * distributed.size(), _lrs(setup.w_optimizer, strategy))
         loop.advance(seq_len, hidden, hidden_valid, meter.partial)
         keeper.step_done(f"at step {state['step']} (epoch {loop.epoch})")
     set_lr(setup.w_optimizer, cfg.lr)

@@ -30,6 +30,7 @@ from nas.engine.lm import (EpochMeter, EvalResult, LMLoop, NonFiniteLossError, e
                            token_progress_bar, weight_step)
 from nas.engine.resume import open_run, retrain_keeper, start_run, stop_signals
 from nas.engine.tb import log_genotype_figure
+from nas import distributed
 from nas.atomic import atomic_write_text
 from nas.genotype import Genotype, GenotypeError
 from nas.published import resolve_arch
@@ -42,15 +43,15 @@ BEST_CHECKPOINT = "best.pt"
 
 
 def evaluate_lm(model, source: torch.Tensor, bptt: int, optimizer: Optional[torch.optim.Optimizer] = None,
-                max_batches: Optional[int] = None, progress=None) -> EvalResult:
+                max_batches: Optional[int] = None, progress=None, over_ranks: bool = False) -> EvalResult:
     """Exact perplexity of ``model`` on ``source`` [T, B], with ASGD's averaged weights if ``optimizer`` averages.
 
     Leaves the model's ``training`` flag, its parameters and the optimizer state exactly as they were
     (the averaged weights are copied in and the raw ones back, see :func:`nas.engine.asgd.averaged_weights`).
-    An overflowing loss gives ``ppl == inf``, not an exception.
+    An overflowing loss gives ``ppl == inf``, not an exception.  ``over_ranks``: see :func:`nas.engine.lm.evaluate`.
     """
     with averaged_weights(model, optimizer):
-        return evaluate(model, source, bptt, max_batches=max_batches, progress=progress)
+        return evaluate(model, source, bptt, max_batches=max_batches, progress=progress, over_ranks=over_ranks)
 
 
 def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
@@ -86,9 +87,15 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
     except GenotypeError as err:
         raise GenotypeError(f"arch={cfg.arch} ({arch_desc}): {err}") from None
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    genotype.save(os.path.join(run_dir, "genotype.json"))
     from nas.engine.classify import is_classification, train_classifier
 
+    if distributed.launched() is not None and is_classification(cfg):
+        raise ConfigError(f"dataset={cfg.dataset.name}: data-parallel (torchrun) retraining covers the "
+                          "language-model datasets (ptb, wikitext2); run sentence classification as one process")
+    distributed.init()
+    distributed.check_divisible(cfg.batch_size, "batch_size")
+    if distributed.is_writer():
+        genotype.save(os.path.join(run_dir, "genotype.json"))
     if is_classification(cfg):
         return train_classifier(cfg, genotype, arch_desc, run_dir, score_test, resuming)
     device = configure_runtime(cfg)
@@ -112,7 +119,8 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
 
     keeper = retrain_keeper(cfg, run_dir, "train_lm", state, model, opt, _Position(loop, np_rng), device)
     writer = start_run(keeper, resuming, cfg_yaml, genotype)
-    log_genotype_figure(writer, genotype, 0, os.path.join(run_dir, "genotype.png"))
+    if distributed.is_writer():
+        log_genotype_figure(writer, genotype, 0, os.path.join(run_dir, "genotype.png"))
     bar = token_progress_bar(cfg, data.train, "train")
     bar.update(state["tokens"])
     valid = None
@@ -130,13 +138,16 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
                 state["train_seconds"] += time.time() - t0
                 optimizer = opt["optimizer"]
                 averaged = is_averaging(optimizer)
-                valid = evaluate_lm(model, data.valid, eval_bptt, optimizer, cfg.limit_eval_batches)
+                valid = evaluate_lm(model, data.valid, eval_bptt, optimizer, cfg.limit_eval_batches,
+                                    over_ranks=data.over_ranks("valid"))
                 loss = valid.loss if math.isfinite(valid.loss) else math.inf
                 best = state["best"]
                 if loss < best["loss"] or best["epoch"] is None:
                     state["best"] = best = {"loss": loss, "epoch": epoch, "ppl": valid.ppl}
-                    with averaged_weights(model, optimizer):
-                        _save_best(best_path, model, genotype, cfg, data.ntoken, n_params, epoch, valid, averaged)
+                    if distributed.is_writer():
+                        with averaged_weights(model, optimizer):
+                            _save_best(best_path, model, genotype, cfg, data.ntoken, n_params, epoch, valid,
+                                       averaged)
                 switched = False
                 if cfg.optimizer == "ntasgd" and not averaged and nonmono_trigger(state["val_losses"], loss,
                                                                                   cfg.nonmono):
@@ -163,7 +174,8 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
         bar.close()
         t0, test = time.time(), None
         if score_test:
-            test = _test_best(cfg, model, best_path, data.test, eval_bptt, device)
+            distributed.barrier()  # torchrun: best.pt is rank 0's file
+            test = _test_best(cfg, model, best_path, data.test, eval_bptt, device, data.over_ranks("test"))
             writer.add_scalar("test/ppl", test.ppl, state["best"]["epoch"])
         test_seconds = time.time() - t0
     finally:
@@ -171,18 +183,22 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
         writer.close()
     wall, best = keeper.clock.now(), state["best"]
     if valid is None:  # resumed after the last epoch had finished: the best checkpoint holds its figures
+        distributed.barrier()
         best_ckpt = load_checkpoint(best_path)
         valid = EvalResult(best_ckpt["valid_nll"], best_ckpt["valid_tokens"])
     metrics = {
         "arch": cfg.arch, "best_valid_ppl": best["ppl"], "best_epoch": best["epoch"], "test_ppl": test and test.ppl,
         "test_loss": test and test.loss, "test_tokens": test and test.tokens, "valid_tokens": valid.tokens,
-        "exact_eval": _whole(valid, data.valid) and (test is None or _whole(test, data.test)), "params": n_params,
+        "exact_eval": (_whole(valid, data.valid, data.over_ranks("valid"))
+                       and (test is None or _whole(test, data.test, data.over_ranks("test")))), "params": n_params,
         "epochs": cfg.epochs, "steps": state["step"], "train_tokens": state["tokens"],
         "asgd_epoch": state["asgd_epoch"], "tokens_per_second": state["tokens"] / max(state["train_seconds"], 1e-9),
         "train_seconds": state["train_seconds"], "test_seconds": test_seconds, "wall_seconds": wall,
         "test_batch_size": cfg.test_batch_size, "eval_batch_size": cfg.eval_batch_size, "device": str(device),
         "rollbacks": state["rollbacks"], "genotype": genotype.to_dict(), "history": state["history"],
     }
+    if not distributed.is_writer():
+        return metrics
     atomic_write_text(os.path.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
     tested = (f"test ppl {test.ppl:.2f} ({test.tokens} tokens, batch {cfg.test_batch_size}, {test_seconds:.1f} s)"
               if test is not None else "test split not scored")
@@ -208,7 +224,7 @@ def _train_epoch(cfg, model, optimizer, source, np_rng, writer, bar, state, loop
     """The rest of the current epoch over the training split [T, B] from ``loop``'s position; returns the
     epoch's perplexity (raw NLL, without AR/TAR).  Checkpoints and stop requests go through ``keeper``."""
     model.train()
-    hidden = loop.hidden if loop.hidden is not None else model.init_hidden(cfg.batch_size)
+    hidden = loop.hidden if loop.hidden is not None else model.init_hidden(source.size(1))
     meter = EpochMeter(state, writer, bar, cfg.log_every, loop.partial)
     segments = bptt_segments(source, cfg.bptt, variable=True, rng=np_rng, max_len=cfg.bptt + cfg.max_seq_len_delta,
                              start=loop.row)
@@ -223,25 +239,28 @@ def _train_epoch(cfg, model, optimizer, source, np_rng, writer, bar, state, loop
                                             cfg.tar_beta)
         except NonFiniteLossError as err:
             raise NonFiniteLossError(f"step {state['step'] + 1}: {err}") from None
-        meter.record(raw_value, targets.numel(), {"lr": lr})
+        meter.record(raw_value, targets.numel() * distributed.size(), {"lr": lr})
         loop.advance(seq_len, hidden, None, meter.partial)
         keeper.step_done(f"at step {state['step']} (epoch {loop.epoch})")
     set_lr(optimizer, cfg.lr)
     return meter.ppl
 
 
-def _test_best(cfg, model, best_path: str, source: torch.Tensor, bptt: int, device) -> EvalResult:
+def _test_best(cfg, model, best_path: str, source: torch.Tensor, bptt: int, device,
+               over_ranks: bool = False) -> EvalResult:
     """Test perplexity of the best-valid checkpoint, reloaded from disk (so the file is what is reported)."""
     model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
     segments = len(range(0, source.size(0) - 1, bptt))
     total = min(segments, cfg.limit_eval_batches or segments)
-    with tqdm(total=total, desc="test", unit="seg", disable=not cfg.progress, dynamic_ncols=True) as bar:
-        return evaluate_lm(model, source, bptt, None, cfg.limit_eval_batches, lambda n: bar.update(1))
+    with tqdm(total=total, desc="test", unit="seg", disable=not cfg.progress or not distributed.is_writer(),
+              dynamic_ncols=True) as bar:
+        return evaluate_lm(model, source, bptt, None, cfg.limit_eval_batches, lambda n: bar.update(1), over_ranks)
 
 
-def _whole(result: EvalResult, source: torch.Tensor) -> bool:
-    """True when ``result`` scored every target of ``source`` [T, B] (no ``limit_eval_batches`` cut)."""
-    return result.tokens == (source.size(0) - 1) * source.size(1)
+def _whole(result: EvalResult, source: torch.Tensor, over_ranks: bool = False) -> bool:
+    """True when ``result`` scored every target of ``source`` [T, B] (no ``limit_eval_batches`` cut); with
+    ``over_ranks``, ``source`` is one of the torchrun ranks' equal shards."""
+    return result.tokens == (source.size(0) - 1) * source.size(1) * (distributed.size() if over_ranks else 1)
 
 
 def _save_best(path, model, genotype: Genotype, cfg, ntoken: int, n_params: int, epoch: int, valid: EvalResult,

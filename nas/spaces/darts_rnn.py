@@ -19,6 +19,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from nas.distributed import global_batch_norm
 from nas.genotype import Genotype, GenotypeError, dag_decisions, derive, edge_count, genotype_from_decisions
 from nas.layers import dropout_mask
 from nas.ops import DARTS_RNN_OPS, cell_activation, check_cell_ops
@@ -100,9 +101,9 @@ class DartsCell(nn.Module):
         node_weights = self._node_weights(weights) if self.genotype is None else None
         x_mask = h_mask = None
         if self.training and self.dropoutx > 0:
-            x_mask = dropout_mask(inputs, (B, self.ninp), self.dropoutx)
+            x_mask = dropout_mask(inputs, (B, self.ninp), self.dropoutx, batch_dim=0)
         if self.training and self.dropouth > 0:
-            h_mask = dropout_mask(inputs, (B, self.nhid), self.dropouth)
+            h_mask = dropout_mask(inputs, (B, self.nhid), self.dropouth, batch_dim=0)
         x = inputs if x_mask is None else inputs * x_mask
         # the input half of W0 for all time steps in one matrix product: [T*B, E] @ [E, 2H]
         xw = (x.reshape(T * B, self.ninp) @ self.W0[: self.ninp]).view(T, B, 2 * self.nhid)
@@ -185,7 +186,7 @@ def _batch_norm(s: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     Equal to ``nn.BatchNorm1d(H, affine=False, track_running_stats=False)`` in train and eval mode (kept
     stateless so the unrolled second-order step and resume need no buffers).
     """
-    return nn.functional.batch_norm(s, None, None, training=True, eps=eps)
+    return global_batch_norm(s, eps)  # under torchrun: the statistics of the global batch
 
 
 @SPACES.register("darts_rnn", config=DartsRNNConfig)

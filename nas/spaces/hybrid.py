@@ -25,7 +25,7 @@ from torch import nn
 
 from nas.errors import ConfigError
 from nas.genotype import ZERO_OPS, Genotype, dag_decisions, derive, edge_count, genotype_from_decisions
-from nas.layers import LockedDropout, embedded_dropout
+from nas.layers import LockedDropout, dropout, embedded_dropout
 from nas.sequence_ops import HYBRID_OPS, build_sequence_op, check_sequence_ops, padding_mask
 from nas.spaces import SPACES, check_space_genotype
 from nas.spaces.lm import RNNLanguageModel
@@ -129,7 +129,7 @@ class HybridDAG(nn.Module):
                             for module, e in zip(self.edges[i - 1], self.genotype.nodes[i - 1]))
             s = self.norms[i - 1](total)
             if self.training and self.dropouth > 0:
-                s = nn.functional.dropout(s, self.dropouth)
+                s = dropout(s, self.dropouth, batch_dim=1)  # s [T, B, d]
             if mask is not None:
                 s = s * mask
             states.append(s)

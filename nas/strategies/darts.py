@@ -16,6 +16,11 @@ Correctness details the reference ports get wrong, handled here:
 * the vector ∇_{w'} L_val is not clipped (clipping it would rescale the implicit term).
 As in the reference code, ξ is the current weight learning rate and, when the training gradient is
 clipped in the virtual step, the implicit term is scaled by the same clip coefficient (held constant).
+
+Under torchrun (:mod:`nas.distributed`) every gradient here is averaged over the ranks' shards where one process
+would take it on the global batch: ∇α L_val (first order); ∇w L_train before the virtual step, ∇α L_val(w') and
+∇w' L_val(w') (so ε and w± are global), and the finite-difference term (second order).  The hypergradient is
+then the global batch's, identical on every rank.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from nas import distributed
 from nas.genotype import Genotype
 from nas.losses import lm_nll
 from nas.mixed import edge_weights
@@ -182,6 +188,7 @@ class DartsStrategy:
             params = {n: p.detach() for n, p in self._params().items()}
             out = self._forward(params, self.alphas, valid)
             (grad,) = torch.autograd.grad(lm_nll(out, valid.targets), [self.alphas])
+            distributed.average_([grad])
             return grad, _detached(out.hidden)
         return self._unrolled_gradient(train, valid, eta)
 
@@ -200,6 +207,7 @@ class DartsStrategy:
         alphas = self.alphas.detach()
         loss = self.train_objective(self._forward(params, alphas, train), train.targets)
         g = torch.autograd.grad(loss, w)
+        distributed.average_(g)
         coef = 1.0
         if self.clip:
             norm = torch.sqrt(sum(x.pow(2).sum() for x in g)).item()
@@ -210,6 +218,7 @@ class DartsStrategy:
         alphas_v = self.alphas.detach().requires_grad_(True)
         out = self._forward(dict(zip(names, w_prime)), alphas_v, valid)
         grads = torch.autograd.grad(lm_nll(out, valid.targets), [alphas_v] + w_prime)
+        distributed.average_(grads)
         d_alpha, v = grads[0], grads[1:]
         vnorm = torch.sqrt(sum(x.pow(2).sum() for x in v))
         if vnorm.item() == 0.0:  # no dependence of L_val on w: the implicit term vanishes
@@ -217,6 +226,7 @@ class DartsStrategy:
         eps = self.cfg.fd_epsilon / vnorm
         hvp = self._alpha_grad_at([p + eps * vi for p, vi in zip(w, v)], names, train, rng)
         hvp = hvp - self._alpha_grad_at([p - eps * vi for p, vi in zip(w, v)], names, train, rng)
+        distributed.average_([hvp])
         return d_alpha - (eta * coef) * hvp / (2 * eps), _detached(out.hidden)
 
     def _alpha_grad_at(self, w_point, names, train: Batch, rng) -> torch.Tensor:
