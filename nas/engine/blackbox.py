@@ -188,7 +188,7 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
         evaluate: ``f(genotype, trial_dir) -> TrialResult`` (default :func:`train_trial`; tests pass a toy
             objective).
     Outputs in ``run_dir``: ``trials.jsonl``, ``trials/NNNN/`` (each trial's train.py outputs),
-        ``genotype.json`` and ``genotype.png`` (the best), ``metrics.json``, ``tb/``, ``config.yaml``,
+        ``genotype.json`` and ``genotype.png`` (the best; of the whole study when ``strategy.storage`` is shared), ``metrics.json``, ``tb/``, ``config.yaml``,
         ``study.db`` (bayesian with the default storage).
     Raises:
         ConfigError: a bad budget, sampler or storage.  RuntimeError: every trial failed.
@@ -255,7 +255,11 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
                 bar.set_postfix(best=f"{trials.best:.4g}" if trials.best is not None else "-")
     finally:
         bar.close()
-    best_genotype = trials.best_genotype
+    best_genotype, best_value = trials.best_genotype, trials.best
+    shared = strategy.study_best() if hasattr(strategy, "study_best") else None
+    if shared is not None and better(shared[0], best_value, direction):  # another worker's trial of the study
+        best_value, best_genotype = shared
+        log.info("the shared study's best trial is another worker's: %s = %s", metric, best_value)
     if best_genotype is None:
         writer.close()
         raise RuntimeError(f"no trial of {cfg.strategy.name} succeeded; see {trials.path}")
@@ -264,10 +268,12 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
     writer.close()
     wall = time.time() - start
     metrics = {"task": "classification" if metric == "valid_accuracy" else "language_modeling", "metric": metric,
-               "strategy": cfg.strategy.name, f"best_{metric}": trials.best,
+               "strategy": cfg.strategy.name, f"best_{metric}": best_value,
                "trials": trials.n, "train_tokens": trials.cum_tokens, "wall_seconds": wall,
                "genotype": best_genotype.to_dict()}
+    if shared is not None:  # several workers: best_* and genotype are the study's; trials and cost this worker's
+        metrics.update({"shared_study": cfg.strategy.study_name, f"worker_best_{metric}": trials.best})
     atomic_write_text(os.path.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
-    log.info("done in %.1f s: %d trials, best %s %.4g: %s written to %s", wall, trials.n, metric, trials.best,
+    log.info("done in %.1f s: %d trials, best %s %.4g: %s written to %s", wall, trials.n, metric, best_value,
              best_genotype, os.path.join(run_dir, "genotype.json"))
     return metrics

@@ -14,12 +14,22 @@ strategies search over.
   a storage URL -- default a SQLite file in the run directory, so an interrupted study resumes; any Optuna RDB
   URL (PostgreSQL, MySQL) lets several workers share one study.  A genotype the study proposes again is not
   trained again: its first result is reported (after waiting for it, if another worker is still training it).
+
+Several workers (``strategy.storage`` set, for ``random`` too, which then draws through Optuna's RandomSampler):
+each proposal is an Optuna trial of the shared study, and the budget (``trials`` finished trials) is the study's,
+not the worker's.  With an RDB storage (``sqlite:///...`` on one machine, ``postgresql://...`` across machines)
+a worker records a heartbeat for its running trial every ``heartbeat_interval`` seconds; a trial whose heartbeat
+is older than ``grace_period`` (its worker died) is marked FAIL by the next worker that looks
+(``optuna.storages.fail_stale_trials``), and the study goes on without it.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
+import threading
 import time
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -28,6 +38,8 @@ import numpy as np
 from nas.errors import ConfigError
 from nas.genotype import Genotype, genotype_count
 from nas.strategies import STRATEGIES
+
+log = logging.getLogger(__name__)
 
 DIRECTIONS = ("minimize", "maximize")
 SAMPLERS = ("tpe", "gp")
@@ -48,21 +60,25 @@ class RandomConfig:
     #: cap on training batches per trial epoch (null: the top-level ``limit_train_batches``, whose default
     #: null means the whole split)
     trial_limit_train_batches: Optional[int] = None
+    #: an Optuna storage URL shared by several workers (``sqlite:///<file>``, ``postgresql://user@host/db``,
+    #: ``journal:<file>``); null: one worker (``bayesian``: its own ``sqlite:///<run dir>/study.db``)
+    storage: Optional[str] = None
+    study_name: str = "nas"
+    #: seconds between a worker's heartbeats for its running trial (RDB storages; see the module docstring)
+    heartbeat_interval: int = 10
+    #: a running trial without a heartbeat for this long is marked failed (null: Optuna's 2 x heartbeat_interval)
+    grace_period: Optional[int] = None
 
 
 @dataclass
 class BayesianConfig(RandomConfig):
-    """``strategy=bayesian``: :class:`RandomConfig`'s budget, plus the Optuna sampler and storage."""
+    """``strategy=bayesian``: :class:`RandomConfig`'s budget and storage, plus the Optuna sampler."""
 
     name: str = "bayesian"
     #: ``gp`` (Gaussian-process BO, optuna.samplers.GPSampler) or ``tpe`` (optuna.samplers.TPESampler)
     sampler: str = "tpe"
     #: random trials before the model-based proposals start
     n_startup_trials: int = 5
-    #: Optuna storage URL; null: ``sqlite:///<run dir>/study.db``.  A journal file (``journal:<path>``)
-    #: also works for several workers on one machine.
-    storage: Optional[str] = None
-    study_name: str = "nas"
 
 
 class Proposal(NamedTuple):
@@ -81,12 +97,18 @@ def _check_budget(cfg) -> None:
         raise ConfigError(f"strategy.trial_epochs must be >= 1, got {cfg.trial_epochs}")
     if cfg.budget_tokens is not None and cfg.budget_tokens < 1:
         raise ConfigError(f"strategy.budget_tokens must be >= 1 or null, got {cfg.budget_tokens}")
+    if cfg.heartbeat_interval < 1 or (cfg.grace_period is not None and cfg.grace_period <= cfg.heartbeat_interval):
+        raise ConfigError(f"strategy.heartbeat_interval must be >= 1 s and strategy.grace_period longer than it (or "
+                          f"null), got {cfg.heartbeat_interval} and {cfg.grace_period}")
 
 
 @STRATEGIES.register("random", config=RandomConfig)
 class RandomStrategy:
     """Uniform random search without repeats.
 
+    One worker: numpy draws, never the same genotype twice.  With ``cfg.storage`` (several workers): an Optuna
+    study with ``RandomSampler`` shared through the storage, as :class:`BayesianStrategy` (a genotype drawn again
+    is reported, not retrained).
     Args:
         cfg: :class:`RandomConfig`; space: gives ``decisions()`` / ``from_decisions()``; seed: of the draws;
         direction: ``minimize`` (perplexity) or ``maximize`` (accuracy); run_dir: unused (the interface).
@@ -104,9 +126,13 @@ class RandomStrategy:
         self.size = genotype_count(self.decisions)
         self.rng = np.random.default_rng(seed)
         self.seen: set = set()
+        self.shared = (BayesianStrategy(cfg, space, seed, direction, run_dir, sampler="random") if cfg.storage
+                       else None)
 
     def ask(self) -> Optional[Proposal]:
         """A genotype not proposed before, uniform over the rest of the space; None once it is exhausted."""
+        if self.shared is not None:
+            return self.shared.ask()
         if len(self.seen) >= self.size:
             return None
         while True:  # rejection: uniform over the unseen genotypes (cheap while the space is much larger)
@@ -118,13 +144,21 @@ class RandomStrategy:
                 return Proposal(genotype, key)
 
     def tell(self, handle, value: Optional[float]) -> None:
-        """Random search learns nothing from results (a failed trial: ``value=None``)."""
+        """Random search learns nothing from results (a failed trial: ``value=None``); a shared study records it."""
+        if self.shared is not None:
+            self.shared.tell(handle, value)
 
     def mark_seen(self, genotypes) -> None:
         """Genotypes evaluated before a resume: never proposed again."""
         self.seen.update(g.to_json() for g in genotypes)
 
+    def study_best(self):
+        """The shared study's best ``(value, genotype)`` (see :meth:`BayesianStrategy.study_best`); None alone."""
+        return self.shared.study_best() if self.shared is not None else None
+
     def stopped(self, completed: int) -> bool:
+        if self.shared is not None:
+            return self.shared.stopped(completed)
         return completed >= self.cfg.trials
 
 
@@ -132,7 +166,8 @@ class RandomStrategy:
 class BayesianStrategy:
     """Bayesian optimization of the genotype's categorical decisions with an Optuna study.
 
-    Args: as :class:`RandomStrategy`; ``run_dir`` holds the default SQLite study.
+    Args: as :class:`RandomStrategy`; ``run_dir`` holds the default SQLite study; ``sampler`` overrides
+        ``cfg.sampler`` (``random``: the shared study of :class:`RandomStrategy`).
     Raises:
         ConfigError: unknown sampler, or a storage URL Optuna cannot open.
     """
@@ -140,11 +175,12 @@ class BayesianStrategy:
     kind = "black_box"
 
     def __init__(self, cfg: BayesianConfig, space, seed: int = 0, direction: str = "minimize",
-                 run_dir: Optional[str] = None):
+                 run_dir: Optional[str] = None, sampler: Optional[str] = None):
         import optuna
 
         _check_budget(cfg)
-        if cfg.sampler not in SAMPLERS:
+        self.sampler_name = sampler or cfg.sampler
+        if self.sampler_name not in SAMPLERS + ("random",):
             raise ConfigError(f"strategy.sampler={cfg.sampler!r}; valid: {', '.join(SAMPLERS)}")
         self.cfg, self.space, self.direction = cfg, space, direction
         self.decisions = space.decisions()
@@ -155,14 +191,17 @@ class BayesianStrategy:
             # order, so each seeds its sampler apart (a multi-worker study is not reproducible anyway)
             seed = int.from_bytes(os.urandom(4), "little") ^ seed
         self.seed = seed
-        sampler = _sampler(cfg, seed)
+        sampler = self._sampler(seed)
         storage = cfg.storage or f"sqlite:///{os.path.join(os.path.abspath(run_dir or '.'), 'study.db')}"
+        self.heartbeat: Optional[_Heartbeat] = None
         try:
-            storage = _storage(storage)
+            # heartbeats only where other workers may share the study
+            storage = self.storage = _storage(storage, cfg.heartbeat_interval if cfg.storage else None,
+                                              cfg.grace_period)
             self.study = optuna.create_study(study_name=cfg.study_name, storage=storage, sampler=sampler,
                                              direction=direction, load_if_exists=True)
         except (ImportError, ValueError, RuntimeError) as err:
-            hint = (" (a PostgreSQL URL needs a driver: pip install psycopg2-binary)"
+            hint = (" (a PostgreSQL URL needs a driver: pip install 'psycopg[binary]')"
                     if str(cfg.storage).startswith("postgresql") else "")
             raise ConfigError(f"strategy.storage={cfg.storage!r}: cannot open the Optuna study ({err}){hint}") \
                 from None
@@ -189,14 +228,50 @@ class BayesianStrategy:
         # interrupted one that is proposed again not counted), not of the process's history: a resumed study proposes what an uninterrupted one would
         import optuna
 
+        self._fail_stale()
         trials = self.study.get_trials(deepcopy=False)
         resumed = {t.user_attrs.get("resumes") for t in trials} - {None}
         done = sum(1 for t in trials if t.state != optuna.trial.TrialState.WAITING and t.number not in resumed)
-        self.study.sampler = _sampler(self.cfg, int(np.random.SeedSequence([self.seed, done]).generate_state(1)[0]))
+        self.study.sampler = self._sampler(int(np.random.SeedSequence([self.seed, done]).generate_state(1)[0]))
         trial = self.study.ask()
+        if self.heartbeats:  # from now until tell(): other workers see this trial alive
+            self.heartbeat = _Heartbeat(self.storage, trial._trial_id, self.cfg.heartbeat_interval)
         choice = {name: trial.suggest_categorical(name, list(choices)) for name, choices in self.decisions}
         trial.set_user_attr("proposed", True)  # its params are complete: other workers may compare with them
         return Proposal(self.space.from_decisions(choice), trial, self._result_of(choice, trial.number))
+
+    def _sampler(self, seed: int):
+        if self.sampler_name == "random":
+            import optuna
+
+            return optuna.samplers.RandomSampler(seed=seed)
+        return _sampler(self.cfg, seed)
+
+    @property
+    def heartbeats(self) -> bool:
+        """Whether running trials are kept alive by heartbeats (a shared RDB storage), so a dead worker's trial
+        is told apart from a slow one."""
+        interval = getattr(self.storage, "get_heartbeat_interval", None)  # RDBStorage's; a journal has none
+        return interval is not None and interval() is not None
+
+    def _fail_stale(self) -> None:
+        """Mark FAIL the running trials whose heartbeat stopped (their worker died), with a warning naming them."""
+        if not self.heartbeats:
+            return
+        import optuna
+
+        State = optuna.trial.TrialState
+        running = {t.number for t in self.study.get_trials(deepcopy=False, states=(State.RUNNING,))}
+        if not running:
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(self.study)
+        failed = [t.number for t in self.study.get_trials(deepcopy=False, states=(State.FAIL,)) if t.number in running]
+        for number in failed:
+            log.warning("trial %d of study %r sent no heartbeat for %s s (its worker died): marked failed; the study "
+                        "goes on without it", number, self.cfg.study_name, self.storage.get_heartbeat_interval() * 2
+                        if self.cfg.grace_period is None else self.cfg.grace_period)
 
     def _result_of(self, choice: dict, number: int, poll_seconds: float = 0.2) -> Optional[float]:
         """The value of an earlier trial with the same decisions; None when there is none (or it failed).
@@ -217,26 +292,57 @@ class BayesianStrategy:
                 return done[0].value
             choosing = [t for t in earlier if t.state == State.RUNNING and not t.user_attrs.get("proposed")]
             running = [t for t in earlier if t.state == State.RUNNING and t.user_attrs.get("proposed")
-                       and t.params == choice and not _stale(t, trials)]
+                       and t.params == choice and (self.heartbeats or not _stale(t, trials))]
             if not running and (not choosing or time.time() > proposal_deadline):
                 return None
             time.sleep(poll_seconds)
+            self._fail_stale()
 
     def tell(self, handle, value: Optional[float]) -> None:
         """Finish the Optuna trial with ``value`` (None or non-finite: the trial is marked failed)."""
         import optuna
 
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+            self.heartbeat = None
         if value is None or not math.isfinite(value):
             self.study.tell(handle, state=optuna.trial.TrialState.FAIL)
         else:
             self.study.tell(handle, value)
 
-    def stopped(self, completed: int) -> bool:
-        """The study's budget is shared by every worker: finished plus running trials count."""
+    def study_best(self):
+        """``(value, genotype)`` of the best finished trial of a *shared* study (any worker's), or None for this
+        run's own study or before any trial finished."""
         import optuna
 
-        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
-        return len(self.study.get_trials(deepcopy=False, states=states)) >= self.cfg.trials
+        if not self.cfg.storage:
+            return None
+        done = [t for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                if t.value is not None and math.isfinite(t.value)]
+        if not done:
+            return None
+        best = (min if self.direction == "minimize" else max)(done, key=lambda t: t.value)
+        return best.value, self.space.from_decisions(best.params)
+
+    def stopped(self, completed: int, poll_seconds: float = 1.0) -> bool:
+        """The study's budget (``trials`` finished trials) is shared by every worker.  While the finished ones fall
+        short but other workers' running trials would fill the budget, this waits: for their results, or (with
+        heartbeats) until a dead worker's trial is marked failed and this worker takes its place.  Without
+        heartbeats (a journal file), finished plus running trials count."""
+        import optuna
+
+        State = optuna.trial.TrialState
+        while True:
+            self._fail_stale()
+            trials = self.study.get_trials(deepcopy=False, states=(State.COMPLETE, State.RUNNING))
+            complete = sum(t.state == State.COMPLETE for t in trials)
+            if complete >= self.cfg.trials:
+                return True
+            if len(trials) < self.cfg.trials:
+                return False
+            if not self.heartbeats:
+                return True
+            time.sleep(poll_seconds)
 
 
 def _sampler(cfg, seed: int):
@@ -257,12 +363,40 @@ def _stale(trial, trials) -> bool:
     return (datetime.datetime.now() - trial.datetime_start).total_seconds() > limit
 
 
-def _storage(url: str):
-    """An Optuna storage for ``url``: ``journal:<file>`` gives a journal file, anything else an RDB URL."""
+def _storage(url: str, heartbeat_interval: Optional[int] = None, grace_period: Optional[int] = None):
+    """An Optuna storage for ``url``: ``journal:<file>`` gives a journal file (no heartbeats), anything else an RDB
+    URL, with heartbeats every ``heartbeat_interval`` seconds when given."""
     import optuna
 
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
 
         return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
-    return optuna.storages.RDBStorage(url)
+    with warnings.catch_warnings():  # (heartbeats are "experimental" in Optuna 4-5, stable since Optuna 2)
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval,
+                                          grace_period=grace_period if heartbeat_interval else None)
+
+
+class _Heartbeat:
+    """Records a running trial's heartbeat in the storage every ``interval`` seconds from a daemon thread, until
+    :meth:`stop` (``storage.record_heartbeat``, what ``study.optimize`` does for its own trials; ask-and-tell
+    code has to do it itself)."""
+
+    def __init__(self, storage, trial_id: int, interval: float):
+        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        self._stop = threading.Event()
+        storage.record_heartbeat(trial_id)
+        self._thread = threading.Thread(target=self._run, name=f"optuna-heartbeat-{trial_id}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception as err:  # a storage hiccup must not kill the trial; the next beat retries
+                log.warning("heartbeat of trial %d not recorded: %s", self.trial_id, err)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -1,0 +1,118 @@
+"""Several black-box search workers on one Optuna study (README: Scaling out), as separate ``search.py`` processes:
+on a SQLite file (one machine) and on a real PostgreSQL server (many machines; the ``postgres_url`` fixture starts
+one from the machine's packages).  One worker is killed (SIGKILL) in the middle of a trial: its trial is marked
+failed through the missing heartbeats, and the other worker completes the study's budget, training no genotype
+twice.
+"""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+
+from nas.genotype import Genotype
+from nas.spaces.darts_rnn import DartsRNNConfig, DartsRNNSpace
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRIALS = 6
+pytestmark = pytest.mark.slow
+
+
+def worker(run_dir, storage, corpus, study, strategy="bayesian"):
+    args = ["experiment=smoke", f"dataset.root={corpus}", "progress=false", "num_threads=1",
+            f"strategy={strategy}", f"strategy.trials={TRIALS}", f"strategy.storage={storage}",
+            f"strategy.study_name={study}", "strategy.trial_epochs=12", "strategy.heartbeat_interval=1",
+            "strategy.grace_period=3", f"hydra.run.dir={run_dir}"]
+    if strategy == "bayesian":
+        args.append("strategy.n_startup_trials=2")
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "search.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def training_trial(run_dir, at_least):
+    """The dir of a trial being trained now (started, no metrics.json yet) with number >= ``at_least``, or None."""
+    dirs = sorted(glob.glob(os.path.join(run_dir, "trials", "*")))
+    if len(dirs) >= at_least and os.path.isfile(os.path.join(dirs[-1], "checkpoint.pt")) \
+            and not os.path.isfile(os.path.join(dirs[-1], "metrics.json")):
+        return dirs[-1]
+    return None
+
+
+def trained(run_dir):
+    """Genotypes (JSON text) this worker trained, from its trials.jsonl (repeats are reported, not trained)."""
+    path = os.path.join(run_dir, "trials.jsonl")
+    if not os.path.isfile(path):
+        return []
+    records = [json.loads(line) for line in open(path)]
+    return [json.dumps(r["genotype"], sort_keys=True) for r in records if not r.get("repeated")]
+
+
+@pytest.mark.parametrize("backend, strategy", [("sqlite", "bayesian"), ("postgresql", "bayesian"),
+                                               ("sqlite", "random")])
+def test_a_killed_worker_leaves_a_failed_trial_and_the_study_completes(tmp_path, corpus, backend, strategy,
+                                                                       request):
+    storage = (f"sqlite:///{tmp_path}/study.db" if backend == "sqlite" else request.getfixturevalue("postgres_url"))
+    study = f"workers_{backend}_{strategy}_{os.getpid()}"
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a = worker(a_dir, storage, corpus, study, strategy)
+    time.sleep(1.0)  # (the first worker creates the study's tables)
+    b = worker(b_dir, storage, corpus, study, strategy)
+    killed_dir, deadline = None, time.time() + 300
+    while killed_dir is None and time.time() < deadline and a.poll() is None:
+        killed_dir = training_trial(a_dir, 2)
+        time.sleep(0.02)
+    assert killed_dir is not None, f"worker A never trained a 2nd trial: {a.communicate()[0][-3000:]}"
+    a.send_signal(signal.SIGKILL)  # dies mid-trial: nothing is told to the study
+    a.wait()
+    out_b, _ = b.communicate(timeout=600)
+    assert b.returncode == 0, out_b[-3000:]
+
+    s = optuna.load_study(study_name=study, storage=storage)
+    states = [t.state for t in s.trials]
+    failed = [t for t in s.trials if t.state == optuna.trial.TrialState.FAIL]
+    # the killed trial is marked failed (not left RUNNING), and it is the genotype A was training
+    assert optuna.trial.TrialState.RUNNING not in states
+    assert len(failed) == 1, states
+    space = DartsRNNSpace(DartsRNNConfig(emsize=16, nhid=16))
+    assert space.from_decisions(failed[0].params) == Genotype.load(os.path.join(killed_dir, "candidate.json"))
+    assert f"trial {failed[0].number} of study {study!r} sent no heartbeat" in out_b
+    # together the workers completed the study's budget; no genotype was trained twice
+    assert states.count(optuna.trial.TrialState.COMPLETE) == TRIALS
+    both = trained(a_dir) + trained(b_dir)
+    assert len(both) == len(set(both)), both
+    assert len(trained(b_dir)) >= 1 and len(trained(a_dir)) >= 1
+    # B's result is the study's best, whichever worker trained it
+    metrics = json.load(open(b_dir / "metrics.json"))
+    assert metrics["best_valid_ppl"] == s.best_value and metrics["shared_study"] == study
+    assert Genotype.load(b_dir / "genotype.json") == space.from_decisions(s.best_params)
+
+
+def test_multirun_with_the_workers_launcher_shares_one_study(tmp_path, corpus):
+    """``python search.py -m hydra/launcher=workers worker=0,1 ...``: Hydra's joblib launcher runs two worker
+    processes at once on one study; together they train the budget, each genotype once."""
+    storage = f"sqlite:///{tmp_path}/study.db"
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "search.py"), "-m", "hydra/launcher=workers",
+                          "worker=0,1", "strategy=bayesian", f"strategy.storage={storage}", f"strategy.trials={TRIALS}",
+                          "experiment=smoke", f"dataset.root={corpus}", "progress=false", "num_threads=1"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = sorted(glob.glob(str(tmp_path / "multirun" / "search" / "*" / "*" / "[0-9]")))
+    assert [os.path.basename(r) for r in runs] == ["0", "1"]
+    s = optuna.load_study(study_name="nas", storage=storage)
+    assert [t.state for t in s.trials].count(optuna.trial.TrialState.COMPLETE) == TRIALS
+    both = trained(runs[0]) + trained(runs[1])
+    assert len(both) == len(set(both)) == TRIALS - sum(
+        json.loads(line).get("repeated", False) for r in runs for line in open(os.path.join(r, "trials.jsonl")))
+    # the two jobs ran at once: each started before the other finished
+    import datetime
+
+    spans = []
+    for r in runs:
+        lines = [line for line in open(os.path.join(r, "search.log")) if line.startswith("[")]
+        spans.append([datetime.datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f") for line in (lines[0], lines[-1])])
+    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], spans
