@@ -140,11 +140,24 @@ def _log_to_resumed_run(cfg: DictConfig) -> None:
     logging.getLogger().addHandler(handler)
 
 
+def _tag_rank_in_log() -> None:
+    """Under torchrun, prefix the console log lines of ranks other than 0 (whose lines look alike) with the rank."""
+    from nas import distributed
+
+    if distributed.is_writer():
+        return
+    for handler in logging.getLogger().handlers:
+        if handler.formatter is not None:
+            fmt = handler.formatter._fmt or "%(message)s"
+            handler.setFormatter(logging.Formatter(fmt.replace("%(message)s", f"[rank {distributed.rank()}] %(message)s")))
+
+
 def run_entry(fn: Callable[[DictConfig], object], cfg: DictConfig) -> None:
     """Check the overrides, run ``fn(cfg)``, and turn the project's known errors into one-line exits (status 1;
     an interrupted run: 128 + the signal number, after its checkpoint is written)."""
     from hydra.core.hydra_config import HydraConfig
 
+    from nas import distributed
     from nas.data import DataError
     from nas.engine.common import CheckpointError
     from nas.engine.lm import NonFiniteLossError
@@ -162,7 +175,9 @@ def run_entry(fn: Callable[[DictConfig], object], cfg: DictConfig) -> None:
 
             given = {o.split("=", 1)[0] for o in overrides} & set(RUNTIME_KEYS)
             cfg, _ = resume_config(cfg, TrainConfig if "arch" in cfg.keys() else SearchConfig, given)
-            _log_to_resumed_run(cfg)
+            if distributed.is_writer():  # torchrun: rank 0 writes the run's log
+                _log_to_resumed_run(cfg)
+        _tag_rank_in_log()
         with stop_signals():  # the whole run: a signal during start-up or wrap-up is not lost either
             fn(cfg)
     except Interrupted as err:

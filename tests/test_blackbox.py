@@ -190,9 +190,29 @@ def test_bad_strategy_settings_are_clear_errors(tmp_path):
         cfg = cfg_for(["strategy=bayesian", override])
         with pytest.raises(ConfigError, match=message):
             search_black_box(cfg, str(tmp_path), evaluate=toy(cfg)[0])
-    cfg = cfg_for(["strategy=bayesian", "strategy.storage=postgresql://nobody@127.0.0.1:1/none"])
-    with pytest.raises(ConfigError, match="cannot open the Optuna study"):
-        search_black_box(cfg, str(tmp_path), evaluate=toy(cfg)[0])
+    for storage, hint in (("postgresql://nobody@127.0.0.1:1/none", "pip install 'psycopg"),
+                          ("postgres://nobody@127.0.0.1:1/none", "spells the scheme postgresql://"),
+                          ("postgresql+psycopg2://nobody@127.0.0.1:1/none", "psycopg2")):
+        cfg = cfg_for(["strategy=bayesian", f"strategy.storage={storage}"])
+        with pytest.raises(ConfigError, match="cannot open the Optuna study") as err:
+            search_black_box(cfg, str(tmp_path), evaluate=toy(cfg)[0])
+        assert hint in str(err.value) and "\n" not in str(err.value)  # one line, whatever the driver said
+
+
+def test_a_requeued_worker_of_a_shared_study_continues_its_run_dir(tmp_path):
+    """A scheduler that requeues a worker runs the same command in the same run dir (Hydra's submitit launcher
+    after a preemption): with a shared storage the unfinished worker run goes on; another config is refused."""
+    storage = f"sqlite:///{tmp_path}/study.db"
+    cfg = cfg_for(["strategy=bayesian", "strategy.trials=3", f"strategy.storage={storage}"])
+    run_dir = str(tmp_path / "w")
+    search_black_box(cfg, run_dir, evaluate=toy(cfg)[0])
+    os.remove(os.path.join(run_dir, "metrics.json"))  # as if stopped before the end
+    metrics = search_black_box(cfg, run_dir, evaluate=toy(cfg)[0])
+    assert metrics["trials"] == 3 and len(records(run_dir)) == 3  # its record goes on, nothing trained again
+    other = cfg_for(["strategy=bayesian", "strategy.trials=4", f"strategy.storage={storage}"])
+    os.remove(os.path.join(run_dir, "metrics.json"))
+    with pytest.raises(ConfigError, match="already holds an unfinished run"):
+        search_black_box(other, run_dir, evaluate=toy(other)[0])
 
 
 @pytest.mark.slow

@@ -2,8 +2,8 @@
 
 The claim: ``torchrun --nproc_per_node=2`` computes what one process computes on the same global batch -- weights,
 α, optimizer states and genotype -- and writes one set of output files.  The runs are in float64 (``dtype``): in
-float32 the rounding of the ranks' sums against one process's grows through training (the same search on one
-process with 1 and 2 threads differs by 1e-4 after 16 steps), which would hide a real mismatch.
+float32 training amplifies rounding differences (at the smoke settings one process on 1 and on 2 threads differs
+by 1e-4 in the weights after 8 steps and by up to 0.9 after 16), which would hide a real mismatch.
 """
 import glob
 import json
@@ -98,6 +98,7 @@ def test_torchrun_search_equals_one_process(tmp_path, space, unrolled, corpus):
     ddp_metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
     one_metrics = json.load(open(tmp_path / "single" / "metrics.json"))
     assert ddp_metrics["train_tokens"] == one_metrics["train_tokens"]  # global tokens, not rank 0's shard
+    assert (ddp_metrics["processes"], one_metrics["processes"]) == (2, 1)
     for a, b in zip(ddp_metrics["history"], one_metrics["history"]):
         assert a["genotype"] == b["genotype"]
         assert a["valid_ppl"] == pytest.approx(b["valid_ppl"], rel=1e-9)  # summed over both ranks' columns
@@ -107,7 +108,7 @@ def test_torchrun_search_equals_one_process(tmp_path, space, unrolled, corpus):
     from nas.genotype import Genotype
 
     text = str(Genotype.from_dict(genotype))
-    assert f"rank 1: final genotype {text} (the same as rank 0's)" in log
+    assert f"[rank 1] final genotype {text} (the same as rank 0's)" in log  # rank 1's console line, tagged
     assert f"done in" in log and text in log
     # one set of output files, written by rank 0: what one process writes, and one Hydra record
     assert run_files(run_dir) == run_files(tmp_path / "single") | {"search.log"}
@@ -146,6 +147,8 @@ def test_torchrun_search_resumes(tmp_path, corpus):
     resumed = torchrun("search.py", [f"resume={run_dir}"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resumed {run_dir} at step {step}" in resumed.stdout + resumed.stderr
+    log = open(run_dir / "search.log").read()  # rank 0's lines only, the resumed session's appended once
+    assert log.count(f"resumed {run_dir} at step {step}") == 1 and "[rank 1]" not in log
     single = one_process("search.py", args + [f"hydra.run.dir={tmp_path / 'single'}"], cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
     assert_close(final_state(run_dir), final_state(tmp_path / "single"))
@@ -178,12 +181,14 @@ def test_torchrun_train_equals_one_process(tmp_path, corpus):
     assert run_files(tmp_path / "ddp") == run_files(tmp_path / "single") | {"train.log"}
 
 
-@pytest.mark.parametrize("args, message", [
-    (["batch_size=15"], "batch_size=15 does not split over 2 torchrun processes"),
-    (["strategy=random"], "run several plain `python search.py` workers on one study.storage"),
-], ids=["indivisible_batch", "black_box"])
-def test_torchrun_refuses(tmp_path, args, message, corpus):
-    out = torchrun("search.py", SEARCH + [f"dataset.root={corpus}"] + args + [f"hydra.run.dir={tmp_path / 'run'}"],
+@pytest.mark.parametrize("script, args, message", [
+    ("search.py", ["batch_size=15"], "batch_size=15 does not split over 2 torchrun processes"),
+    ("search.py", ["strategy=random"], "run several plain `python search.py` workers on one strategy.storage"),
+    ("train.py", ["batch_size=15"], "batch_size=15 does not split over 2 torchrun processes"),
+], ids=["indivisible_batch", "black_box", "train_indivisible_batch"])
+def test_torchrun_refuses(tmp_path, script, args, message, corpus):
+    base = SEARCH if script == "search.py" else TRAIN
+    out = torchrun(script, base + [f"dataset.root={corpus}"] + args + [f"hydra.run.dir={tmp_path / 'run'}"],
                    cwd=tmp_path, timeout=300)
     assert out.returncode != 0
     assert message in out.stdout + out.stderr, (out.stdout + out.stderr)[-3000:]
@@ -192,24 +197,52 @@ def test_torchrun_refuses(tmp_path, args, message, corpus):
     assert not (tmp_path / "run" / "config.yaml").exists()  # refused before the run dir is used
 
 
-def test_slurm_example_runs_under_stub_srun(tmp_path, corpus):
+def test_slurm_example_runs_requeues_and_resumes_under_stub_srun(tmp_path, corpus):
     """experiments/slurm/search_ddp.sbatch with ``srun`` and ``scontrol`` stubbed (no cluster here): the torchrun
-    line (c10d rendezvous, 1 node x 2 processes) runs a search in RUN_DIR; run again (a requeue), a finished run
-    is left alone."""
+    line (c10d rendezvous, 1 node x 2 processes) starts a search in RUN_DIR; SIGTERM to torchrun (what
+    ``--signal=TERM@180`` sends before the time limit) stops it with a checkpoint and the script requeues its job;
+    the requeued job resumes and finishes; a third start leaves the finished run alone."""
     stub = tmp_path / "bin"
     stub.mkdir()
     (stub / "srun").write_text('#!/bin/bash\nwhile [ $# -gt 0 ] && [ "$1" != torchrun ]; do shift; done\n'
                                'exec "$@"\n')
-    (stub / "scontrol").write_text("#!/bin/bash\necho localhost\n")
+    (stub / "scontrol").write_text(f'#!/bin/bash\nif [ "$1" = show ]; then echo localhost; '
+                                   f'else echo "$@" >> {tmp_path}/scontrol.log; fi\n')
     for f in stub.iterdir():
         f.chmod(0o755)
+    run_dir = tmp_path / "run"
     env = dict(os.environ, PATH=f"{stub}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}", SLURM_JOB_ID="7",
-               SLURM_NNODES="1", SLURM_JOB_NODELIST="localhost", GPUS_PER_NODE="2", RUN_DIR=str(tmp_path / "run"),
+               SLURM_NNODES="1", SLURM_JOB_NODELIST="localhost", GPUS_PER_NODE="2", RUN_DIR=str(run_dir),
                EXPERIMENT="smoke", OMP_NUM_THREADS="1")
     script = os.path.join(ROOT, "experiments", "slurm", "search_ddp.sbatch")
-    args = [f"dataset.root={corpus}", "num_threads=1", "limit_train_batches=3"]
-    first = subprocess.run(["bash", script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert (tmp_path / "run" / "metrics.json").exists() and (tmp_path / "run" / "genotype.json").exists()
+    args = [f"dataset.root={corpus}", "num_threads=1", "epochs=4", "limit_train_batches=3", "checkpoint_every=1",
+            "limit_eval_batches=1"]
+    job = subprocess.Popen(["bash", script, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and job.poll() is None and not _checkpoint_step(run_dir / "checkpoint.pt") >= 3:
+        time.sleep(0.1)
+    assert job.poll() is None, job.communicate()[0][-3000:]
+    launcher = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
+    assert len(launcher) == 1  # torchrun (the srun stub execs it)
+    os.kill(int(launcher[0]), signal.SIGTERM)
+    out, _ = job.communicate(timeout=300)
+    assert job.returncode == 0, out[-3000:]
+    assert "requeueing job 7" in out and open(tmp_path / "scontrol.log").read().split() == ["requeue", "7"]
+    assert not (run_dir / "metrics.json").exists()
+    step = _checkpoint_step(run_dir / "checkpoint.pt")
+
+    env["SLURM_RESTART_COUNT"] = "1"
     again = subprocess.run(["bash", script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "holds a finished search" in again.stdout
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"resumed {run_dir} at step {step}" in again.stdout + again.stderr
+    assert json.load(open(run_dir / "metrics.json"))["steps"] == 12
+    third = subprocess.run(["bash", script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0 and "holds a finished search" in third.stdout
+
+
+def _checkpoint_step(path) -> int:
+    try:
+        return torch.load(path, weights_only=False)["state"]["step"]
+    except Exception:  # not there yet, or being replaced right now
+        return -1

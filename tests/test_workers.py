@@ -86,6 +86,10 @@ def test_a_killed_worker_leaves_a_failed_trial_and_the_study_completes(tmp_path,
     both = trained(a_dir) + trained(b_dir)
     assert len(both) == len(set(both)), both
     assert len(trained(b_dir)) >= 1 and len(trained(a_dir)) >= 1
+    # each record names its trial of the study
+    complete = {t.number for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE}
+    numbers = [json.loads(line)["study_trial"] for line in open(b_dir / "trials.jsonl")]
+    assert numbers and set(numbers) <= complete
     # B's result is the study's best, whichever worker trained it
     metrics = json.load(open(b_dir / "metrics.json"))
     assert metrics["best_valid_ppl"] == s.best_value and metrics["shared_study"] == study

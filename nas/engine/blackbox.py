@@ -195,7 +195,8 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
     """
     from nas.config import SearchConfig
 
-    cfg, run_dir, _ = open_run(cfg, run_dir, SearchConfig, "search.py")
+    # a worker of a shared study, started again with the same command (a requeued job), continues its run dir
+    cfg, run_dir, _ = open_run(cfg, run_dir, SearchConfig, "search.py", continue_same=bool(cfg.strategy.get("storage")))
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     metric, direction = task_metric(cfg)
     space = build_space(cfg.space)
@@ -245,8 +246,9 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
                         raise
                 strategy.tell(proposal.handle, result.value)
                 was_best = better(result.value, trials.best, direction)
+                number = getattr(proposal.handle, "number", None)  # the Optuna trial's, for a study
                 trials.add(proposal.genotype, result.value, result.wall_seconds, result.train_tokens,
-                           repeated=proposal.known is not None)
+                           repeated=proposal.known is not None, **({} if number is None else {"study_trial": number}))
                 if was_best:
                     log_genotype(writer, proposal.genotype, trials.n)
                 log.info("trial %d: %s = %s (best %s), %.1f s, %d tokens: %s", trials.n, metric, result.value,

@@ -256,13 +256,15 @@ def check_nan_policy(cfg) -> None:
         raise ConfigError(f"checkpoint_every must be >= 0 (0: at epoch ends only), got {cfg.checkpoint_every}")
 
 
-def open_run(cfg, run_dir: Optional[str], schema, script: str):
+def open_run(cfg, run_dir: Optional[str], schema, script: str, continue_same: bool = False):
     """Start or resume a run: ``(config, run dir, checkpoint or None)``.
 
     A fresh run (``resume`` unset) gets ``run_dir`` (default: Hydra's), refused if it already holds a run
     (:func:`check_fresh_run_dir`), and its resolved ``config.yaml``.  ``resume=<dir>`` returns that run's own
     config (:func:`resume_config`); the caller restores the checkpoint (a run killed before its first
-    checkpoint starts over in its dir).
+    checkpoint starts over in its dir).  ``continue_same``: a run dir holding an unfinished run started with this
+    very config is continued rather than refused (a worker of a shared study requeued by its scheduler with the
+    same command, e.g. Hydra's submitit launcher after a preemption).
     """
     from nas.atomic import atomic_write_text
     from nas.engine.common import run_dir_from_hydra
@@ -275,10 +277,25 @@ def open_run(cfg, run_dir: Optional[str], schema, script: str):
     run_dir = os.path.abspath(run_dir or run_dir_from_hydra())
     if not distributed.is_writer():  # torchrun: rank 0 checks and writes the run dir
         return cfg, run_dir, False
+    if continue_same and run_dir_status(run_dir) == "unfinished" and _same_config(run_dir, cfg):
+        log.info("%s holds an unfinished run of this same config: continuing it", run_dir)
+        return cfg, run_dir, True
     check_fresh_run_dir(run_dir, script)
     os.makedirs(run_dir, exist_ok=True)
     atomic_write_text(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
     return cfg, run_dir, False
+
+
+def _same_config(run_dir: str, cfg) -> bool:
+    """Whether ``run_dir/config.yaml`` is ``cfg`` (resolved), apart from the runtime keys."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return False
+    saved = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    now = OmegaConf.to_container(cfg, resolve=True)
+    for key in RUNTIME_KEYS:
+        saved.pop(key, None), now.pop(key, None)
+    return saved == now
 
 
 class Clock:

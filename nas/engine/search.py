@@ -135,7 +135,7 @@ class OneShotOutputs:
         genotype = self.strategy.export()
         distributed.check_same(str(genotype), "final genotype")
         if not distributed.is_writer():
-            log.info("rank %d: final genotype %s (the same as rank 0's)", distributed.rank(), genotype)
+            log.info("final genotype %s (the same as rank 0's)", genotype)  # (the log tags the rank)
             return genotype
         genotype.save(os.path.join(self.run_dir, "genotype.json"))
         log_genotype_figure(self.writer, genotype, self.cfg.epochs, os.path.join(self.run_dir, "genotype.png"))
@@ -250,7 +250,8 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
                "best_valid_ppl": state["best_valid_ppl"],
                "epochs": cfg.epochs, "steps": state["step"], "train_tokens": state["tokens"],
                "wall_seconds": wall, "tokens_per_second": state["tokens"] / max(wall, 1e-9),
-               "params": n_params, "rollbacks": state["rollbacks"], "genotype": genotype.to_dict(),
+               "params": n_params, "rollbacks": state["rollbacks"], "processes": distributed.size(),
+               "genotype": genotype.to_dict(),
                "history": state["history"]}
     if distributed.is_writer():
         atomic_write_text(os.path.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
@@ -264,7 +265,7 @@ def _check_data_parallel(cfg, classification: bool) -> None:
         return
     if STRATEGIES.get(cfg.strategy.name).kind == "black_box":
         raise ConfigError(f"strategy={cfg.strategy.name} evaluates independent trials: run several plain "
-                          "`python search.py` workers on one study.storage instead of torchrun (README: Scaling out)")
+                          "`python search.py` workers on one strategy.storage instead of torchrun (README: Scaling out)")
     if classification:
         raise ConfigError(f"dataset={cfg.dataset.name}: data-parallel (torchrun) search covers the language-model "
                           "datasets (ptb, wikitext2); run sentence classification as one process")

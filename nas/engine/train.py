@@ -28,7 +28,7 @@ from nas.engine.common import (CheckpointError, absolute_path, atomic_torch_save
                                load_checkpoint, seed_everything)
 from nas.engine.lm import (EpochMeter, EvalResult, LMLoop, NonFiniteLossError, evaluate, prepare_lm_data,
                            token_progress_bar, weight_step)
-from nas.engine.resume import open_run, retrain_keeper, start_run, stop_signals
+from nas.engine.resume import open_run, resume_config, retrain_keeper, start_run, stop_signals
 from nas.engine.tb import log_genotype_figure
 from nas import distributed
 from nas.atomic import atomic_write_text
@@ -75,7 +75,10 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.structured(cfg)
     from nas.config import TrainConfig
+    from nas.engine.classify import is_classification, train_classifier
 
+    checked = resume_config(cfg, TrainConfig)[0] if cfg.get("resume") else cfg
+    _check_data_parallel(checked, is_classification(checked))  # before anything is written
     cfg, run_dir, resuming = open_run(cfg, run_dir, TrainConfig, "train.py")
     _check(cfg)
     # a resumed run retrains the genotype it saved (the arch path may be gone or relative to another dir)
@@ -87,13 +90,6 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
     except GenotypeError as err:
         raise GenotypeError(f"arch={cfg.arch} ({arch_desc}): {err}") from None
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    from nas.engine.classify import is_classification, train_classifier
-
-    if distributed.launched() is not None and is_classification(cfg):
-        raise ConfigError(f"dataset={cfg.dataset.name}: data-parallel (torchrun) retraining covers the "
-                          "language-model datasets (ptb, wikitext2); run sentence classification as one process")
-    distributed.init()
-    distributed.check_divisible(cfg.batch_size, "batch_size")
     if distributed.is_writer():
         genotype.save(os.path.join(run_dir, "genotype.json"))
     if is_classification(cfg):
@@ -195,7 +191,8 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
         "asgd_epoch": state["asgd_epoch"], "tokens_per_second": state["tokens"] / max(state["train_seconds"], 1e-9),
         "train_seconds": state["train_seconds"], "test_seconds": test_seconds, "wall_seconds": wall,
         "test_batch_size": cfg.test_batch_size, "eval_batch_size": cfg.eval_batch_size, "device": str(device),
-        "rollbacks": state["rollbacks"], "genotype": genotype.to_dict(), "history": state["history"],
+        "rollbacks": state["rollbacks"], "processes": distributed.size(), "genotype": genotype.to_dict(),
+        "history": state["history"],
     }
     if not distributed.is_writer():
         return metrics
@@ -306,6 +303,17 @@ def load_trained(path: str, device: Optional[torch.device] = None) -> Trained:
         raise CheckpointError(f"cannot rebuild the model of {path}: {err}") from None
     model.to(device or torch.device("cpu")).eval()
     return Trained(model, genotype, cfg, ckpt)
+
+
+def _check_data_parallel(cfg, classification: bool) -> None:
+    """Under torchrun: language-model retraining only, with a batch the processes divide (ConfigError otherwise)."""
+    if distributed.launched() is None:
+        return
+    if classification:
+        raise ConfigError(f"dataset={cfg.dataset.name}: data-parallel (torchrun) retraining covers the "
+                          "language-model datasets (ptb, wikitext2); run sentence classification as one process")
+    distributed.init()
+    distributed.check_divisible(cfg.batch_size, "batch_size")
 
 
 def _check(cfg) -> None:

@@ -200,14 +200,10 @@ class BayesianStrategy:
                                               cfg.grace_period)
             self.study = optuna.create_study(study_name=cfg.study_name, storage=storage, sampler=sampler,
                                              direction=direction, load_if_exists=True)
-        except (ImportError, ValueError, RuntimeError) as err:
-            hint = (" (a PostgreSQL URL needs a driver: pip install 'psycopg[binary]')"
-                    if str(cfg.storage).startswith("postgresql") else "")
-            raise ConfigError(f"strategy.storage={cfg.storage!r}: cannot open the Optuna study ({err}){hint}") \
-                from None
         except Exception as err:  # SQLAlchemy's errors (bad URL, server down) share no base class with ours
+            what = str(err) if isinstance(err, (ImportError, ValueError, RuntimeError)) else f"{type(err).__name__}: {err}"
             raise ConfigError(f"strategy.storage={cfg.storage!r}: cannot open the Optuna study "
-                              f"({type(err).__name__}: {err})") from None
+                              f"({' '.join(what.split())}){_storage_hint(str(cfg.storage))}") from None
         if not cfg.storage:
             # this run's own study, resumed: a trial left RUNNING was interrupted with its process (nobody else
             # uses this study).  It is marked failed and interrupted, and its genotype is proposed again next,
@@ -233,7 +229,9 @@ class BayesianStrategy:
         resumed = {t.user_attrs.get("resumes") for t in trials} - {None}
         done = sum(1 for t in trials if t.state != optuna.trial.TrialState.WAITING and t.number not in resumed)
         self.study.sampler = self._sampler(int(np.random.SeedSequence([self.seed, done]).generate_state(1)[0]))
-        trial = self.study.ask()
+        with warnings.catch_warnings():  # we record the heartbeats ourselves (see _Heartbeat)
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+            trial = self.study.ask()
         if self.heartbeats:  # from now until tell(): other workers see this trial alive
             self.heartbeat = _Heartbeat(self.storage, trial._trial_id, self.cfg.heartbeat_interval)
         choice = {name: trial.suggest_categorical(name, list(choices)) for name, choices in self.decisions}
@@ -361,6 +359,17 @@ def _stale(trial, trials) -> bool:
     durations = [t.duration.total_seconds() for t in trials if t.duration is not None]
     limit = 2 * max(durations, default=1800.0) + 60.0
     return (datetime.datetime.now() - trial.datetime_start).total_seconds() > limit
+
+
+def _storage_hint(url: str) -> str:
+    """What to try for a storage URL that did not open (empty when nothing specific applies)."""
+    if url.startswith("postgres:"):
+        return " (SQLAlchemy spells the scheme postgresql://)"
+    if url.startswith("postgresql+psycopg2"):
+        return " (this URL needs the psycopg2 driver: pip install psycopg2-binary; plain postgresql:// uses psycopg 3)"
+    if url.startswith("postgresql"):
+        return " (a PostgreSQL URL needs a driver and a reachable server: pip install 'psycopg[binary]')"
+    return ""
 
 
 def _storage(url: str, heartbeat_interval: Optional[int] = None, grace_period: Optional[int] = None):
