@@ -246,7 +246,9 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
                         raise
                 strategy.tell(proposal.handle, result.value)
                 was_best = better(result.value, trials.best, direction)
-                number = getattr(proposal.handle, "number", None)  # the Optuna trial's, for a study
+                # a shared study's trial number links the worker's record to the study (this run's own study
+                # renumbers a trial cut off by an interruption, so its records carry none)
+                number = getattr(proposal.handle, "number", None) if cfg.strategy.get("storage") else None
                 trials.add(proposal.genotype, result.value, result.wall_seconds, result.train_tokens,
                            repeated=proposal.known is not None, **({} if number is None else {"study_trial": number}))
                 if was_best:
