@@ -85,7 +85,7 @@ def _resolved_run_dir(argv: list, script: str) -> str:
         pattern = given[-1]
     else:
         conf = os.path.join(os.path.dirname(os.path.abspath(argv[0])), "conf", os.path.splitext(script)[0] + ".yaml")
-        pattern = OmegaConf.load(conf).hydra.run._get_node("dir")._value()
+        pattern = OmegaConf.to_container(OmegaConf.load(conf).hydra.run)["dir"]  # unresolved: ${now:...}
     return os.path.abspath(str(OmegaConf.create({"dir": pattern}).dir))
 
 

@@ -122,10 +122,12 @@ def device_for(device: torch.device) -> torch.device:
 
 
 def check_divisible(value: int, what: str) -> None:
-    """Raise ConfigError unless ``value`` (a batch size) splits into equal shards over the ranks."""
-    if _world is not None and value % _world.size:
-        raise ConfigError(f"{what}={value} does not split over {_world.size} torchrun processes: each rank takes an "
-                          f"equal shard of every batch, so {what} must be a multiple of {_world.size}")
+    """Raise ConfigError unless ``value`` (a batch size) splits into equal shards over torchrun's processes (reads
+    the environment: usable before :func:`init`)."""
+    world = launched()
+    if world is not None and value % world.size:
+        raise ConfigError(f"{what}={value} does not split over {world.size} torchrun processes: each rank takes an "
+                          f"equal shard of every batch, so {what} must be a multiple of {world.size}")
 
 
 def shard_columns(t: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -175,22 +177,22 @@ def average_(tensors: Sequence[Optional[torch.Tensor]]) -> None:
         offset += n
 
 
-def mean_values(values: Sequence[float], device: Optional[torch.device] = None) -> List[float]:
-    """The mean over the ranks of each float in ``values`` (float64; a collective)."""
-    return _reduce_values(values, device, mean=True)
+def mean_values(values: Sequence[float]) -> List[float]:
+    """The mean over the ranks of each float in ``values`` (float64, over gloo; a collective)."""
+    return _reduce_values(values, mean=True)
 
 
-def sum_values(values: Sequence[float], device: Optional[torch.device] = None) -> List[float]:
-    """The sum over the ranks of each float in ``values`` (float64; a collective)."""
-    return _reduce_values(values, device, mean=False)
+def sum_values(values: Sequence[float]) -> List[float]:
+    """The sum over the ranks of each float in ``values`` (float64, over gloo; a collective)."""
+    return _reduce_values(values, mean=False)
 
 
-def _reduce_values(values, device, mean: bool) -> List[float]:
+def _reduce_values(values, mean: bool) -> List[float]:
     if _world is None:
         return [float(v) for v in values]
     import torch.distributed as dist
 
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device or torch.device("cpu"))
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
     dist.all_reduce(t)
     if mean:
         t /= _world.size
@@ -273,15 +275,3 @@ def global_batch_norm(s: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     mean = means.mean(0)
     var = (m2s.sum(0) + b * (means - mean).pow(2).sum(0)) / (b * _world.size)
     return (s - mean) * torch.rsqrt(var + eps)
-
-
-def destroy() -> None:
-    """Leave the process group (end of a torchrun process)."""
-    global _world
-    if _world is None:
-        return
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    _world = None

@@ -185,7 +185,8 @@ def test_torchrun_train_equals_one_process(tmp_path, corpus):
     ("search.py", ["batch_size=15"], "batch_size=15 does not split over 2 torchrun processes"),
     ("search.py", ["strategy=random"], "run several plain `python search.py` workers on one strategy.storage"),
     ("train.py", ["batch_size=15"], "batch_size=15 does not split over 2 torchrun processes"),
-], ids=["indivisible_batch", "black_box", "train_indivisible_batch"])
+    ("train.py", ["space=hybrid", "space.dropouta=0.1"], "space.dropouta > 0 under torchrun"),
+], ids=["indivisible_batch", "black_box", "train_indivisible_batch", "train_attention_dropout"])
 def test_torchrun_refuses(tmp_path, script, args, message, corpus):
     base = SEARCH if script == "search.py" else TRAIN
     out = torchrun(script, base + [f"dataset.root={corpus}"] + args + [f"hydra.run.dir={tmp_path / 'run'}"],

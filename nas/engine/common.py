@@ -101,6 +101,21 @@ def configure_runtime(cfg) -> torch.device:
     return device
 
 
+def check_data_parallel(cfg, classification: bool, task: str) -> None:
+    """Under torchrun, refuse (ConfigError) what does not run data parallel: sentence classification, a
+    ``batch_size`` the processes do not divide, attention dropout (its masks are drawn per shard, inside
+    ``nn.MultiheadAttention``).  ``task`` names the run in the message.  No-op without torchrun."""
+    if distributed.launched() is None:
+        return
+    if classification:
+        raise ConfigError(f"dataset={cfg.dataset.name}: data-parallel (torchrun) {task} covers the language-model "
+                          "datasets (ptb, wikitext2); run sentence classification as one process")
+    distributed.check_divisible(cfg.batch_size, "batch_size")
+    if cfg.space.get("dropouta", 0.0) > 0:
+        raise ConfigError("space.dropouta > 0 under torchrun: attention dropout draws its masks inside "
+                          "nn.MultiheadAttention, per shard; set space.dropouta=0 or run as one process")
+
+
 def compile_model(model: torch.nn.Module, enabled: bool) -> None:
     """Compile the model's cell time step with ``torch.compile`` when ``enabled`` (config ``compile``).
 

@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from nas.data import bptt_segments, get_batch
-from nas.engine.common import compile_model, configure_runtime, seed_everything
+from nas.engine.common import check_data_parallel, compile_model, configure_runtime, seed_everything
 from nas.engine.resume import Keeper, load_into, open_run, resume_config, start_run, stop_signals
 from nas.engine.asgd import SEARCH_OPTIMIZERS, make_optimizer, set_lr
 from nas.engine.lm import (EpochMeter, LMData, LMLoop, NonFiniteLossError, evaluate, lm_objective,
@@ -266,14 +266,7 @@ def _check_data_parallel(cfg, classification: bool) -> None:
     if STRATEGIES.get(cfg.strategy.name).kind == "black_box":
         raise ConfigError(f"strategy={cfg.strategy.name} evaluates independent trials: run several plain "
                           "`python search.py` workers on one strategy.storage instead of torchrun (README: Scaling out)")
-    if classification:
-        raise ConfigError(f"dataset={cfg.dataset.name}: data-parallel (torchrun) search covers the language-model "
-                          "datasets (ptb, wikitext2); run sentence classification as one process")
-    distributed.init()
-    distributed.check_divisible(cfg.batch_size, "batch_size")
-    if cfg.space.get("dropouta", 0.0) > 0:
-        raise ConfigError("space.dropouta > 0 under torchrun: attention dropout draws its masks inside "
-                          "nn.MultiheadAttention, per shard; set space.dropouta=0 or run as one process")
+    check_data_parallel(cfg, classification, "search")
 
 
 def _train_epoch(cfg, setup: SearchSetup, np_rng, writer, bar, state, loop: LMLoop, keeper) -> float:

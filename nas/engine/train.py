@@ -24,8 +24,8 @@ from tqdm import tqdm
 from nas.data import bptt_segments, get_batch
 from nas.engine.asgd import (OPTIMIZERS, averaged_weights, is_averaging, make_asgd, make_optimizer, nonmono_trigger,
                              set_lr)
-from nas.engine.common import (CheckpointError, absolute_path, atomic_torch_save, compile_model, configure_runtime,
-                               load_checkpoint, seed_everything)
+from nas.engine.common import (CheckpointError, absolute_path, atomic_torch_save, check_data_parallel, compile_model,
+                               configure_runtime, load_checkpoint, seed_everything)
 from nas.engine.lm import (EpochMeter, EvalResult, LMLoop, NonFiniteLossError, evaluate, prepare_lm_data,
                            token_progress_bar, weight_step)
 from nas.engine.resume import open_run, resume_config, retrain_keeper, start_run, stop_signals
@@ -78,7 +78,7 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
     from nas.engine.classify import is_classification, train_classifier
 
     checked = resume_config(cfg, TrainConfig)[0] if cfg.get("resume") else cfg
-    _check_data_parallel(checked, is_classification(checked))  # before anything is written
+    check_data_parallel(checked, is_classification(checked), "retraining")  # before anything is written
     cfg, run_dir, resuming = open_run(cfg, run_dir, TrainConfig, "train.py")
     _check(cfg)
     # a resumed run retrains the genotype it saved (the arch path may be gone or relative to another dir)
@@ -303,17 +303,6 @@ def load_trained(path: str, device: Optional[torch.device] = None) -> Trained:
         raise CheckpointError(f"cannot rebuild the model of {path}: {err}") from None
     model.to(device or torch.device("cpu")).eval()
     return Trained(model, genotype, cfg, ckpt)
-
-
-def _check_data_parallel(cfg, classification: bool) -> None:
-    """Under torchrun: language-model retraining only, with a batch the processes divide (ConfigError otherwise)."""
-    if distributed.launched() is None:
-        return
-    if classification:
-        raise ConfigError(f"dataset={cfg.dataset.name}: data-parallel (torchrun) retraining covers the "
-                          "language-model datasets (ptb, wikitext2); run sentence classification as one process")
-    distributed.init()
-    distributed.check_divisible(cfg.batch_size, "batch_size")
 
 
 def _check(cfg) -> None:
