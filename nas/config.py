@@ -48,7 +48,7 @@ class LMRunConfig:
     batch_size: int = 256
     eval_batch_size: int = 10
     bptt: int = 35
-    #: variable-length bptt is capped at bptt + this (DARTS --max_seq_len_delta)
+    #: variable-length bptt is capped at bptt + this (DARTS --max_seq_len_delta; ``awd_lstm`` sampler only)
     max_seq_len_delta: int = 20
     lr: float = 20.0
     weight_decay: float = 5e-7
@@ -94,6 +94,9 @@ class SearchConfig(LMRunConfig):
     """``search.py``: a one-shot search (weights on train, α on the held-out split)."""
 
     strategy: Any = MISSING
+    #: training segment lengths: ``darts_search`` (bptt w.p. 0.95, else bptt/2, no noise: DARTS rnn/train_search.py)
+    #: or ``awd_lstm`` (N(bptt or bptt/2, 5), at least 5, capped: the retraining's); see nas.data.sample_seq_len
+    seq_len_sampler: str = "darts_search"
     #: the weights' optimizer: ``sgd`` (DARTS) or ``adam`` (the sentence classifiers).  The second-order
     #: update's virtual step is an SGD step with ξ = lr either way (DARTS eq. 6; with Adam an approximation)
     optimizer: str = "sgd"
@@ -114,6 +117,8 @@ class TrainConfig(LMRunConfig):
     #: ``ntasgd``: SGD, then averaged SGD once the non-monotone trigger fires (AWD-LSTM sec. 3, DARTS);
     #: ``sgd``: never average; ``asgd``: averaged SGD from the first step; ``adam``: Adam (sentence classifiers)
     optimizer: str = "ntasgd"
+    #: training segment lengths: ``awd_lstm`` (DARTS rnn/train.py, AWD-LSTM sec. 4.1) or ``darts_search``
+    seq_len_sampler: str = "awd_lstm"
     #: non-monotone interval: switch when valid loss is worse than the best of all but the last ``nonmono``
     nonmono: int = 5
     #: batch size of the test split (DARTS / AWD-LSTM: 1, one long sequence)

@@ -11,8 +11,8 @@ What the engines do with it (PyTorch distributed data parallelism, Li et al., VL
   held-out gradients and the finite-difference terms) are averaged over the ranks (:func:`average_`), so every
   rank applies the same update and holds the same weights, α and genotype, checked at every genotype export
   (:func:`check_same`);
-* the supernet's batch-statistics BatchNorm normalizes with the statistics of the whole global batch
-  (:func:`global_batch_norm`, a differentiable all-reduce), and dropout masks are drawn for the global batch
+* the supernet's BatchNorm normalizes in training with the statistics of the whole global batch, and updates its
+  running statistics with them (:func:`global_batch_norm`, a differentiable all-reduce), and dropout masks are drawn for the global batch
   on every rank from the same random stream, each rank keeping its own rows (:func:`shard_mask`).  With equal
   shards (losses are means over equal token counts) a run then computes what one process computes on the
   global batch, up to float rounding in the sums;
@@ -255,16 +255,31 @@ def shard_mask(like: torch.Tensor, shape: Sequence[int], batch_dim: int, draw) -
     return draw(like, tuple(full)).narrow(batch_dim, _world.rank * shape[batch_dim], shape[batch_dim])
 
 
-def global_batch_norm(s: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """BatchNorm without affine parameters over the rows of the *global* batch, from this rank's rows s [B/N, H].
+def global_batch_norm(s: torch.Tensor, running_mean: Optional[torch.Tensor] = None,
+                      running_var: Optional[torch.Tensor] = None, training: bool = True, momentum: float = 0.1,
+                      eps: float = 1e-5) -> torch.Tensor:
+    """BatchNorm without affine parameters, ``nn.BatchNorm1d(H, affine=False)`` semantics, over the *global* batch.
 
-    One differentiable all-gather (``torch.distributed.nn.functional.all_gather``) of each rank's mean and sum of
-    squared deviations, combined exactly (Chan et al. 1979: M2 = Σ M2_r + b Σ (mean_r - mean)²), so the
-    statistics, and the gradients flowing back to every rank's rows, are those of one process on the whole batch
-    (Ioffe & Szegedy 2015, Algorithm 1).  Single process: ``F.batch_norm`` in training mode.
+    s: this rank's rows [B/N, H] (single process: the batch [B, H]).  ``running_mean`` / ``running_var`` [H]: the
+    running statistics (None: none kept).  Training: normalize with the batch's mean and biased variance and, when
+    running statistics are given, update them in place with ``momentum`` (the unbiased variance, as torch's
+    BatchNorm does: r <- (1 - m) r + m b).  Evaluation (``training=False``): normalize with the running statistics
+    alone, so a row's output does not depend on its batch mates (Ioffe & Szegedy 2015, sec. 3.1; torch's BatchNorm1d
+    in eval mode).
+    Under torchrun the training statistics are those of the global batch: one differentiable all-gather
+    (``torch.distributed.nn.functional.all_gather``) of each rank's mean and sum of squared deviations, combined
+    exactly (Chan et al. 1979: M2 = Σ M2_r + b Σ (mean_r - mean)²), so the statistics, the running-statistics
+    update and the gradients flowing back to every rank's rows are those of one process on the whole batch.
+    Raises:
+        ValueError: ``training=False`` without running statistics.
     """
+    if not training:
+        if running_mean is None or running_var is None:
+            raise ValueError("BatchNorm in evaluation mode needs running statistics")
+        return torch.nn.functional.batch_norm(s, running_mean, running_var, training=False, eps=eps)
     if _world is None:
-        return torch.nn.functional.batch_norm(s, None, None, training=True, eps=eps)
+        return torch.nn.functional.batch_norm(s, running_mean, running_var, training=True, momentum=momentum,
+                                              eps=eps)
     from torch.distributed.nn.functional import all_gather
 
     b = s.size(0)
@@ -273,5 +288,10 @@ def global_batch_norm(s: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     parts = torch.stack(all_gather(torch.stack([mean_r, m2_r])))  # [N, 2, H]
     means, m2s = parts[:, 0], parts[:, 1]
     mean = means.mean(0)
-    var = (m2s.sum(0) + b * (means - mean).pow(2).sum(0)) / (b * _world.size)
-    return (s - mean) * torch.rsqrt(var + eps)
+    m2 = m2s.sum(0) + b * (means - mean).pow(2).sum(0)
+    n = b * _world.size
+    if running_mean is not None:
+        with torch.no_grad():
+            running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
+            running_var.mul_(1 - momentum).add_(m2.detach() / (n - 1), alpha=momentum)
+    return (s - mean) * torch.rsqrt(m2 / n + eps)

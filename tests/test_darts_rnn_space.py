@@ -1,4 +1,7 @@
 """The DARTS recurrent-cell space: shapes, agreement with a plain implementation, supernet == frozen cell."""
+from contextlib import contextmanager
+from unittest import mock
+
 import pytest
 import torch
 
@@ -6,9 +9,9 @@ from nas.genotype import Edge, Genotype, GenotypeError
 from nas.ops import DARTS_RNN_OPS
 from nas.spaces import SPACES
 from nas.spaces.darts_rnn import DartsCell, DartsRNNConfig
-from reference_cell import reference_forward
+from reference_cell import bernoulli_mask, reference_forward
 
-E, H, T, B = 6, 6, 5, 3
+E, H, T, B = 5, 6, 5, 3
 
 
 def test_alpha_shape_is_36_by_5_for_the_paper_space():
@@ -28,23 +31,68 @@ def _cell(genotype=None, dropout=0.0, batchnorm=True, ops=DARTS_RNN_OPS, steps=4
                      batchnorm=batchnorm).double()
 
 
+@contextmanager
+def given_masks(*masks):
+    """The cell's dropout masks are ``masks``, in the order it draws them (x, then h)."""
+    queue = list(masks)
+
+    def take(like, shape, p, batch_dim=None):
+        mask = queue.pop(0)
+        assert tuple(mask.shape) == tuple(shape)
+        return mask.to(like.dtype)
+
+    with mock.patch("nas.spaces.darts_rnn.dropout_mask", take):
+        yield
+    assert not queue, "the cell drew fewer masks than expected"
+
+
 def _compare(cell, weights, train, dtype=torch.float64):
-    """The cell's outputs and gradients equal the plain per-edge implementation's, to 1e-5."""
+    """The cell's outputs, gradients and BatchNorm running statistics equal the reference code's semantics
+    (``reference_cell``), to 1e-5, with the same dropout masks."""
     cell.train(train)
+    E, H = cell.ninp, cell.nhid
+    g = torch.Generator().manual_seed(5)
     x = torch.randn(T, B, E, dtype=dtype, requires_grad=True)
     h = torch.randn(B, H, dtype=dtype)
-    torch.manual_seed(5)
-    out, last = cell(x, h, weights)
-    torch.manual_seed(5)
-    ref, ref_last = reference_forward(cell, x, h, weights)
+    bn = None
+    if cell.batchnorm:
+        if not train:  # running statistics that are not the initial 0 / 1
+            with torch.no_grad(), given_masks(*_masks(cell, g, dtype)):
+                cell.train()(torch.randn(T, 7, E, dtype=dtype), torch.randn(7, H, dtype=dtype), weights)
+            cell.eval()
+        bn = torch.nn.BatchNorm1d(H, affine=False).to(dtype).train(train)
+        bn.running_mean.copy_(cell.bn_running_mean)
+        bn.running_var.copy_(cell.bn_running_var)
+    masks = _masks(cell, g, dtype, B) if train else []
+    with given_masks(*masks):
+        out, last = cell(x, h, weights)
+    xm = masks[0] if train and cell.dropoutx > 0 else None
+    hm = masks[-1] if train and cell.dropouth > 0 else None
+    genotype = cell.genotype
+    ref, ref_last = reference_forward(
+        cell.W0, list(cell.Ws), x, h, ops=cell.ops, probs=weights, concat=cell.concat, x_mask=xm, h_mask=hm, bn=bn,
+        edges=None if genotype is None else [(node[0].op, node[0].input) for node in genotype.nodes])
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(last, ref_last, rtol=1e-5, atol=1e-5)
+    if bn is not None:  # updated at every call in training, untouched in evaluation
+        torch.testing.assert_close(cell.bn_running_mean, bn.running_mean, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(cell.bn_running_var, bn.running_var, rtol=1e-5, atol=1e-7)
     loss_w = torch.randn_like(out)
     params = [x] + list(cell.parameters()) + ([weights] if weights is not None else [])
-    g = torch.autograd.grad((out * loss_w).sum(), params)
-    g_ref = torch.autograd.grad((ref * loss_w).sum(), params)
-    for a, b in zip(g, g_ref):
+    grads = torch.autograd.grad((out * loss_w).sum(), params)
+    grads_ref = torch.autograd.grad((ref * loss_w).sum(), params)
+    for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _masks(cell, g, dtype, batch=7):
+    """Fresh masks for one forward of ``cell`` over ``batch`` columns, in the order it draws them."""
+    out = []
+    if cell.dropoutx > 0:
+        out.append(bernoulli_mask((batch, cell.ninp), cell.dropoutx, g, dtype))
+    if cell.dropouth > 0:
+        out.append(bernoulli_mask((batch, cell.nhid), cell.dropouth, g, dtype))
+    return out
 
 
 @pytest.mark.parametrize("train", [False, True])
@@ -53,6 +101,23 @@ def test_supernet_matches_plain_implementation(train, batchnorm):
     cell = _cell(dropout=0.3, batchnorm=batchnorm)
     weights = torch.softmax(torch.randn(10, 5, dtype=torch.float64), -1).requires_grad_(True)
     _compare(cell, weights, train)
+
+
+def test_search_cell_evaluation_does_not_depend_on_batch_mates_and_runs_at_batch_1():
+    """f01 item 2: in evaluation the search cell's BatchNorm uses its running statistics (DARTS's BatchNorm1d in
+    eval mode), so a column's output is the same whatever the other columns are, and a batch of 1 works."""
+    cell = _cell(dropout=0.3, batchnorm=True)
+    weights = torch.softmax(torch.randn(10, 5, dtype=torch.float64), -1)
+    with torch.no_grad():
+        for _ in range(3):  # running statistics that are not the initial 0 / 1
+            cell.train()(torch.randn(T, 8, E, dtype=torch.float64), torch.randn(8, H, dtype=torch.float64), weights)
+        assert cell.bn_running_mean.abs().max() > 1e-3
+        cell.eval()
+        x, h = torch.randn(T, 10, E, dtype=torch.float64), torch.randn(10, H, dtype=torch.float64)
+        ten = cell(x, h, weights)[0][:, :1]
+        two = cell(x[:, :2] * torch.tensor([1.0, 3.0], dtype=torch.float64).view(1, 2, 1), h[:2], weights)[0][:, :1]
+        one = cell(x[:, :1], h[:1], weights)[0]
+    assert (ten - two).abs().max() < 1e-6 and (ten - one).abs().max() < 1e-6
 
 
 @pytest.mark.parametrize("train", [False, True])

@@ -17,7 +17,7 @@ SMOOTH_OPS = ["none", "tanh", "sigmoid", "identity"]
 
 
 def make(unrolled, fd_epsilon=0.01, dropout=0.0, batchnorm=True, clip=None, weight_decay=5e-7,
-         ops=DARTS_OPS):
+         ops=DARTS_OPS, hypergradient="eq7"):
     torch.manual_seed(0)
     d = dropout
     space = SPACES.get("darts_rnn")(DartsRNNConfig(ops=list(ops), emsize=8, nhid=8, steps=3, dropout=d, dropouth=d,
@@ -25,7 +25,8 @@ def make(unrolled, fd_epsilon=0.01, dropout=0.0, batchnorm=True, clip=None, weig
                                                    batchnorm=batchnorm))
     model = space.build_supernet(V).double()
     model.train()
-    strat = STRATEGIES.get("darts")(DartsConfig(unrolled=unrolled, fd_epsilon=fd_epsilon, alpha_init_std=0.5),
+    strat = STRATEGIES.get("darts")(DartsConfig(unrolled=unrolled, fd_epsilon=fd_epsilon, alpha_init_std=0.5,
+                                                                hypergradient=hypergradient),
                                     space, model, lm_nll,
                                     weight_decay=weight_decay, clip=clip)
     g = torch.Generator().manual_seed(1)

@@ -1,7 +1,7 @@
 """Data: language-modelling corpora (PTB, WikiText-2), vocabulary, batching for BPTT; sentence classification
 (SST-2) in :mod:`nas.data.sentences`."""
 
-from .batching import batchify, bptt_segments, check_min_size, get_batch, sample_seq_len
+from .batching import SEQ_LEN_SAMPLERS, batchify, bptt_segments, check_min_size, get_batch, sample_seq_len
 from .corpus import (
     DATASETS,
     Corpus,
@@ -17,6 +17,7 @@ from .corpus import (
 
 __all__ = [
     "DATASETS",
+    "SEQ_LEN_SAMPLERS",
     "Corpus",
     "DataError",
     "DatasetSpec",

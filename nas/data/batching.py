@@ -17,6 +17,9 @@ from .corpus import DataError
 
 MIN_SEQ_LEN = 5  # AWD-LSTM: max(5, ...) so a sampled segment is never degenerate
 MAX_SEQ_LEN_DELTA = 20  # DARTS rnn/train*.py default --max_seq_len_delta
+#: the segment-length samplers: ``awd_lstm`` (AWD-LSTM's, which DARTS's retraining uses) and ``darts_search``
+#: (DARTS's search code, rnn/train_search.py, where the normal noise of the AWD-LSTM sampler is commented out)
+SEQ_LEN_SAMPLERS = ("awd_lstm", "darts_search")
 
 
 def batchify(data: torch.Tensor, batch_size: int, device=None) -> torch.Tensor:
@@ -76,11 +79,16 @@ def get_batch(source: torch.Tensor, i: int, seq_len: int) -> tuple[torch.Tensor,
     return source[i : i + length], source[i + 1 : i + 1 + length]
 
 
-def sample_seq_len(bptt: int, rng: np.random.Generator, max_len: int | None = None) -> int:
+def sample_seq_len(bptt: int, rng: np.random.Generator, max_len: int | None = None,
+                   sampler: str = "awd_lstm") -> int:
     """Sample a variable BPTT length (Merity et al. 2018, AWD-LSTM, sec. 4.1).
 
-    ``base = bptt`` with probability 0.95, else ``bptt / 2``;
-    ``seq_len = max(5, int(rng.normal(base, 5)))``, then capped at ``max_len``.
+    Both samplers draw ``base = bptt`` with probability 0.95, else ``bptt / 2`` (one ``rng.random()``), then
+
+    * ``awd_lstm`` (AWD-LSTM; DARTS rnn/train.py, the retraining): ``seq_len = max(5, int(rng.normal(base, 5)))``,
+      capped at ``max_len``;
+    * ``darts_search`` (DARTS rnn/train_search.py, the search): ``seq_len = int(base)``, i.e. ``bptt`` or
+      ``int(bptt / 2)``, no noise and no cap (the reference search code comments the normal draw out).
 
     The cap defaults to ``bptt + 20``: the DARTS RNN code (``--max_seq_len_delta 20``) caps
     the length so that the rare long draw cannot blow up activation memory (AWD-LSTM itself
@@ -90,16 +98,22 @@ def sample_seq_len(bptt: int, rng: np.random.Generator, max_len: int | None = No
     Args:
         bptt: nominal segment length in time steps (>= 1).
         rng: numpy Generator; the result is reproducible given its seed.
-        max_len: cap in time steps (>= 1), default ``bptt + 20``.
+        max_len: ``awd_lstm``'s cap in time steps (>= 1), default ``bptt + 20``.
+        sampler: one of :data:`SEQ_LEN_SAMPLERS`.
 
     Returns:
-        int length in ``[min(5, max_len), max_len]``.
+        int length: ``awd_lstm`` in ``[min(5, max_len), max_len]``; ``darts_search`` ``bptt`` or ``int(bptt / 2)``
+        (at least 1).
 
     Raises:
-        ValueError: ``bptt < 1`` or ``max_len < 1``.
+        ValueError: ``bptt < 1``, ``max_len < 1`` or an unknown sampler.
     """
     if bptt < 1:
         raise ValueError(f"bptt must be >= 1, got {bptt}")
+    if sampler == "darts_search":
+        return max(1, int(bptt if rng.random() < 0.95 else bptt / 2.0))
+    if sampler != "awd_lstm":
+        raise ValueError(f"unknown segment-length sampler {sampler!r}; valid: {', '.join(SEQ_LEN_SAMPLERS)}")
     cap = bptt + MAX_SEQ_LEN_DELTA if max_len is None else int(max_len)
     if cap < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
@@ -115,6 +129,7 @@ def bptt_segments(
     rng: np.random.Generator | None = None,
     max_len: int | None = None,
     start: int = 0,
+    sampler: str = "awd_lstm",
 ) -> Iterator[tuple[int, int]]:
     """Iterate ``(i, seq_len)`` segment starts over the rows of ``source``, in order.
 
@@ -132,7 +147,8 @@ def bptt_segments(
         bptt: nominal segment length (>= 1).
         variable: sample lengths with :func:`sample_seq_len`.
         rng: numpy Generator, required when ``variable`` (reproducibility: no hidden global RNG).
-        max_len: cap for variable lengths, default ``bptt + 20``.
+        max_len: cap for variable ``awd_lstm`` lengths, default ``bptt + 20``.
+        sampler: the variable-length sampler (:func:`sample_seq_len`).
         start: first row (a resumed epoch: the row after the last segment done, with ``rng`` in the state it
             had then, continues the same sequence of segments).
 
@@ -146,7 +162,7 @@ def bptt_segments(
     n = len(source)
     i = start
     while i < n - 1:
-        seq_len = sample_seq_len(bptt, rng, max_len) if variable else bptt
+        seq_len = sample_seq_len(bptt, rng, max_len, sampler) if variable else bptt
         yield i, seq_len
         i += seq_len
 

@@ -79,9 +79,13 @@ def configure_runtime(cfg) -> torch.device:
     device (under torchrun with CUDA: this rank's GPU, ``cuda:LOCAL_RANK``).
 
     Raises:
-        ConfigError: for ``num_threads`` < 1, an unknown ``dtype`` or an unusable ``device`` (see
-            :func:`resolve_device`).
+        ConfigError: for ``num_threads`` < 1, an unknown ``dtype`` or ``seq_len_sampler``, or an unusable
+            ``device`` (see :func:`resolve_device`).
     """
+    from nas.data import SEQ_LEN_SAMPLERS
+
+    if cfg.get("seq_len_sampler", "awd_lstm") not in SEQ_LEN_SAMPLERS:
+        raise ConfigError(f"seq_len_sampler={cfg.seq_len_sampler!r}; valid: {', '.join(SEQ_LEN_SAMPLERS)}")
     if cfg.num_threads is not None and cfg.num_threads < 1:
         raise ConfigError(f"num_threads must be >= 1 (or null for torch's default), got {cfg.num_threads}")
     if cfg.num_threads:

@@ -278,7 +278,7 @@ def _train_epoch(cfg, setup: SearchSetup, np_rng, writer, bar, state, loop: LMLo
     hidden_valid = loop.hidden_valid if loop.hidden_valid is not None else model.init_hidden(data.train.size(1))
     meter = EpochMeter(state, writer, bar, cfg.log_every, loop.partial)
     segments = bptt_segments(data.train, cfg.bptt, variable=True, rng=np_rng,
-                             max_len=cfg.bptt + cfg.max_seq_len_delta, start=loop.row)
+                             max_len=cfg.bptt + cfg.max_seq_len_delta, start=loop.row, sampler=cfg.seq_len_sampler)
     for n, (i, seq_len) in enumerate(segments, loop.batch):
         if cfg.limit_train_batches and n >= cfg.limit_train_batches:
             break

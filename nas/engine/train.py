@@ -224,7 +224,7 @@ def _train_epoch(cfg, model, optimizer, source, np_rng, writer, bar, state, loop
     hidden = loop.hidden if loop.hidden is not None else model.init_hidden(source.size(1))
     meter = EpochMeter(state, writer, bar, cfg.log_every, loop.partial)
     segments = bptt_segments(source, cfg.bptt, variable=True, rng=np_rng, max_len=cfg.bptt + cfg.max_seq_len_delta,
-                             start=loop.row)
+                             start=loop.row, sampler=cfg.seq_len_sampler)
     for n, (i, seq_len) in enumerate(segments, loop.batch):
         if cfg.limit_train_batches and n >= cfg.limit_train_batches:
             break

@@ -47,9 +47,12 @@ class DartsRNNConfig:
     dropoutx: float = 0.75
     dropouti: float = 0.2
     dropoute: float = 0.0
-    #: BatchNorm (no affine, batch statistics only) on every node of the *search* cell, as in the DARTS
-    #: search code; it keeps the mixed states of differently scaled ops comparable.  Never in a frozen cell.
+    #: BatchNorm on every node of the *search* cell, as the DARTS search code's one shared
+    #: ``nn.BatchNorm1d(nhid, affine=False)`` (rnn/model_search.py): batch statistics in training, each call updating
+    #: the running statistics (momentum 0.1), which evaluation uses alone; it keeps the mixed states of differently
+    #: scaled ops comparable.  Never in a frozen cell.
     batchnorm: bool = True
+    #: weights of the cell and of the tied embedding/decoder ~ U(-r, r) (the reference code's INITRANGE)
     init_range: float = 0.04
 
 
@@ -61,7 +64,9 @@ class DartsCell(nn.Module):
         steps: intermediate nodes N (ignored when a genotype is given: it has its own);
         genotype: a darts_rnn genotype (one edge per node) to freeze to, or None for the supernet;
         dropouth / dropoutx: variational dropout on states / inputs (one mask per sequence);
-        batchnorm: batch-statistics BatchNorm on each node (supernet only);
+        batchnorm: BatchNorm on s0 and each node (supernet only), one set of running statistics shared by all of
+            them (buffers ``bn_running_mean`` / ``bn_running_var`` [H]), updated at every call in training (T x
+            (N + 1) times per forward, in the order of the reference code), used alone in evaluation;
         init_range: weights ~ U(-r, r) as in the reference code.
     Forward:
         inputs [T, B, E], hidden [B, H], weights [E_edges, K] (supernet: required; frozen: ignored)
@@ -88,6 +93,9 @@ class DartsCell(nn.Module):
         self.Ws = nn.ParameterList(
             [nn.Parameter(torch.empty(nhid, 2 * nhid).uniform_(-init_range, init_range)) for _ in range(steps)])
         self.batchnorm = batchnorm
+        if batchnorm:
+            self.register_buffer("bn_running_mean", torch.zeros(nhid))
+            self.register_buffer("bn_running_var", torch.ones(nhid))
         self._active_idx = [k for k, o in enumerate(ops) if cell_activation(o) is not None]
         self._active_fns = [cell_activation(ops[k]) for k in self._active_idx]
         self.concat = list(genotype.concat) if genotype is not None else list(range(1, steps + 1))
@@ -109,10 +117,11 @@ class DartsCell(nn.Module):
         xw = (x.reshape(T * B, self.ninp) @ self.W0[: self.ninp]).view(T, B, 2 * self.nhid)
         wh, ws = self.W0[self.ninp:], tuple(self.Ws)
         step = self._compiled_step or self._time_step
+        bn = (self.bn_running_mean, self.bn_running_var) if self.batchnorm else None
         outputs = []
         h = hidden
         for xw_t in xw.unbind(0):
-            h = step(xw_t, h, h_mask, wh, ws, node_weights)
+            h = step(xw_t, h, h_mask, wh, ws, node_weights, bn)
             outputs.append(h)
         return torch.stack(outputs), h
 
@@ -128,16 +137,19 @@ class DartsCell(nn.Module):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._compiled_step = torch.compile(self._time_step, dynamic=False)
 
-    def _time_step(self, xw_t, h, h_mask, wh, ws, node_weights):
-        """One time step: x_t's projection xw_t [B, 2H] and h_{t-1} [B, H] -> h_t [B, H]."""
+    def _time_step(self, xw_t, h, h_mask, wh, ws, node_weights, bn):
+        """One time step: x_t's projection xw_t [B, 2H] and h_{t-1} [B, H] -> h_t [B, H].
+
+        ``bn``: the BatchNorm running statistics (mean [H], var [H]), updated in place in training; None: no
+        BatchNorm.  (Passed in rather than read from ``self`` so that ``functional_call`` can substitute copies.)"""
         # chunk rather than slicing: its backward is one cat, where a slice backward zero-fills a
         # full-size gradient per use (a large share of the step time on CPU)
         c0, h0 = torch.addmm(xw_t, h if h_mask is None else h * h_mask, wh).chunk(2, dim=-1)
         s0 = torch.lerp(h, torch.tanh(h0), torch.sigmoid(c0))  # h + sigmoid(c0) (tanh(h0) - h)
-        if self.batchnorm:
-            s0 = _batch_norm(s0)
+        if bn is not None:
+            s0 = global_batch_norm(s0, *bn, training=self.training)
         if self.genotype is None:
-            return self._supernet_nodes(s0, h_mask, ws, node_weights)
+            return self._supernet_nodes(s0, h_mask, ws, node_weights, bn)
         return self._frozen_nodes(s0, h_mask, ws)
 
     def _node_weights(self, weights):
@@ -154,7 +166,7 @@ class DartsCell(nn.Module):
             offset += i
         return out
 
-    def _supernet_nodes(self, s0, h_mask, ws, node_weights):
+    def _supernet_nodes(self, s0, h_mask, ws, node_weights, bn):
         states = s0.unsqueeze(0)  # [n, B, H]: nodes 0..n-1
         nodes = [s0]
         for i, (w, p) in enumerate(node_weights):
@@ -165,8 +177,8 @@ class DartsCell(nn.Module):
             acts = torch.stack([f(hh) for f in self._active_fns])  # [K', n, B, H]
             mix = torch.einsum("nk,knbh->nbh", w, acts)
             s = torch.lerp(p * states, mix, c).sum(0)  # [B, H]
-            if self.batchnorm:
-                s = _batch_norm(s)
+            if bn is not None:
+                s = global_batch_norm(s, *bn, training=self.training)
             states = torch.cat([states, s.unsqueeze(0)], 0)
             nodes.append(s)
         return torch.stack([nodes[c] for c in self.concat]).mean(0)
@@ -178,15 +190,6 @@ class DartsCell(nn.Module):
             c, hh = ((sp if h_mask is None else sp * h_mask) @ ws[i]).chunk(2, dim=-1)
             states.append(torch.lerp(sp, f(hh), torch.sigmoid(c)))
         return torch.stack([states[c] for c in self.concat]).mean(0)
-
-
-def _batch_norm(s: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """BatchNorm without affine parameters or running statistics over the batch rows of s [B, H].
-
-    Equal to ``nn.BatchNorm1d(H, affine=False, track_running_stats=False)`` in train and eval mode (kept
-    stateless so the unrolled second-order step and resume need no buffers).
-    """
-    return global_batch_norm(s, eps)  # under torchrun: the statistics of the global batch
 
 
 @SPACES.register("darts_rnn", config=DartsRNNConfig)
@@ -213,7 +216,7 @@ class DartsRNNSpace:
 
     def _lm(self, ntoken: int, cell: DartsCell) -> RNNLanguageModel:
         c = self.cfg
-        return RNNLanguageModel(ntoken, cell, c.emsize, c.dropout, c.dropouti, c.dropoute)
+        return RNNLanguageModel(ntoken, cell, c.emsize, c.dropout, c.dropouti, c.dropoute, c.init_range)
 
     def build_supernet(self, ntoken: int) -> RNNLanguageModel:
         """The supernet LM over ``ntoken`` words; its forward takes edge weights [E, K]."""

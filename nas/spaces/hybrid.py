@@ -235,7 +235,8 @@ class HybridSpace:
     def _model(self, dag: HybridDAG, ntoken: int, num_classes: Optional[int]):
         c = self.cfg
         if num_classes is None:
-            return RNNLanguageModel(ntoken, dag, c.emsize, c.dropout, c.dropouti, c.dropoute)
+            # U(-0.1, 0.1) embedding (AWD-LSTM's), as this space's measured results were made with
+            return RNNLanguageModel(ntoken, dag, c.emsize, c.dropout, c.dropouti, c.dropoute, init_range=0.1)
         return SentenceClassifier(ntoken, dag, c.emsize, num_classes, c.dropout, c.dropouti, c.dropoute)
 
     def build_supernet(self, ntoken: int, num_classes: Optional[int] = None) -> nn.Module:

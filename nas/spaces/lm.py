@@ -40,12 +40,14 @@ class RNNLanguageModel(nn.Module):
         cell: the recurrent cell module (supernet or frozen).
         ninp: embedding size E; must equal the cell's hidden size H (tied decoder, as in DARTS).
         dropout, dropouti, dropoute: output, embedding-output and word-level dropout probabilities.
+        init_range: the tied embedding/decoder matrix ~ U(-r, r), decoder bias 0.  The DARTS reference code uses its
+            INITRANGE = 0.04 for this matrix (rnn/model.py ``init_weights``), as for the cell; AWD-LSTM used 0.1.
     Raises:
         ValueError: if ``ninp`` differs from ``cell.nhid`` (the decoder is tied to the embedding).
     """
 
     def __init__(self, ntoken: int, cell: nn.Module, ninp: int, dropout: float = 0.0,
-                 dropouti: float = 0.0, dropoute: float = 0.0):
+                 dropouti: float = 0.0, dropoute: float = 0.0, init_range: float = 0.04):
         super().__init__()
         if ninp != cell.nhid:
             raise ConfigError(f"emsize ({ninp}) must equal nhid ({cell.nhid}): the decoder is tied to the embedding")
@@ -56,7 +58,7 @@ class RNNLanguageModel(nn.Module):
         self.cell = cell
         self.decoder = nn.Linear(ninp, ntoken)
         self.decoder.weight = self.encoder.weight
-        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)  # DARTS/AWD-LSTM init
+        nn.init.uniform_(self.encoder.weight, -init_range, init_range)
         nn.init.zeros_(self.decoder.bias)
 
     def init_hidden(self, batch_size: int) -> torch.Tensor:

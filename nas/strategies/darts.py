@@ -4,18 +4,32 @@ The strategy owns the architecture parameters α [E, K] and their Adam optimizer
 to the engine's optimizer.  ``step`` makes one α update on a held-out batch:
 
 * first order (``unrolled=false``): ∇α L_val(w, α)                                     (eq. 6 with ξ=0)
-* second order (``unrolled=true``): ∇α L_val(w', α) - ξ ∇²_{α,w} L_train(w, α) ∇_{w'} L_val(w', α),
+* second order (``unrolled=true``): ∇α L_val(w', α) - ξ ∇²_{α,w} L_train(w, α) v, v = ∇_{w'} L_val(w', α),
   w' = w - ξ ∇w L_train(w, α) (eq. 6), the Hessian-vector product by central finite differences
-  (eq. 7-8) around the *original* w with ε = r / ‖∇_{w'} L_val(w', α)‖, r = ``fd_epsilon``.
+  (eq. 7-8) around the *original* w with ε = r / ‖v‖, r = ``fd_epsilon``; ξ is the current weight learning rate.
 
-Correctness details the reference ports get wrong, handled here:
+Two second-order modes (``hypergradient``), differing only where the DARTS reference code (quark0/darts,
+rnn/architect.py) departs from eq. 7:
+
+* ``reference`` (default; what produced DARTS's published numbers): the virtual step and the ±ε passes use the
+  plain NLL (no AR/TAR); the training gradient of the virtual step is clipped to ``clip`` and the implicit term is
+  scaled by ξ·c with c = clip / (‖∇w L_train‖ + 1e-6) *not* capped at 1 (the reference's ``_clip`` returns the raw
+  coefficient); v is clipped to norm ``clip`` before the finite difference; and the virtual model keeps the tied
+  embedding/decoder matrix at w instead of w' (the reference builds it with ``load_state_dict`` from a state dict
+  whose ``decoder.weight`` entry, loaded last, still holds w).
+* ``eq7``: eq. 6-8 as written: the training objective (with AR/TAR) in the virtual step and the ±ε passes, v not
+  clipped, the virtual step's clip coefficient capped at 1 and the implicit term scaled by the same capped
+  coefficient, every weight (the tied matrix too) at w'.
+
+In both modes:
 * w is never modified in place (the virtual step and the ±ε points are evaluated functionally with
-  ``torch.func.functional_call``), so w is bit-exactly unchanged after a step;
-* the two finite-difference passes replay the random state of the training pass, so dropout masks are
-  the same in L_train(w), L_train(w+) and L_train(w-) (otherwise the difference quotient is noise);
-* the vector ∇_{w'} L_val is not clipped (clipping it would rescale the implicit term).
-As in the reference code, ξ is the current weight learning rate and, when the training gradient is
-clipped in the virtual step, the implicit term is scaled by the same clip coefficient (held constant).
+  ``torch.func.functional_call``), so w is bit-exactly unchanged after a step; the virtual model's pass uses copies
+  of the BatchNorm running statistics (the reference's virtual model is a copy), the other passes update them as
+  the reference's passes on its model do;
+* the two finite-difference passes replay the random state of the training pass, so dropout masks are the same in
+  L_train(w), L_train(w+) and L_train(w-) (the reference draws new masks there, which makes the difference quotient
+  noisier: a deliberate improvement, kept in ``reference`` mode); afterwards the generator is put back where the
+  virtual model's pass left it, so the weight step draws fresh masks.
 
 Under torchrun (:mod:`nas.distributed`) every gradient here is averaged over the ranks' shards where one process
 would take it on the global batch: ∇α L_val (first order); ∇w L_train before the virtual step, ∇α L_val(w') and
@@ -25,6 +39,7 @@ then the global batch's, identical on every rank.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections import Counter
 from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
@@ -39,6 +54,7 @@ from nas.strategies import STRATEGIES
 from nas.errors import ConfigError
 
 ALPHA_SPLITS = ("valid", "train_half")
+HYPERGRADIENTS = ("reference", "eq7")
 
 
 @dataclass
@@ -52,6 +68,9 @@ class DartsConfig:
     arch_weight_decay: float = 1e-3
     #: r in ε = r / ‖∇w' L_val(w', α)‖ (paper eq. 8 uses 0.01)
     fd_epsilon: float = 0.01
+    #: second order: ``reference`` (the DARTS code's hypergradient, rnn/architect.py) or ``eq7`` (the paper's
+    #: equations as written); see the module docstring
+    hypergradient: str = "reference"
     #: where α's batches come from: ``valid`` (DARTS RNN: PTB's validation split) or ``train_half``
     #: (the training split's second half; w then trains on the first half only)
     alpha_split: str = "valid"
@@ -112,7 +131,7 @@ class DartsStrategy:
         clip: the weight optimizer's gradient-norm clip (0 or None: no clipping).
         seed: unused (α is initialized from torch's generator, which the engine seeds); the strategies' interface.
     Raises:
-        ValueError: for an unknown ``alpha_split`` or a non-positive ``fd_epsilon``.
+        ConfigError: for an unknown ``alpha_split`` or ``hypergradient``, or a non-positive ``fd_epsilon``.
     """
 
     kind = "one_shot"
@@ -121,11 +140,16 @@ class DartsStrategy:
                  train_objective: Callable, weight_decay: float = 0.0, clip: Optional[float] = None, seed: int = 0):
         if cfg.alpha_split not in ALPHA_SPLITS:
             raise ConfigError(f"strategy.alpha_split={cfg.alpha_split!r}; valid: {', '.join(ALPHA_SPLITS)}")
+        if cfg.hypergradient not in HYPERGRADIENTS:
+            raise ConfigError(f"strategy.hypergradient={cfg.hypergradient!r}; valid: {', '.join(HYPERGRADIENTS)}")
         if cfg.fd_epsilon <= 0:
             raise ConfigError(f"strategy.fd_epsilon must be > 0, got {cfg.fd_epsilon}")
         self.cfg, self.space, self.model = cfg, space, model
         self.train_objective = train_objective
         self.weight_decay, self.clip = weight_decay, clip
+        # parameters registered under several names (the tied embedding/decoder matrix)
+        uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+        self._tied = {n for n, p in model.named_parameters() if uses[id(p)] > 1}
         p = next(model.parameters())
         self.alphas = nn.Parameter(
             torch.randn(*space.alpha_shape, dtype=p.dtype).mul_(cfg.alpha_init_std).to(p.device))
@@ -200,40 +224,58 @@ class DartsStrategy:
                                {"weights": edge_weights(alphas), "targets": batch.targets})
 
     def _unrolled_gradient(self, train: Batch, valid: Batch, eta: float):
+        reference = self.cfg.hypergradient == "reference"
+        objective = lm_nll if reference else self.train_objective  # reference: model._loss, the plain NLL
         params = self._params()
         names, w = list(params), list(params.values())
         device = w[0].device
         rng = _rng_state(device)  # replayed below so the ±ε passes see the same dropout masks
         alphas = self.alphas.detach()
-        loss = self.train_objective(self._forward(params, alphas, train), train.targets)
+        loss = objective(self._forward(params, alphas, train), train.targets)
         g = torch.autograd.grad(loss, w)
         distributed.average_(g)
-        coef = 1.0
+        coef = implicit = 1.0  # the virtual step's clip coefficient; the implicit term's scale beside ξ
         if self.clip:
-            norm = torch.sqrt(sum(x.pow(2).sum() for x in g)).item()
-            coef = min(1.0, self.clip / (norm + 1e-6))
+            raw = self.clip / (_norm(g) + 1e-6)
+            coef = min(1.0, raw)
+            implicit = raw if reference else coef
         # virtual step w' = w - ξ (c ∇w L_train + λ w); fresh leaves, w itself untouched
         w_prime = [(p - eta * (coef * gi + self.weight_decay * p)).detach().requires_grad_(True)
                    for p, gi in zip(w, g)]
+        if reference:  # the reference's virtual model holds the tied matrix at w (see the module docstring)
+            w_prime = [p.detach().requires_grad_(True) if n in self._tied else q
+                       for n, p, q in zip(names, w, w_prime)]
         alphas_v = self.alphas.detach().requires_grad_(True)
-        out = self._forward(dict(zip(names, w_prime)), alphas_v, valid)
+        # the virtual model normalizes with copies of the running statistics: its pass must not update them
+        buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+        out = self._forward({**dict(zip(names, w_prime)), **buffers}, alphas_v, valid)
         grads = torch.autograd.grad(lm_nll(out, valid.targets), [alphas_v] + w_prime)
+        after_valid = _rng_state(device)
         distributed.average_(grads)
-        d_alpha, v = grads[0], grads[1:]
-        vnorm = torch.sqrt(sum(x.pow(2).sum() for x in v))
-        if vnorm.item() == 0.0:  # no dependence of L_val on w: the implicit term vanishes
+        d_alpha, v = grads[0], list(grads[1:])
+        vnorm = _norm(v)
+        if reference and self.clip and self.clip / (vnorm + 1e-6) < 1:  # the reference clips v like a gradient
+            v = [x * (self.clip / (vnorm + 1e-6)) for x in v]
+            vnorm = _norm(v)
+        if vnorm == 0.0:  # no dependence of L_val on w: the implicit term vanishes
             return d_alpha, _detached(out.hidden)
         eps = self.cfg.fd_epsilon / vnorm
-        hvp = self._alpha_grad_at([p + eps * vi for p, vi in zip(w, v)], names, train, rng)
-        hvp = hvp - self._alpha_grad_at([p - eps * vi for p, vi in zip(w, v)], names, train, rng)
+        hvp = self._alpha_grad_at([p + eps * vi for p, vi in zip(w, v)], names, train, rng, objective)
+        hvp = hvp - self._alpha_grad_at([p - eps * vi for p, vi in zip(w, v)], names, train, rng, objective)
+        _set_rng_state(after_valid, device)  # the weight step draws new masks, not the replayed ones
         distributed.average_([hvp])
-        return d_alpha - (eta * coef) * hvp / (2 * eps), _detached(out.hidden)
+        return d_alpha - (eta * implicit) * hvp / (2 * eps), _detached(out.hidden)
 
-    def _alpha_grad_at(self, w_point, names, train: Batch, rng) -> torch.Tensor:
-        """∇α L_train(w_point, α) with the training pass's random state replayed."""
+    def _alpha_grad_at(self, w_point, names, train: Batch, rng, objective) -> torch.Tensor:
+        """∇α objective(w_point, α) on the training batch with the training pass's random state replayed."""
         _set_rng_state(rng, w_point[0].device)
         alphas = self.alphas.detach().requires_grad_(True)
         params = {n: p.detach() for n, p in zip(names, w_point)}
-        loss = self.train_objective(self._forward(params, alphas, train), train.targets)
+        loss = objective(self._forward(params, alphas, train), train.targets)
         (grad,) = torch.autograd.grad(loss, [alphas])
         return grad
+
+
+def _norm(tensors) -> float:
+    """The 2-norm of a list of tensors taken as one vector (a Python float)."""
+    return torch.sqrt(sum(x.pow(2).sum() for x in tensors)).item()
