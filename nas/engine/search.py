@@ -149,7 +149,9 @@ def select_path(strategy, score, direction: str = "minimize", final: bool = Fals
 
     ``score(weights, max_batches)``; ``max_batches=None`` means the configured whole split."""
     if hasattr(strategy, "select"):
-        strategy.select(score, direction, final=final)
+        ranked = strategy.select(score, direction, final=final)
+        if ranked:
+            log.info("selected %s (score %.4g, best of %d ranked)", ranked[0][0], ranked[0][1], len(ranked))
 
 
 def search(cfg, run_dir: Optional[str] = None) -> dict:
