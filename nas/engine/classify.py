@@ -323,8 +323,8 @@ def search_classifier(cfg, run_dir: Optional[str] = None) -> dict:
                     keeper.on_non_finite(NonFiniteLossError(f"step {state['step'] + 1}: {err}"), writer, bar, "step")
                     continue
                 select_path(strategy, lambda w, n: evaluate_sentences(
-                    model, data.valid, cfg.eval_batch_size, device, w,
-                    n if n is not None else cfg.limit_eval_batches).accuracy, "maximize")
+                    model, data.valid, cfg.strategy.get("score_batch_size") or cfg.eval_batch_size, device, w,
+                    n if n is not None else cfg.limit_eval_batches).accuracy, "maximize", final=epoch == cfg.epochs)
                 valid = evaluate_sentences(model, data.valid, cfg.eval_batch_size, device, strategy.eval_weights(),
                                            cfg.limit_eval_batches)
                 genotype = strategy.export()

@@ -254,7 +254,8 @@ def _batchify(tokens: torch.Tensor, batch_size: int, device, what: str) -> torch
 @dataclass
 class LMData:
     """Batchified splits for one run: ``train`` [T, B] (weights), ``search`` [T, B] (α; None when
-    retraining), ``valid`` / ``test`` [T, B_eval]; ``ntoken`` the vocabulary size.
+    retraining), ``valid`` / ``test`` [T, B_eval]; ``ntoken`` the vocabulary size; ``score`` [T', B_score]: the
+    validation split at random_ws's ``strategy.score_batch_size`` (None when not asked for).
 
     Under torchrun each split holds this rank's shard of the batch columns [T, B/N]; ``sharded`` names the
     evaluation splits that are sharded (an evaluation batch size not divisible by N is scored whole on every
@@ -266,6 +267,7 @@ class LMData:
     valid: torch.Tensor
     test: torch.Tensor
     sharded: Optional[dict] = None
+    score: Optional[torch.Tensor] = None
 
     def over_ranks(self, split: str) -> bool:
         """Whether ``split`` (valid / test) is sharded over torchrun ranks (its figure needs their sum)."""
@@ -273,11 +275,12 @@ class LMData:
 
 
 def prepare_lm_data(cfg, device: torch.device, alpha_split: Optional[str] = None,
-                    test_batch_size: Optional[int] = None) -> LMData:
+                    test_batch_size: Optional[int] = None, score_batch_size: Optional[int] = None) -> LMData:
     """Load the corpus named in ``cfg.dataset`` and batchify it for a run.
 
     alpha_split: ``valid`` (α on the validation split, DARTS RNN), ``train_half`` (weights on the first
     half of train, α on the second), or None (retraining: no α data).
+    score_batch_size: also batchify the validation split with this many columns (``LMData.score``).
     Raises:
         nas.data.DataError: missing data, or a split smaller than one batch x bptt.
     """
@@ -298,12 +301,19 @@ def prepare_lm_data(cfg, device: torch.device, alpha_split: Optional[str] = None
         check_min_size(search, cfg.bptt, f"{d.name} {alpha_split} (alpha split)", full=True)
     check_min_size(valid, cfg.bptt, f"{d.name} valid")
     check_min_size(test, cfg.bptt, f"{d.name} test")
+    score = None
+    if score_batch_size is not None:
+        score = _batchify(corpus.valid, score_batch_size, device, f"{d.name} valid (strategy.score_batch_size)")
+        check_min_size(score, cfg.bptt, f"{d.name} valid (strategy.score_batch_size)")
     if distributed.world() is None:
-        return LMData(len(corpus.vocab), train, search, valid, test)
+        return LMData(len(corpus.vocab), train, search, valid, test, score=score)
     # torchrun: each rank keeps its shard of the columns of the single-process layout
     distributed.check_divisible(cfg.batch_size, "batch_size")
     train, search = distributed.shard_columns(train), search if search is None else distributed.shard_columns(search)
-    sharded = {name: split.size(1) % distributed.size() == 0 for name, split in (("valid", valid), ("test", test))}
+    splits = (("valid", valid), ("test", test)) + ((("score", score),) if score is not None else ())
+    sharded = {name: split.size(1) % distributed.size() == 0 for name, split in splits}
     valid, test = (distributed.shard_columns(valid) if sharded["valid"] else valid,
                    distributed.shard_columns(test) if sharded["test"] else test)
-    return LMData(len(corpus.vocab), train, search, valid, test, sharded)
+    if score is not None and sharded["score"]:
+        score = distributed.shard_columns(score)
+    return LMData(len(corpus.vocab), train, search, valid, test, sharded, score)

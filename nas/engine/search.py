@@ -58,7 +58,8 @@ def build_search(cfg, data: Optional[LMData] = None) -> SearchSetup:
     device = configure_runtime(cfg)
     strategy_cls = STRATEGIES.get(cfg.strategy.name)
     if data is None:
-        data = prepare_lm_data(cfg, device, alpha_split=cfg.strategy.get("alpha_split", "valid"))
+        data = prepare_lm_data(cfg, device, alpha_split=cfg.strategy.get("alpha_split", "valid"),
+                               score_batch_size=cfg.strategy.get("score_batch_size"))
     space = build_space(cfg.space)
     model = space.build_supernet(data.ntoken).to(device)
     compile_model(model, cfg.compile)
@@ -142,12 +143,15 @@ class OneShotOutputs:
         return genotype
 
 
-def select_path(strategy, score, direction: str = "minimize") -> None:
-    """random_ws: after an epoch, pick the best of random paths with the shared weights (no-op for DARTS).
+def select_path(strategy, score, direction: str = "minimize", final: bool = False) -> None:
+    """random_ws: after an epoch (``final``: the last), pick the best of random paths with the shared weights
+    (no-op for DARTS).
 
     ``score(weights, max_batches)``; ``max_batches=None`` means the configured whole split."""
     if hasattr(strategy, "select"):
-        strategy.select(score, direction)
+        ranked = strategy.select(score, direction, final=final)
+        if ranked:
+            log.info("selected %s (score %.4g, best of %d ranked)", ranked[0][0], ranked[0][1], len(ranked))
 
 
 def search(cfg, run_dir: Optional[str] = None) -> dict:
@@ -220,9 +224,11 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
                     keeper.on_non_finite(err, writer, bar)
                     continue
                 over = data.over_ranks("valid")
-                select_path(strategy, lambda w, n: evaluate(model, data.valid, cfg.bptt, w,
+                scored, over_scored = ((data.valid, over) if data.score is None
+                                       else (data.score, data.over_ranks("score")))
+                select_path(strategy, lambda w, n: evaluate(model, scored, cfg.bptt, w,
                                                             n if n is not None else cfg.limit_eval_batches,
-                                                            over_ranks=over).ppl)
+                                                            over_ranks=over_scored).ppl, final=epoch == cfg.epochs)
                 valid = evaluate(model, data.valid, cfg.bptt, strategy.eval_weights(), cfg.limit_eval_batches,
                                  over_ranks=over)
                 genotype = strategy.export()
