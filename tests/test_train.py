@@ -141,6 +141,8 @@ def test_paper_presets_have_the_darts_values():
     assert (wt2.dataset.name, wt2.space.emsize, wt2.space.nhid, wt2.weight_decay, wt2.space.dropouth) == \
         ("wikitext2", 700, 700, 5e-7, 0.15)
     assert (wt2.test_batch_size, wt2.space.dropout, wt2.lr) == (1, 0.75, 20.0)
+    # rnn/train.py: a NaN reloads the best model.pt + optimizer.pt and goes on (f01 item 6)
+    assert cfg.nan_policy == wt2.nan_policy == "reload_best"
 
 
 def test_misspelled_key_is_an_error():
