@@ -78,8 +78,10 @@ class LMRunConfig:
     resume: Optional[str] = None
     #: write the resume checkpoint every this many steps, and at each epoch end (0: epoch ends only)
     checkpoint_every: int = 200
-    #: a NaN/inf loss or gradient: ``stop`` (clear error, the last good checkpoint kept) or ``rollback``
-    #: (reload the last checkpoint, halve the weights' learning rate, go on; at most 8 times)
+    #: a NaN/inf loss or gradient: ``stop`` (clear error, the last good checkpoint kept), ``rollback``
+    #: (reload the last checkpoint, halve the weights' learning rate, go on; at most 8 times) or ``reload_best``
+    #: (train.py, language models: DARTS rnn/train.py -- reload best.pt's weights and optimizer state, same lr,
+    #: go on from the epoch after the best; at most 8 times without a new best)
     nan_policy: str = "stop"
     #: torch.use_deterministic_algorithms(True) (and cuBLAS's deterministic workspace on CUDA); CPU runs with
     #: the same seed and threads are bit-identical without it

@@ -59,10 +59,36 @@ def test_json_round_trip_by_op_name(tmp_path):
     assert d["space"] == "darts_rnn" and d["ops"] == OPS
     assert all(isinstance(e["op"], str) for node in d["nodes"] for e in node)
     assert Genotype.load(str(path)) == g
-    # reordering the op list keeps the same architecture (ops are names, not indices)
-    d["ops"] = list(reversed(OPS))
-    g2 = Genotype.from_dict(d)
-    assert g2.nodes == g.nodes
+
+
+def _logits(genotype, x):
+    from nas.spaces.darts_rnn import DartsRNNConfig, DartsRNNSpace
+
+    torch.manual_seed(0)  # the same weights for every genotype: the cell's parameters do not depend on its ops
+    model = DartsRNNSpace(DartsRNNConfig(emsize=8, nhid=8)).freeze(genotype, 20).double().eval()
+    return model(x, model.init_hidden(x.size(1))).logits
+
+
+def test_a_file_with_its_op_list_reordered_builds_the_same_model(tmp_path):
+    """Ops are stored and parsed by name: permuting the file's op list changes neither the cell nor its output,
+    while changing one node's op does (so the comparison can see a different cell)."""
+    from nas.published import load_published
+
+    g = load_published("darts_v2")  # sigmoid, relu, identity and tanh nodes
+    path = tmp_path / "g.json"
+    g.save(str(path))
+    d = json.loads(path.read_text())
+    d["ops"] = ["sigmoid", "identity", "none", "relu", "tanh"]  # no op keeps its position
+    assert all(a != b for a, b in zip(d["ops"], OPS))
+    (tmp_path / "permuted.json").write_text(json.dumps(d))
+    g2 = Genotype.load(str(tmp_path / "permuted.json"))
+    assert [[(e.op, e.input) for e in node] for node in g2.nodes] == \
+        [[("sigmoid", 0)], [("relu", 1)], [("relu", 1)], [("identity", 1)], [("tanh", 2)], [("sigmoid", 5)],
+         [("tanh", 3)], [("relu", 5)]]  # DARTS_V2 of the reference rnn/genotypes.py
+    x = torch.randint(20, (7, 3), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(_logits(g2, x), _logits(g, x))
+    other = Genotype.from_dict({**d, "nodes": [[{"op": "tanh", "input": 0}]] + d["nodes"][1:]})
+    assert (_logits(other, x) - _logits(g, x)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("text,match", [

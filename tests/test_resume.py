@@ -3,6 +3,7 @@
 The central claim: interrupt a run anywhere, resume it, and it ends bit-identical (CPU) to a run that was never
 interrupted -- weights, α, optimizer states (ASGD's averages too), data position, random states, history.
 """
+import copy
 import errno
 import glob
 import json
@@ -248,6 +249,121 @@ def test_rollback_gives_up_after_the_limit(tmp_path, corpus):
     cfg = compose_cfg("search", SEARCH + [f"dataset.root={corpus}", "lr=1e30", "clip=1e30", "nan_policy=rollback"])
     with pytest.raises(RollbackLimit, match="rollbacks"):
         search(cfg, run_dir=str(tmp_path))
+
+
+RETRAIN = ["experiment=smoke", "arch=darts_v2", "progress=false", "batch_size=4", "bptt=8", "limit_train_batches=6",
+           "checkpoint_every=4", "num_threads=1", "nan_policy=reload_best"]
+
+
+def nan_at(monkeypatch, run_dir, calls_with_nan):
+    """Make retraining's weight steps number ``calls_with_nan`` (counted from 1) raise NonFiniteLossError, and
+    record what the reload must restore: ``seen["best"]``, best.pt as it was on disk at the first NaN, and
+    ``seen["after"]``, the state the first step after it starts from (weights, optimizer, lr / (seq_len / bptt),
+    the checkpoint written on disk)."""
+    import nas.engine.train as train_mod
+
+    original, seen = train_mod.weight_step, {"n": 0}
+
+    def flaky(model, optimizer, data, *args, **kwargs):
+        seen["n"] += 1
+        if seen.get("nan") == seen["n"] - 1 and "after" not in seen:
+            seen["after"] = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+                             "optimizer": type(optimizer),
+                             "state": copy.deepcopy(optimizer.state_dict()["state"]),
+                             "group_lr": optimizer.param_groups[0]["lr"],
+                             "lr": optimizer.param_groups[0]["lr"] * 8 / data.size(0),
+                             "checkpoint": torch.load(os.path.join(run_dir, CHECKPOINT), weights_only=False)}
+        if seen["n"] in calls_with_nan:
+            if "nan" not in seen:
+                best = os.path.join(run_dir, "best.pt")
+                seen["nan"] = seen["n"]
+                seen["best"] = torch.load(best, weights_only=False) if os.path.isfile(best) else None
+            raise NonFiniteLossError("training loss became nan")
+        return original(model, optimizer, data, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "weight_step", flaky)
+    return seen
+
+
+def test_nan_reload_best_goes_back_to_the_best_weights_and_optimizer_at_the_same_lr(tmp_path, corpus, monkeypatch):
+    """DARTS rnn/train.py: a NaN in epoch 2 reloads best.pt (epoch 1, SGD phase) with its optimizer (the switch to
+    ASGD made after epoch 1 is undone) and goes on with epoch 2 at the configured lr."""
+    import nas.engine.train as train_mod
+
+    monkeypatch.setattr(train_mod, "nonmono_trigger", lambda history, loss, nonmono: True)  # switch at each chance
+    run = str(tmp_path / "run")
+    seen = nan_at(monkeypatch, run, {9})  # epoch 2, step 3 of 6: after the switch to ASGD
+    m = train(compose_cfg("train", RETRAIN + [f"dataset.root={corpus}", "epochs=3"]), run_dir=run)
+
+    assert seen["best"]["epoch"] == 1 and seen["best"]["averaged"] is False  # the only validated epoch so far
+    after = seen["after"]
+    assert_identical(after["model"], seen["best"]["model"])  # the weights are best.pt's
+    assert after["optimizer"] is torch.optim.SGD and after["state"] == {}  # back to SGD, as it was at epoch 1
+    assert after["lr"] == pytest.approx(20.0, rel=1e-12)  # the configured lr (smoke: 20), not halved
+    ck = after["checkpoint"]  # written right after the reload
+    assert ck["position"] == {"epoch": 2, "batch": 0, "row": 0} and ck["hidden"] is None
+    assert ck["state"]["rollbacks"] == 1 and ck["state"]["reloads_since_best"] == 1
+    assert ck["state"]["asgd_epoch"] is None and ck["state"]["lr_scale"] == 1.0 and ck["averaging"] is False
+    assert_identical(ck["model"], seen["best"]["model"])
+    # epoch 2 was run again from its start, the switch came again after it; 2 steps of the NaN epoch counted
+    assert [h["epoch"] for h in m["history"]] == [1, 2, 3] and m["asgd_epoch"] == 2
+    assert m["rollbacks"] == 1 and m["steps"] == 3 * 6 + 2
+
+
+def test_nan_reload_best_restores_asgd_averages_and_resumes_bit_identically(tmp_path, corpus, monkeypatch):
+    """ASGD from the start: best.pt holds the averaged weights and ASGD's state (ax, eta, mu, step); a NaN in
+    epoch 3 puts both back and goes on with the epoch after the best one.  A run stopped 2 steps after the reload
+    and resumed ends bit-identical to one that was not stopped."""
+    overrides = RETRAIN + [f"dataset.root={corpus}", "epochs=4", "optimizer=asgd"]
+    seen = nan_at(monkeypatch, str(tmp_path / "whole"), {15})  # epoch 3, step 3
+    whole = train(compose_cfg("train", overrides), run_dir=str(tmp_path / "whole"))
+
+    best, after = seen["best"], seen["after"]
+    assert best["averaged"] is True and best["epoch"] in (1, 2)
+    assert_identical(after["model"], best["model"])  # the averaged weights of the best epoch
+    assert after["optimizer"] is torch.optim.ASGD
+    # ASGD's state as saved with the best weights; eta is ASGD's copy of this step's lr (20 * seq_len / 8)
+    assert all(float(s.pop("eta")) == pytest.approx(after["group_lr"]) for s in after["state"].values())
+    saved = {k: {n: t for n, t in v.items() if n != "eta"} for k, v in best["optimizer"]["state"].items()}
+    assert_identical(after["state"], saved)
+    assert all("ax" in s for s in after["state"].values())
+    assert after["lr"] == pytest.approx(20.0, rel=1e-12)
+    assert after["checkpoint"]["position"]["epoch"] == best["epoch"] + 1
+    assert whole["rollbacks"] == 1
+
+    seen_cut = nan_at(monkeypatch, str(tmp_path / "cut"), {15})
+    with monkeypatch.context() as m:
+        interrupt_after(m, 16)  # 16 successful steps: 2 after the reload
+        with pytest.raises(Interrupted):
+            train(compose_cfg("train", overrides), run_dir=str(tmp_path / "cut"))
+    assert seen_cut["nan"] == 15 and final_state(tmp_path / "cut")["state"]["rollbacks"] == 1
+    resumed = resume("train", str(tmp_path / "cut"), train)
+    assert untimed(resumed) == untimed(whole)
+    assert_identical(final_state(tmp_path / "cut"), final_state(tmp_path / "whole"))
+
+
+def test_nan_reload_best_before_any_best_and_after_the_limit(tmp_path, corpus, monkeypatch):
+    seen = nan_at(monkeypatch, str(tmp_path / "a"), {3})  # epoch 1: nothing validated yet
+    with pytest.raises(NonFiniteLossError, match="no best checkpoint yet"):
+        train(compose_cfg("train", RETRAIN + [f"dataset.root={corpus}", "epochs=2"]), run_dir=str(tmp_path / "a"))
+    assert load_resume_checkpoint(str(tmp_path / "a"), "train_lm")["state"]["step"] == 0  # the first one, kept
+    assert seen["best"] is None and not os.path.isfile(tmp_path / "a" / "metrics.json")
+    monkeypatch.undo()
+    seen = nan_at(monkeypatch, str(tmp_path / "b"), set(range(7, 100)))  # every step after epoch 1
+    with pytest.raises(RollbackLimit, match="8 times without a new best"):
+        train(compose_cfg("train", RETRAIN + [f"dataset.root={corpus}", "epochs=3"]), run_dir=str(tmp_path / "b"))
+    assert seen["n"] == 6 + 9  # epoch 1, then the first NaN and 8 reloads, each ending at once in a NaN
+    assert load_resume_checkpoint(str(tmp_path / "b"), "train_lm")["state"]["rollbacks"] == 8
+
+
+def test_nan_reload_best_is_refused_where_there_is_no_best_checkpoint(tmp_path, corpus, monkeypatch):
+    with pytest.raises(ConfigError, match="search.py keeps no best checkpoint"):
+        search(compose_cfg("search", SEARCH + [f"dataset.root={corpus}", "nan_policy=reload_best"]),
+               run_dir=str(tmp_path / "s"))
+    assert not os.path.exists(tmp_path / "s")
+    with pytest.raises(ConfigError, match="sentence classification takes nan_policy=stop or rollback"):
+        train(compose_cfg("train", ["experiment=smoke", "arch=darts_v2", "dataset=sst2", "space=hybrid",
+                                    "nan_policy=reload_best"]), run_dir=str(tmp_path / "c"))
 
 
 # -- bad input: a clear error, nothing damaged -------------------------------------------------------------------

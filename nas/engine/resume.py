@@ -13,7 +13,9 @@ rename); the one it replaces is kept as ``checkpoint.prev.pt``.  Nothing non-fin
   with the command that resumes it.  A second SIGINT stops at once (the last checkpoint stays).
 * A NaN/inf loss or gradient: ``nan_policy=stop`` (default) ends with a clear error, keeping the last good
   checkpoint; ``rollback`` reloads it, halves the learning rate and goes on (logged; at most
-  ``MAX_ROLLBACKS`` times in a run).
+  ``MAX_ROLLBACKS`` times in a run); ``reload_best`` (language-model retraining only, what DARTS ``rnn/train.py``
+  does) reloads the best-validation checkpoint ``best.pt`` with its optimizer state and goes on at the same
+  learning rate from the epoch after the best one (at most ``MAX_ROLLBACKS`` times without a new best).
 * A run dir already holding a run is refused unless resumed: results of two runs are never mixed.
 """
 from __future__ import annotations
@@ -38,8 +40,9 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
-NAN_POLICIES = ("stop", "rollback")
-#: ``nan_policy=rollback`` gives up after this many rollbacks in one run (the lr is then 1/256 of its value)
+NAN_POLICIES = ("stop", "rollback", "reload_best")
+#: ``nan_policy=rollback`` gives up after this many rollbacks in one run (the lr is then 1/256 of its value);
+#: ``nan_policy=reload_best`` after this many reloads of the same best checkpoint (no new best in between)
 MAX_ROLLBACKS = 8
 #: settings ``resume=`` accepts anew (they change neither what is computed on CPU nor the results' meaning;
 #: ``nan_policy=rollback`` lets a run stopped by a NaN go on at a lower learning rate)
@@ -56,7 +59,8 @@ class Interrupted(Exception):  # noqa: N818 (it is not an error: the run stopped
 
 
 class RollbackLimit(NonFiniteLossError):
-    """``nan_policy=rollback`` rolled back ``MAX_ROLLBACKS`` times and the loss is still not finite."""
+    """``nan_policy=rollback`` rolled back ``MAX_ROLLBACKS`` times (``reload_best``: reloaded the same best
+    checkpoint ``MAX_ROLLBACKS`` times) and the loss is still not finite."""
 
 
 # -- stop signals --------------------------------------------------------------------------------------------
@@ -249,9 +253,14 @@ def resume_config(cfg, schema, given=RUNTIME_KEYS):
     return saved, run_dir
 
 
-def check_nan_policy(cfg) -> None:
+def check_nan_policy(cfg, script: str = "train.py") -> None:
+    """Raises ConfigError: an unknown ``nan_policy``, ``reload_best`` outside ``train.py`` (a search keeps no
+    best checkpoint to go back to), or a negative ``checkpoint_every``."""
     if cfg.nan_policy not in NAN_POLICIES:
         raise ConfigError(f"nan_policy={cfg.nan_policy!r}; valid: {', '.join(NAN_POLICIES)}")
+    if cfg.nan_policy == "reload_best" and script != "train.py":
+        raise ConfigError(f"nan_policy=reload_best goes back to retraining's best.pt (DARTS rnn/train.py); {script} "
+                          "keeps no best checkpoint: use nan_policy=stop or rollback")
     if cfg.checkpoint_every < 0:
         raise ConfigError(f"checkpoint_every must be >= 0 (0: at epoch ends only), got {cfg.checkpoint_every}")
 
@@ -271,9 +280,9 @@ def open_run(cfg, run_dir: Optional[str], schema, script: str, continue_same: bo
 
     if cfg.get("resume"):
         cfg, run_dir = resume_config(cfg, schema)
-        check_nan_policy(cfg)
+        check_nan_policy(cfg, script)
         return cfg, run_dir, os.path.isfile(os.path.join(run_dir, CHECKPOINT))
-    check_nan_policy(cfg)
+    check_nan_policy(cfg, script)
     run_dir = os.path.abspath(run_dir or run_dir_from_hydra())
     if not distributed.is_writer():  # torchrun: rank 0 checks and writes the run dir
         return cfg, run_dir, False
@@ -313,7 +322,9 @@ class Keeper:
 
     ``snapshot()`` returns the engine's part of a checkpoint (weights, optimizers, data position...);
     ``restore(ckpt)`` puts it back.  ``state`` is the run's counter dict (``step`` required); ``lr_scale`` and
-    ``rollbacks`` are kept in it for ``nan_policy=rollback``.
+    ``rollbacks`` are kept in it for ``nan_policy=rollback``.  ``reload_best``: set by the language-model
+    retraining loop for ``nan_policy=reload_best``, a callable that puts the best checkpoint back (weights,
+    optimizer, loop position) and returns the epoch the run goes on with.
     """
 
     def __init__(self, cfg, run_dir: str, kind: str, script: str, state: dict, snapshot, restore,
@@ -326,6 +337,7 @@ class Keeper:
         state.setdefault("elapsed", 0.0)
         self.clock = Clock()
         self.last_saved_step = None
+        self.reload_best = None
 
     def save(self) -> None:
         """Write the checkpoint now (nothing non-finite: raises NonFiniteLossError instead)."""
@@ -375,13 +387,20 @@ class Keeper:
 
     def on_non_finite(self, err: Exception, writer=None, bar=None, bar_counter: str = "tokens") -> None:
         """``nan_policy=stop``: re-raise ``err``.  ``rollback``: reload the last checkpoint, halve the lr, go on
-        (the progress ``bar`` goes back to the checkpoint's ``state[bar_counter]``).
+        (the progress ``bar`` goes back to the checkpoint's ``state[bar_counter]``).  ``reload_best``: call
+        :attr:`reload_best` (DARTS ``rnn/train.py``: the best checkpoint and its optimizer, the same lr, the epoch
+        after the best), count it in ``state["rollbacks"]`` and write a checkpoint of the reloaded state.
 
         Raises:
-            NonFiniteLossError: the policy is stop.  RollbackLimit: :data:`MAX_ROLLBACKS` rollbacks already.
+            NonFiniteLossError: the policy is stop, or ``reload_best`` before any best checkpoint exists.
+            RollbackLimit: :data:`MAX_ROLLBACKS` rollbacks already (``reload_best``: reloads since the last new
+            best).
         """
         if self.cfg.nan_policy == "stop":
             raise err
+        if self.cfg.nan_policy == "reload_best":
+            self._reload_best(err, writer)
+            return
         rollbacks, scale = self.state["rollbacks"] + 1, self.state["lr_scale"]
         if rollbacks > MAX_ROLLBACKS:
             raise RollbackLimit(f"{err}; still non-finite after {MAX_ROLLBACKS} rollbacks (lr x {scale:g}); "
@@ -397,6 +416,22 @@ class Keeper:
         if bar is not None:
             bar.reset(bar.total)
             bar.update(self.state[bar_counter])
+
+    def _reload_best(self, err: Exception, writer=None) -> None:
+        if self.reload_best is None:  # check_nan_policy refuses this configuration before a run starts
+            raise ConfigError(f"nan_policy=reload_best is not supported by this {self.kind} run") from None
+        reloads = self.state.get("reloads_since_best", 0) + 1
+        if reloads > MAX_ROLLBACKS:
+            raise RollbackLimit(f"{err}; still non-finite after reloading the best checkpoint {MAX_ROLLBACKS} times "
+                                "without a new best; the last checkpoint was kept") from None
+        epoch = self.reload_best(err)
+        self.state["reloads_since_best"] = reloads
+        self.state["rollbacks"] += 1
+        log.warning("%s; nan_policy=reload_best: back to the best checkpoint, going on with epoch %d at the same lr "
+                    "(reload %d of at most %d without a new best)", err, epoch, reloads, MAX_ROLLBACKS)
+        if writer is not None:
+            writer.add_scalar("faults/reload_best_epoch", epoch, self.state["step"])
+        self.save()  # a resume from here on starts from the reloaded state
 
 
 def retrain_keeper(cfg, run_dir: str, kind: str, state: dict, model, opt: dict, position, device) -> Keeper:

@@ -66,11 +66,14 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
     (accuracy instead of perplexity).
     Outputs in ``run_dir``: ``genotype.png`` (the DAG), ``metrics.json`` (best valid ppl, test ppl, params,
         epochs, tokens/s, wall time, per-epoch history), ``best.pt`` (best-valid weights -- averaged ones under ASGD -- with genotype and
-        resolved config; :func:`load_trained` rebuilds it), ``genotype.json``, ``config.yaml``, ``tb/``.
+        resolved config, and the optimizer state of that moment for ``nan_policy=reload_best``; :func:`load_trained`
+        rebuilds it), ``genotype.json``, ``config.yaml``, ``tb/``.
     Raises:
         GenotypeError: ``arch`` unknown, or its file unreadable / invalid / of another space.
         nas.data.DataError: data missing or too small.  ValueError: an invalid setting.
-        NonFiniteLossError: the training loss became NaN/inf (``best.pt`` is kept).
+        NonFiniteLossError: the training loss became NaN/inf (``best.pt`` is kept) under ``nan_policy=stop``, or
+            under ``reload_best`` before the first validation wrote ``best.pt``.
+        ConfigError: ``nan_policy=reload_best`` for a sentence classifier.
     """
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.structured(cfg)
@@ -79,6 +82,9 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
 
     checked = resume_config(cfg, TrainConfig)[0] if cfg.get("resume") else cfg
     check_data_parallel(checked, is_classification(checked), "retraining")  # before anything is written
+    if is_classification(checked) and checked.nan_policy == "reload_best":
+        raise ConfigError("nan_policy=reload_best is the language-model retraining policy (DARTS rnn/train.py); "
+                          "sentence classification takes nan_policy=stop or rollback")
     cfg, run_dir, resuming = open_run(cfg, run_dir, TrainConfig, "train.py")
     _check(cfg)
     # a resumed run retrains the genotype it saved (the arch path may be gone or relative to another dir)
@@ -109,11 +115,12 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
     eval_bptt = cfg.eval_bptt or cfg.bptt
     state = {"step": 0, "tokens": 0, "train_seconds": 0.0, "history": [], "val_losses": [],
              "best": {"loss": math.inf, "epoch": None, "ppl": math.inf},
-             "asgd_epoch": 0 if cfg.optimizer == "asgd" else None}
+             "asgd_epoch": 0 if cfg.optimizer == "asgd" else None, "reloads_since_best": 0}
     best_path = os.path.join(run_dir, BEST_CHECKPOINT)
     loop = LMLoop()
 
     keeper = retrain_keeper(cfg, run_dir, "train_lm", state, model, opt, _Position(loop, np_rng), device)
+    keeper.reload_best = lambda err: _reload_best(cfg, best_path, model, opt, loop, state, device, err)
     writer = start_run(keeper, resuming, cfg_yaml, genotype)
     if distributed.is_writer():
         log_genotype_figure(writer, genotype, 0, os.path.join(run_dir, "genotype.png"))
@@ -140,10 +147,11 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
                 best = state["best"]
                 if loss < best["loss"] or best["epoch"] is None:
                     state["best"] = best = {"loss": loss, "epoch": epoch, "ppl": valid.ppl}
+                    state["reloads_since_best"] = 0
                     if distributed.is_writer():
                         with averaged_weights(model, optimizer):
-                            _save_best(best_path, model, genotype, cfg, data.ntoken, n_params, epoch, valid,
-                                       averaged)
+                            _save_best(best_path, model, optimizer, genotype, cfg, data.ntoken, n_params, epoch,
+                                       valid, averaged)
                 switched = False
                 if cfg.optimizer == "ntasgd" and not averaged and nonmono_trigger(state["val_losses"], loss,
                                                                                   cfg.nonmono):
@@ -260,12 +268,47 @@ def _whole(result: EvalResult, source: torch.Tensor, over_ranks: bool = False) -
     return result.tokens == (source.size(0) - 1) * source.size(1) * (distributed.size() if over_ranks else 1)
 
 
-def _save_best(path, model, genotype: Genotype, cfg, ntoken: int, n_params: int, epoch: int, valid: EvalResult,
-               averaged: bool) -> None:
-    atomic_torch_save({"model": model.state_dict(), "genotype": genotype.to_dict(),
+def _save_best(path, model, optimizer, genotype: Genotype, cfg, ntoken: int, n_params: int, epoch: int,
+               valid: EvalResult, averaged: bool) -> None:
+    # the optimizer state beside the weights, as DARTS rnn/train.py saves optimizer.pt with model.pt:
+    # nan_policy=reload_best goes back to both
+    atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "genotype": genotype.to_dict(),
                        "config": OmegaConf.to_container(cfg, resolve=True), "ntoken": ntoken, "params": n_params,
                        "epoch": epoch, "valid_nll": valid.nll, "valid_tokens": valid.tokens, "valid_ppl": valid.ppl,
                        "averaged": averaged}, path)
+
+
+def _reload_best(cfg, best_path: str, model, opt: dict, loop: LMLoop, state: dict, device, err: Exception) -> int:
+    """``nan_policy=reload_best`` (DARTS ``rnn/train.py``, its ``except`` around ``train()``): put back the weights
+    of ``best.pt`` (the averaged ones if ASGD was on then) and the optimizer of that moment -- ASGD with its
+    averages if it had switched by then, else SGD --, keep the configured learning rate, and go on from the start
+    of the epoch after the best one, with fresh hidden states.  The random states, the validation-loss history of
+    the non-monotone trigger and the counters go on (as in the reference).  Returns the epoch the run goes on with.
+
+    Raises:
+        NonFiniteLossError: no ``best.pt`` yet (the NaN came before the first validation).
+        CheckpointError: ``best.pt`` unreadable, or without an optimizer state (written by an older version).
+    """
+    from nas.engine.resume import load_into
+
+    distributed.barrier()  # torchrun: best.pt is rank 0's file
+    if state["best"]["epoch"] is None or not os.path.isfile(best_path):
+        raise NonFiniteLossError(f"{err}; nan_policy=reload_best: no best checkpoint yet (the NaN came before the "
+                                 "first validation); the last checkpoint was kept: resume it with "
+                                 "nan_policy=rollback, or start again with a lower lr") from None
+    ckpt = load_checkpoint(best_path, map_location=device)
+    if "optimizer" not in ckpt:
+        raise CheckpointError(f"{best_path} holds no optimizer state, which nan_policy=reload_best needs")
+    if ckpt["averaged"] != is_averaging(opt["optimizer"]):  # NT-ASGD switched after the best epoch: undo it
+        opt["optimizer"] = (make_asgd(model.parameters(), cfg.lr, cfg.weight_decay) if ckpt["averaged"] else
+                            make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay))
+        state["asgd_epoch"] = state["asgd_epoch"] if ckpt["averaged"] else None
+    load_into("weights", best_path, model, ckpt["model"])
+    load_into("optimizer state", best_path, opt["optimizer"], ckpt["optimizer"])
+    set_lr(opt["optimizer"], cfg.lr)
+    loop.epoch = ckpt["epoch"]
+    loop.next_epoch()
+    return loop.epoch
 
 
 class Trained(NamedTuple):
