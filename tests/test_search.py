@@ -1,6 +1,7 @@
 """search.py end to end: outputs, TensorBoard tags, determinism, config hygiene, the CLI."""
 import glob
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,7 +13,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigAttributeError
 
 import nas.config  # noqa: F401  (stores the config schemas)
-from nas.engine.search import search
+from nas.engine.common import seed_everything
+from nas.engine.search import build_search, search
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["experiment=smoke", "batch_size=4", "eval_batch_size=4", "bptt=8", "limit_train_batches=5",
@@ -31,6 +33,30 @@ def run(tmp_path, corpus, extra=()):
     return out, metrics
 
 
+def lm_ppl(model, weights, corpus, split, columns, bptt, segments):
+    """Perplexity of ``model`` with edge weights ``weights`` on the first ``segments`` segments of ``bptt`` rows of
+    ``split`` laid out in ``columns`` contiguous columns, hidden state carried: computed here from the text (one
+    <eos> per line, ids in order of first appearance in train.txt), summing log-softmax in float64."""
+    def words(name):
+        with open(os.path.join(corpus, f"{name}.txt"), encoding="utf-8") as f:
+            return [w for line in f.read().splitlines() for w in line.split() + ["<eos>"]]
+
+    stoi = {w: i for i, w in enumerate(dict.fromkeys(words("train")))}
+    ids = torch.tensor([stoi[w] for w in words(split)])
+    rows = len(ids) // columns
+    text = ids[:rows * columns].view(columns, rows).t()  # column j is the j-th contiguous chunk
+    model.eval()
+    hidden, nll, count = model.init_hidden(columns), 0.0, 0
+    with torch.no_grad():
+        for i in range(0, segments * bptt, bptt):
+            n = min(bptt, rows - 1 - i)
+            out = model(text[i:i + n], hidden, weights)
+            targets = text[i + 1:i + 1 + n]
+            nll -= torch.log_softmax(out.logits.double(), -1).gather(-1, targets.unsqueeze(-1)).sum().item()
+            count, hidden = count + targets.numel(), out.hidden
+    return math.exp(nll / count)
+
+
 @pytest.mark.parametrize("unrolled,alpha_split", [(False, "valid"), (True, "valid"), (False, "train_half")])
 def test_search_writes_every_output(tmp_path, corpus, unrolled, alpha_split):
     out, metrics = run(tmp_path, corpus, [f"strategy.unrolled={str(unrolled).lower()}",
@@ -40,12 +66,30 @@ def test_search_writes_every_output(tmp_path, corpus, unrolled, alpha_split):
     assert all(e["op"] != "none" for node in g["nodes"] for e in node)
     assert sorted(os.listdir(os.path.join(out, "genotypes"))) == ["epoch_001.json", "epoch_002.json"]
     m = json.load(open(os.path.join(out, "metrics.json")))
-    assert m["steps"] == 10 and m["train_tokens"] > 0 and m["final_valid_ppl"] > 1
+    assert m["steps"] == 10 and m["train_tokens"] > 0
     assert os.path.isfile(os.path.join(out, "config.yaml"))
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
     assert ckpt["kind"] == "search_lm" and ckpt["position"] == {"epoch": 3, "batch": 0, "row": 0}
     assert ckpt["state"]["step"] == 10 and ckpt["strategy"]["alphas"].shape == (6, 5)
     assert not glob.glob(os.path.join(out, ".tmp-*"))  # atomic writes leave no temporaries
+
+    # the reported figure is the saved supernet's (weights and softmax(α)) on the first 3 validation segments,
+    # re-scored here; and the search learned: the corpus is uniform random words, so an untrained supernet scores
+    # about the vocabulary size (40.9-41.1), and a model that learned only the <eos> rate beats that (measured
+    # final 37.6-39.2 over seeds 0-2, the three settings, 1 and 2 threads: ratio to the untrained <= 0.96)
+    cfg = cfg_for(TINY + [f"dataset.root={corpus}", f"strategy.unrolled={str(unrolled).lower()}",
+                          f"strategy.alpha_split={alpha_split}"])
+    seed_everything(cfg.seed)
+    untrained = build_search(cfg)
+    trained = build_search(cfg, untrained.data).model
+    trained.load_state_dict(ckpt["model"])
+    final_weights = torch.softmax(ckpt["strategy"]["alphas"], -1)
+    final = lm_ppl(trained, final_weights, corpus, "valid", 4, 8, 3)
+    assert math.isclose(m["final_valid_ppl"], final, rel_tol=1e-9)
+    assert final < 0.985 * lm_ppl(untrained.model, untrained.strategy.eval_weights(), corpus, "valid", 4, 8, 3)
+    # on the training text it saw (its first 10 segments of 8 rows; 10 steps of ~8 rows), measured ratio <= 0.94
+    assert (lm_ppl(trained, final_weights, corpus, "train", 4, 8, 10)
+            < 0.97 * lm_ppl(untrained.model, untrained.strategy.eval_weights(), corpus, "train", 4, 8, 10))
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
