@@ -28,12 +28,13 @@ V, T, B, H = 29, 7, 5, 8
 TAR = 2.0  # a large TAR in the training objective: the reference's passes must not use it
 
 
-def _setup(clip, hypergradient="reference", dropout=0.3, seed=0):
+def _setup(clip, hypergradient="reference", dropout=0.3, seed=0, fd_masks="replay"):
     torch.manual_seed(seed)
     space = DartsRNNSpace(DartsRNNConfig(emsize=H, nhid=H, steps=3, dropout=dropout, dropouth=dropout,
                                          dropoutx=dropout, dropouti=dropout, dropoute=0.0))
     model = space.build_supernet(V).double().train()
-    strat = DartsStrategy(DartsConfig(unrolled=True, hypergradient=hypergradient, alpha_init_std=0.5), space, model,
+    strat = DartsStrategy(DartsConfig(unrolled=True, hypergradient=hypergradient, alpha_init_std=0.5,
+                                      fd_masks=fd_masks), space, model,
                           partial(lm_objective, tar_beta=TAR), weight_decay=1e-3, clip=clip)
     g = torch.Generator().manual_seed(1)
     batches = [Batch(torch.randint(V, (T, B), generator=g), torch.randint(V, (T, B), generator=g),
@@ -50,9 +51,10 @@ def _norm(xs):
     return math.sqrt(sum(float(x.pow(2).sum()) for x in xs))
 
 
-def reference_hypergradient(model, alphas, train, valid, eta, clip, wdecay, r=1e-2):
+def reference_hypergradient(model, alphas, train, valid, eta, clip, wdecay, r=1e-2, replay=True):
     """rnn/architect.py ``_backward_step_unrolled``, step by step, on ``model`` (its weights are perturbed in place
-    and put back, as there).  Returns (dα, facts) where facts records which branches were taken."""
+    and put back, as there).  ``replay``: the ±ε passes reuse the training pass's masks (nas's default) instead of
+    drawing new ones (the reference).  Returns (dα, facts) where facts records which branches were taken."""
     rng_train = torch.get_rng_state()
     named = dict(model.named_parameters())  # one entry for the tied matrix, as model.parameters() there
     params = list(named.values())
@@ -79,23 +81,26 @@ def reference_hypergradient(model, alphas, train, valid, eta, clip, wdecay, r=1e
         with torch.no_grad():
             for p, v in zip(params, vector):
                 p.add_(v, alpha=step)
-        torch.set_rng_state(rng_train)  # the same masks as the training pass (nas's documented improvement)
+        if replay:
+            torch.set_rng_state(rng_train)  # the same masks as the training pass (nas's documented improvement)
         b = alphas.detach().clone().requires_grad_(True)
         alpha_grads.append(torch.autograd.grad(_nll(model, train, torch.softmax(b, -1)), [b])[0])
     with torch.no_grad():
         for p, v in zip(params, vector):
             p.add_(v, alpha=R)
-    torch.set_rng_state(rng_after_valid)
+    if replay:
+        torch.set_rng_state(rng_after_valid)
     implicit = (alpha_grads[0] - alpha_grads[1]) / (2 * R)
     facts = {"clip_coef": clip_coef, "v_clipped": v_coef < 1,
              "stale_tied": stale_tied}
     return dalpha - eta * clip_coef * implicit, facts
 
 
-@pytest.mark.parametrize("clip,expect", [(1e-3, "clipped: c < 1, v clipped"), (50.0, "unclipped: c > 1 uncapped")])
-def test_reference_hypergradient_equals_the_reference_code(clip, expect):
+@pytest.mark.parametrize("clip,fd_masks", [(1e-3, "replay"), (50.0, "replay"), (1e-3, "fresh")],
+                         ids=["clipped: c < 1, v clipped", "unclipped: c > 1 uncapped", "fresh masks, as the reference"])
+def test_reference_hypergradient_equals_the_reference_code(clip, fd_masks):
     eta = 0.7
-    model, strat, (train, valid) = _setup(clip)
+    model, strat, (train, valid) = _setup(clip, fd_masks=fd_masks)
     twin, _, _ = _setup(clip)  # the same initial weights, for the reference computation
     alphas = strat.alphas.detach().clone()
     w0 = [p.detach().clone() for p in model.parameters()]
@@ -103,7 +108,7 @@ def test_reference_hypergradient_equals_the_reference_code(clip, expect):
     got, _ = strat.arch_gradient(train, valid, eta)
     rng_got = torch.get_rng_state()
     torch.manual_seed(11)
-    expected, facts = reference_hypergradient(twin, alphas, train, valid, eta, clip, 1e-3)
+    expected, facts = reference_hypergradient(twin, alphas, train, valid, eta, clip, 1e-3, replay=fd_masks == "replay")
     # the case exercises what it names
     assert (facts["clip_coef"] < 1 and facts["v_clipped"]) if clip < 1 else (facts["clip_coef"] > 1 and
                                                                               not facts["v_clipped"]), facts
@@ -116,7 +121,7 @@ def test_reference_hypergradient_equals_the_reference_code(clip, expect):
         torch.testing.assert_close(buf, dict(twin.named_buffers())[name], rtol=1e-12, atol=1e-14)
     assert torch.equal(rng_got, torch.get_rng_state())  # the generator ends where the reference's ends
     # and the mode matters here: eq7 gives another gradient
-    _, eq7, _ = _setup(clip, "eq7")
+    _, eq7, _ = _setup(clip, "eq7", fd_masks=fd_masks)
     torch.manual_seed(11)
     other, _ = eq7.arch_gradient(train, valid, eta)
     assert ((other - expected).norm() / expected.norm()).item() > 1e-3

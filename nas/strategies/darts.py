@@ -26,10 +26,11 @@ In both modes:
   ``torch.func.functional_call``), so w is bit-exactly unchanged after a step; the virtual model's pass uses copies
   of the BatchNorm running statistics (the reference's virtual model is a copy), the other passes update them as
   the reference's passes on its model do;
-* the two finite-difference passes replay the random state of the training pass, so dropout masks are the same in
-  L_train(w), L_train(w+) and L_train(w-) (the reference draws new masks there, which makes the difference quotient
-  noisier: a deliberate improvement, kept in ``reference`` mode); afterwards the generator is put back where the
-  virtual model's pass left it, so the weight step draws fresh masks.
+* ``fd_masks=replay`` (default): the two finite-difference passes replay the random state of the training pass, so
+  dropout masks are the same in L_train(w), L_train(w+) and L_train(w-); afterwards the generator is put back where
+  the virtual model's pass left it, so the weight step draws fresh masks.  The reference code draws new masks in
+  the ±ε passes (``fd_masks=fresh``): their difference, divided by 2ε, then swamps the implicit term (measured at
+  300 units: 5-17 times its norm; README "Reproducing the papers").
 
 Under torchrun (:mod:`nas.distributed`) every gradient here is averaged over the ranks' shards where one process
 would take it on the global batch: ∇α L_val (first order); ∇w L_train before the virtual step, ∇α L_val(w') and
@@ -55,6 +56,7 @@ from nas.errors import ConfigError
 
 ALPHA_SPLITS = ("valid", "train_half")
 HYPERGRADIENTS = ("reference", "eq7")
+FD_MASKS = ("replay", "fresh")
 
 
 @dataclass
@@ -71,6 +73,9 @@ class DartsConfig:
     #: second order: ``reference`` (the DARTS code's hypergradient, rnn/architect.py) or ``eq7`` (the paper's
     #: equations as written); see the module docstring
     hypergradient: str = "reference"
+    #: second order: the dropout masks of the two finite-difference passes: ``replay`` the training pass's (the
+    #: difference quotient then measures the change of w alone) or ``fresh`` (new draws, as the reference code does)
+    fd_masks: str = "replay"
     #: where α's batches come from: ``valid`` (DARTS RNN: PTB's validation split) or ``train_half``
     #: (the training split's second half; w then trains on the first half only)
     alpha_split: str = "valid"
@@ -131,7 +136,8 @@ class DartsStrategy:
         clip: the weight optimizer's gradient-norm clip (0 or None: no clipping).
         seed: unused (α is initialized from torch's generator, which the engine seeds); the strategies' interface.
     Raises:
-        ConfigError: for an unknown ``alpha_split`` or ``hypergradient``, or a non-positive ``fd_epsilon``.
+        ConfigError: for an unknown ``alpha_split``, ``hypergradient`` or ``fd_masks``, or a non-positive
+            ``fd_epsilon``.
     """
 
     kind = "one_shot"
@@ -142,6 +148,8 @@ class DartsStrategy:
             raise ConfigError(f"strategy.alpha_split={cfg.alpha_split!r}; valid: {', '.join(ALPHA_SPLITS)}")
         if cfg.hypergradient not in HYPERGRADIENTS:
             raise ConfigError(f"strategy.hypergradient={cfg.hypergradient!r}; valid: {', '.join(HYPERGRADIENTS)}")
+        if cfg.fd_masks not in FD_MASKS:
+            raise ConfigError(f"strategy.fd_masks={cfg.fd_masks!r}; valid: {', '.join(FD_MASKS)}")
         if cfg.fd_epsilon <= 0:
             raise ConfigError(f"strategy.fd_epsilon must be > 0, got {cfg.fd_epsilon}")
         self.cfg, self.space, self.model = cfg, space, model
@@ -229,7 +237,8 @@ class DartsStrategy:
         params = self._params()
         names, w = list(params), list(params.values())
         device = w[0].device
-        rng = _rng_state(device)  # replayed below so the ±ε passes see the same dropout masks
+        # replayed below so the ±ε passes see the training pass's dropout masks (fd_masks=replay)
+        rng = _rng_state(device) if self.cfg.fd_masks == "replay" else None
         alphas = self.alphas.detach()
         loss = objective(self._forward(params, alphas, train), train.targets)
         g = torch.autograd.grad(loss, w)
@@ -262,13 +271,16 @@ class DartsStrategy:
         eps = self.cfg.fd_epsilon / vnorm
         hvp = self._alpha_grad_at([p + eps * vi for p, vi in zip(w, v)], names, train, rng, objective)
         hvp = hvp - self._alpha_grad_at([p - eps * vi for p, vi in zip(w, v)], names, train, rng, objective)
-        _set_rng_state(after_valid, device)  # the weight step draws new masks, not the replayed ones
+        if rng is not None:
+            _set_rng_state(after_valid, device)  # the weight step draws new masks, not the replayed ones
         distributed.average_([hvp])
         return d_alpha - (eta * implicit) * hvp / (2 * eps), _detached(out.hidden)
 
     def _alpha_grad_at(self, w_point, names, train: Batch, rng, objective) -> torch.Tensor:
-        """∇α objective(w_point, α) on the training batch with the training pass's random state replayed."""
-        _set_rng_state(rng, w_point[0].device)
+        """∇α objective(w_point, α) on the training batch, with the training pass's random state ``rng`` replayed
+        (None: the masks are drawn anew)."""
+        if rng is not None:
+            _set_rng_state(rng, w_point[0].device)
         alphas = self.alphas.detach().requires_grad_(True)
         params = {n: p.detach() for n, p in zip(names, w_point)}
         loss = objective(self._forward(params, alphas, train), train.targets)
