@@ -236,7 +236,8 @@ def make_strategy(task, unrolled, fd_epsilon=1e-2):
     sp = space(nodes=3, ops=["lstm", "gru", "self_attention", "identity", "zero"])
     classes = None if task == "lm" else 2
     model = sp.build_supernet(V, num_classes=classes).double().train()
-    strat = STRATEGIES.get("darts")(DartsConfig(unrolled=unrolled, fd_epsilon=fd_epsilon, alpha_init_std=0.5),
+    strat = STRATEGIES.get("darts")(DartsConfig(unrolled=unrolled, fd_epsilon=fd_epsilon, alpha_init_std=0.5,
+                                                hypergradient="eq7"),
                                     sp, model, lambda out, targets: out.loss, weight_decay=1e-4)
     g = torch.Generator().manual_seed(1)
     if task == "lm":

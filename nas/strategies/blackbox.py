@@ -196,10 +196,15 @@ class BayesianStrategy:
         self.heartbeat: Optional[_Heartbeat] = None
         try:
             # heartbeats only where other workers may share the study
-            storage = self.storage = _storage(storage, cfg.heartbeat_interval if cfg.storage else None,
-                                              cfg.grace_period)
-            self.study = optuna.create_study(study_name=cfg.study_name, storage=storage, sampler=sampler,
-                                             direction=direction, load_if_exists=True)
+            url = storage
+
+            def open_study():
+                storage = self.storage = _storage(url, cfg.heartbeat_interval if cfg.storage else None,
+                                                  cfg.grace_period)
+                return optuna.create_study(study_name=cfg.study_name, storage=storage, sampler=sampler,
+                                           direction=direction, load_if_exists=True)
+
+            self.study = _retry_creation_race(open_study)
         except Exception as err:  # SQLAlchemy's errors (bad URL, server down) share no base class with ours
             what = str(err) if isinstance(err, (ImportError, ValueError, RuntimeError)) else f"{type(err).__name__}: {err}"
             raise ConfigError(f"strategy.storage={cfg.storage!r}: cannot open the Optuna study "
@@ -370,6 +375,23 @@ def _storage_hint(url: str) -> str:
     if url.startswith("postgresql"):
         return " (a PostgreSQL URL needs a driver and a reachable server: pip install 'psycopg[binary]')"
     return ""
+
+
+#: what a storage says when another worker created its tables or the study a moment earlier
+_RACE_MESSAGES = ("UNIQUE constraint failed", "already exists", "duplicate key", "database is locked")
+
+
+def _retry_creation_race(open_study, attempts: int = 8):
+    """``open_study()``, tried again when it lost a race with another worker creating the same storage tables or
+    study (SQLAlchemy's IntegrityError / OperationalError naming a unique key or an existing table): the second
+    try finds them made.  Any other error, or the race lost ``attempts`` times, is raised."""
+    for attempt in range(attempts):
+        try:
+            return open_study()
+        except Exception as err:  # SQLAlchemy's errors share no base class with ours
+            if attempt == attempts - 1 or not any(m in str(err) for m in _RACE_MESSAGES):
+                raise
+            time.sleep(0.05 * (attempt + 1) * (1 + np.random.default_rng().random()))
 
 
 def _storage(url: str, heartbeat_interval: Optional[int] = None, grace_period: Optional[int] = None):
