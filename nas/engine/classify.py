@@ -32,7 +32,7 @@ from nas.engine.asgd import averaged_weights, is_averaging, make_asgd, make_opti
 from nas.engine.common import absolute_path, atomic_torch_save, configure_runtime, load_checkpoint, seed_everything
 from nas.engine.resume import Keeper, load_into, open_run, retrain_keeper, start_run, stop_signals
 from nas.engine.lm import NonFiniteLossError
-from nas.engine.search import OneShotOutputs, _alpha_shape, _lrs, make_search_optimizer, select_path
+from nas.engine.search import OneShotOutputs, _alpha_shape, _lrs, make_search_optimizer, select_path, strategy_summary
 from nas.engine.tb import log_genotype_figure
 from nas.errors import ConfigError
 from nas.genotype import GenotypeError
@@ -270,10 +270,9 @@ def search_classifier(cfg, run_dir: Optional[str] = None) -> dict:
                                                  weight_decay=cfg.weight_decay, clip=cfg.clip, seed=cfg.seed)
     w_optimizer = make_search_optimizer(cfg, model)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("search: space=%s strategy=%s (unrolled=%s) on %s (%d train / %d alpha sentences), device %s, "
-             "%d weights, alphas %s, run dir %s", cfg.space.name, cfg.strategy.name,
-             cfg.strategy.get("unrolled", False), cfg.dataset.name, len(data.train), len(data.search), device,
-             n_params, _alpha_shape(strategy), run_dir)
+    log.info("search: space=%s strategy=%s on %s (%d train / %d alpha sentences), device %s, "
+             "%d weights, alphas %s, run dir %s", cfg.space.name, strategy_summary(cfg.strategy),
+             cfg.dataset.name, len(data.train), len(data.search), device, n_params, _alpha_shape(strategy), run_dir)
     per_epoch = _steps_per_epoch(cfg, data.train)
     alpha_batches = _AlphaStream(data.search, cfg, device)
     state = {"step": 0, "sentences": 0, "tokens": 0, "history": [], "best_acc": -1.0, "epoch_start": 0.0,

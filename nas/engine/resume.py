@@ -256,8 +256,9 @@ def resume_config(cfg, schema, given=RUNTIME_KEYS):
 def check_nan_policy(cfg, script: str = "train.py") -> None:
     """Raises ConfigError: an unknown ``nan_policy``, ``reload_best`` outside ``train.py`` (a search keeps no
     best checkpoint to go back to), or a negative ``checkpoint_every``."""
+    valid = NAN_POLICIES if script == "train.py" else tuple(p for p in NAN_POLICIES if p != "reload_best")
     if cfg.nan_policy not in NAN_POLICIES:
-        raise ConfigError(f"nan_policy={cfg.nan_policy!r}; valid: {', '.join(NAN_POLICIES)}")
+        raise ConfigError(f"nan_policy={cfg.nan_policy!r}; valid for {script}: {', '.join(valid)}")
     if cfg.nan_policy == "reload_best" and script != "train.py":
         raise ConfigError(f"nan_policy=reload_best goes back to retraining's best.pt (DARTS rnn/train.py); {script} "
                           "keeps no best checkpoint: use nan_policy=stop or rollback")

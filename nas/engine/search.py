@@ -95,6 +95,17 @@ def search_step(setup: SearchSetup, cfg, train: Batch, valid: Batch, lr_scale: f
     return raw, hidden, hidden_valid
 
 
+def strategy_summary(strategy_cfg) -> str:
+    """The strategy for the start-of-run log line: its name, and for DARTS the order and the second-order mode."""
+    name = strategy_cfg.name
+    if "unrolled" not in strategy_cfg:
+        return name
+    if not strategy_cfg.unrolled:
+        return f"{name} (first order)"
+    return (f"{name} (second order, hypergradient={strategy_cfg.hypergradient}, "
+            f"fd_masks={strategy_cfg.fd_masks})")
+
+
 def _alpha_shape(strategy):
     return tuple(strategy.alphas.shape) if hasattr(strategy, "alphas") else None
 
@@ -192,9 +203,9 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
                                                  setup.w_optimizer)
     device = setup.device
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("search: space=%s strategy=%s (unrolled=%s) on %s, device %s, %d weights, alphas %s, run dir %s",
-             cfg.space.name, cfg.strategy.name, cfg.strategy.get("unrolled", False), cfg.dataset.name,
-             device, n_params, _alpha_shape(strategy), run_dir)
+    log.info("search: space=%s strategy=%s on %s, device %s, %d weights, alphas %s, run dir %s",
+             cfg.space.name, strategy_summary(cfg.strategy), cfg.dataset.name, device, n_params, _alpha_shape(strategy),
+             run_dir)
     state = {"step": 0, "tokens": 0, "best_valid_ppl": math.inf, "history": [], "epoch_start": 0.0,
              "epoch_tokens": 0}
     loop = LMLoop()
