@@ -217,13 +217,60 @@ def test_variable_seq_len_bounds_distribution_and_reproducible():
         list(bptt_segments(src, 35, variable=True))
 
 
-def test_check_min_size():
-    check_min_size(batchify(torch.arange(20), 10), 35, "train")  # 2 rows: ok
+@pytest.mark.parametrize("n,batch,bptt,full,key,expected", [
+    # r06: a 10-token split.  batch 64 / bptt 35 (training): no batch size gives 36 rows; bptt <= 9 would
+    (10, 64, 35, True, "batch_size", ["10 tokens", "batch_size=64", "bptt 35", "0 row(s)", "bptt + 1 = 36 rows",
+                                      "no batch_size fits with bptt 35", "use bptt <= 9"]),
+    # batch 1 is already the smallest: the advice must not be "at most 1"
+    (10, 1, 35, True, "batch_size", ["10 tokens", "batch_size=1", "10 row(s)", "use bptt <= 9"]),
+    # evaluation at 6 columns: 1 row; 10 tokens at 5 columns give 2 rows, so 5 fits
+    (10, 6, 35, False, "eval_batch_size", ["10 tokens", "eval_batch_size=6", "bptt 35", "1 row(s)",
+                                           "the largest eval_batch_size that fits is 5"]),
+    # a 1-token split: nothing fits
+    (1, 1, 35, False, "eval_batch_size", ["1 tokens", "no eval_batch_size fits", "at least 2 tokens"]),
+    # training at 20 columns of a 100-token split with bptt 4: 5 rows per column fit exactly at 20
+    (100, 21, 4, True, "batch_size", ["100 tokens", "4 row(s)", "the largest batch_size that fits is 20"]),
+])
+def test_a_split_too_small_names_its_sizes_and_what_fits(n, batch, bptt, full, key, expected):
+    """r06: the message names the split, its tokens, the batch size and bptt in force, and the largest batch size
+    that fits (n // rows needed, rows needed = bptt + 1 for training, 2 for evaluation), or says none does."""
     with pytest.raises(DataError) as ei:
-        check_min_size(batchify(torch.arange(15), 10), 35, "valid")
+        check_min_size(n, batch, bptt, "ptb valid", full, key)
     msg = str(ei.value)
-    assert "valid" in msg and "10 tokens" in msg and "batch_size 10" in msg and "bptt 35" in msg
-    assert "smaller batch_size" in msg
+    assert msg.startswith("ptb valid split:")
+    for part in expected:
+        assert part in msg, (part, msg)
+    # the advised size really fits, and one more does not
+    for part in expected:
+        if "that fits is" in part:
+            largest = int(part.rsplit(" ", 1)[1])
+            check_min_size(n, largest, bptt, "ptb valid", full, key)
+            with pytest.raises(DataError):
+                check_min_size(n, largest + 1, bptt, "ptb valid", full, key)
+
+
+def test_a_split_that_fits_passes():
+    check_min_size(20, 10, 35, "train")  # 2 rows: one evaluation pair
+    check_min_size(360, 10, 35, "train", full=True)  # 36 rows: one training segment
+
+
+def test_run_with_a_corpus_smaller_than_one_batch_names_the_split_and_sizes(tmp_path):
+    """r06 end to end: prepare_lm_data checks every split's size before batchifying, the training split first."""
+    from omegaconf import OmegaConf
+
+    from nas.engine.lm import prepare_lm_data
+
+    root = tmp_path / "ptb"
+    root.mkdir()
+    for split in ("train", "valid", "test"):
+        (root / f"{split}.txt").write_text("a b c d e f g h i\n")  # 9 words + <eos> = 10 tokens
+    cfg = OmegaConf.create({"dataset": {"name": "ptb", "root": str(root), "download": False, "cache_dir": None},
+                            "batch_size": 1, "eval_batch_size": 6, "bptt": 35})
+    with pytest.raises(DataError, match=r"ptb train split: 10 tokens in batch_size=1 columns \(bptt 35\)"):
+        prepare_lm_data(cfg, torch.device("cpu"))
+    cfg.bptt = 5
+    with pytest.raises(DataError, match="ptb valid split: 10 tokens in eval_batch_size=6 .* fits is 5"):
+        prepare_lm_data(cfg, torch.device("cpu"))
 
 
 # ------------------------------------------------------------------ download

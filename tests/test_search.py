@@ -146,7 +146,7 @@ def test_paper_presets_hold_the_paper_settings():
 def test_corpus_smaller_than_one_batch_is_a_clear_error(tmp_path, corpus):
     from nas.data import DataError
 
-    with pytest.raises(DataError, match="smaller than one batch"):
+    with pytest.raises(DataError, match=r"train split: \d+ tokens in batch_size=200 columns \(bptt 35\)"):
         run(tmp_path, corpus, ["batch_size=200", "bptt=35"])
 
 

@@ -167,32 +167,35 @@ def bptt_segments(
         i += seq_len
 
 
-def check_min_size(source: torch.Tensor, bptt: int, what: str, full: bool = False) -> None:
-    """Fail early if a batchified split cannot yield a single (input, target) pair.
+def check_min_size(n_tokens: int, batch_size: int, bptt: int, what: str, full: bool = False,
+                   key: str = "batch_size") -> None:
+    """Fail early, with the sizes that matter, if a split cannot give what a run needs from it.
 
     Args:
-        source: ``[T, B]`` (or ``[T]``) batchified ids.
-        bptt: configured BPTT length, reported in the message.
-        what: split name for the message (e.g. ``'valid'``).
-        full: require one whole segment, ``T >= bptt + 1`` rows (a training split smaller than one
-            batch x bptt is a configuration mistake); otherwise ``T >= 2`` (evaluation).
+        n_tokens: the split's token count (before batchifying drops the ``n_tokens % batch_size`` tail).
+        batch_size: the columns it is laid out in (the value of config key ``key``).
+        bptt: the configured BPTT length, reported in the message.
+        what: the split's name for the message (e.g. ``'ptb valid'``).
+        full: require one whole training segment, ``bptt + 1`` rows per column (a training split); otherwise one
+            (input, target) pair, 2 rows (evaluation).
+        key: the config key that sets ``batch_size`` for this split (``batch_size``, ``eval_batch_size`` ...).
 
     Raises:
-        DataError: ``T < 2``; the message gives the split, its size in tokens, the batch
-            size, bptt, and suggests a smaller batch_size.
+        DataError: ``n_tokens // batch_size`` rows are fewer than needed.  The message names the split, its tokens,
+            the batch size and bptt in force, and the largest batch size that fits (``n_tokens // rows needed``),
+            or says that none does and what would (a smaller bptt, or a larger split).
     """
-    rows = source.size(0) if source.dim() > 0 else 0
-    cols = source.size(1) if source.dim() == 2 else 1
-    if full and rows < bptt + 1:
-        raise DataError(
-            f"{what} split is smaller than one batch x bptt: {rows * cols} tokens in batches of "
-            f"{cols} give {rows} rows, fewer than bptt + 1 = {bptt + 1}. Use a smaller batch_size "
-            f"(at most {max(1, (rows * cols) // (bptt + 1))}) or bptt, or a larger corpus."
-        )
-    if rows < 2:
-        raise DataError(
-            f"{what} split is too small: {rows * cols} tokens batchified into {rows} row(s) x "
-            f"batch_size {cols} (bptt {bptt}) gives no (input, target) pair; at least 2 rows, i.e. "
-            f"{2 * cols} tokens, are needed. Use a smaller batch_size (at most "
-            f"{max(1, (rows * cols) // 2)} for this split) or a larger split."
-        )
+    need = bptt + 1 if full else 2
+    rows = n_tokens // batch_size if batch_size >= 1 else 0
+    if rows >= need:
+        return
+    what_for = f"one training segment of bptt + 1 = {need} rows" if full else "one (input, target) pair (2 rows)"
+    largest = n_tokens // need
+    if largest >= 1:
+        fix = f"the largest {key} that fits is {largest}"
+    elif full and n_tokens >= 2:
+        fix = f"no {key} fits with bptt {bptt}: even {key}=1 gives {n_tokens} rows; use bptt <= {n_tokens - 1} or a larger split"
+    else:
+        fix = f"no {key} fits: a split needs at least {need} tokens; use a larger split"
+    raise DataError(f"{what} split: {n_tokens} tokens in {key}={batch_size} columns (bptt {bptt}) give {rows} row(s) "
+                    f"per column, fewer than {what_for}; {fix}")

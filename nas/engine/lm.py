@@ -10,7 +10,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nas import distributed
-from nas.data import DataError, batchify, bptt_segments, check_min_size, get_batch, load_corpus
+from nas.data import batchify, bptt_segments, check_min_size, get_batch, load_corpus
 from nas.engine.common import absolute_path
 from nas.losses import lm_nll
 
@@ -244,13 +244,6 @@ def evaluate(model: nn.Module, source: torch.Tensor, bptt: int, weights: Optiona
         model.train(was_training)
 
 
-def _batchify(tokens: torch.Tensor, batch_size: int, device, what: str) -> torch.Tensor:
-    try:
-        return batchify(tokens, batch_size, device)
-    except DataError as err:
-        raise DataError(f"{what} split: {err}") from None
-
-
 @dataclass
 class LMData:
     """Batchified splits for one run: ``train`` [T, B] (weights), ``search`` [T, B] (α; None when
@@ -286,25 +279,28 @@ def prepare_lm_data(cfg, device: torch.device, alpha_split: Optional[str] = None
     """
     d = cfg.dataset
     corpus = load_corpus(d.name, absolute_path(d.root), d.download, absolute_path(d.cache_dir))
-    train_tokens, search = corpus.train, None
+    train_tokens, search_tokens = corpus.train, None
     if alpha_split == "train_half":
         half = corpus.train.size(0) // 2
         train_tokens, search_tokens = corpus.train[:half], corpus.train[half:]
-        search = _batchify(search_tokens, cfg.batch_size, device, f"{d.name} train_half (alpha split)")
     elif alpha_split == "valid":
-        search = _batchify(corpus.valid, cfg.batch_size, device, f"{d.name} valid (alpha split)")
-    train = _batchify(train_tokens, cfg.batch_size, device, f"{d.name} train")
-    valid = _batchify(corpus.valid, cfg.eval_batch_size, device, f"{d.name} valid")
-    test = _batchify(corpus.test, test_batch_size or cfg.eval_batch_size, device, f"{d.name} test")
-    check_min_size(train, cfg.bptt, f"{d.name} train", full=True)
-    if search is not None:
-        check_min_size(search, cfg.bptt, f"{d.name} {alpha_split} (alpha split)", full=True)
-    check_min_size(valid, cfg.bptt, f"{d.name} valid")
-    check_min_size(test, cfg.bptt, f"{d.name} test")
-    score = None
+        search_tokens = corpus.valid
+    # every size checked before anything is batchified, the training split first
+    test_key = "test_batch_size" if test_batch_size else "eval_batch_size"
+    checks = [(train_tokens, cfg.batch_size, f"{d.name} train", True, "batch_size")]
+    if search_tokens is not None:
+        checks.append((search_tokens, cfg.batch_size, f"{d.name} {alpha_split} (alpha split)", True, "batch_size"))
+    checks += [(corpus.valid, cfg.eval_batch_size, f"{d.name} valid", False, "eval_batch_size"),
+               (corpus.test, test_batch_size or cfg.eval_batch_size, f"{d.name} test", False, test_key)]
     if score_batch_size is not None:
-        score = _batchify(corpus.valid, score_batch_size, device, f"{d.name} valid (strategy.score_batch_size)")
-        check_min_size(score, cfg.bptt, f"{d.name} valid (strategy.score_batch_size)")
+        checks.append((corpus.valid, score_batch_size, f"{d.name} valid", False, "strategy.score_batch_size"))
+    for tokens, batch_size, what, full, key in checks:
+        check_min_size(tokens.numel(), batch_size, cfg.bptt, what, full, key)
+    search = None if search_tokens is None else batchify(search_tokens, cfg.batch_size, device)
+    train = batchify(train_tokens, cfg.batch_size, device)
+    valid = batchify(corpus.valid, cfg.eval_batch_size, device)
+    test = batchify(corpus.test, test_batch_size or cfg.eval_batch_size, device)
+    score = None if score_batch_size is None else batchify(corpus.valid, score_batch_size, device)
     if distributed.world() is None:
         return LMData(len(corpus.vocab), train, search, valid, test, score=score)
     # torchrun: each rank keeps its shard of the columns of the single-process layout
