@@ -233,6 +233,58 @@ def test_smoke_search_of_every_strategy_on_real_ptb(tmp_path, strategy):
                         "progress=false", f"hydra.run.dir={tmp_path}/train"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    # r05: every scalar tag of both runs has strictly increasing steps (TensorBoard keeps one point per step)
+    for run_dir in (run, tmp_path / "train"):
+        scalars = tb_scalars(run_dir)
+        for tag, events in scalars.items():
+            steps = [e.step for e in events]
+            assert all(a < b for a, b in zip(steps, steps[1:])), (run_dir.name, tag, steps)
+    assert {"search/best_vs_tokens", "search/best_vs_seconds"} <= set(tb_scalars(run))
+    train_metrics = json.load(open(tmp_path / "train" / "metrics.json"))
+    (test_loss,) = tb_scalars(tmp_path / "train")["test/loss"]  # the README's test/loss tag, the scored loss
+    assert abs(test_loss.value - train_metrics["test_loss"]) < 1e-5 * train_metrics["test_loss"]
+
+
+def tb_scalars(run_dir) -> dict:
+    """{tag: [ScalarEvent]} of a run dir's TensorBoard events, read as TensorBoard reads them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(os.path.join(run_dir, "tb"), size_guidance={"scalars": 0})
+    ea.Reload()
+    return {tag: ea.Scalars(tag) for tag in ea.Tags()["scalars"]}
+
+
+def test_best_vs_cost_steps_increase_even_when_a_record_costs_nothing(tmp_path):
+    """r05: a reused result (0 tokens, 0 s) or several trials within one second must not repeat a step; a resumed
+    log goes on past the steps it had written."""
+    from nas.engine.blackbox import TrialLog
+    from nas.genotype import Edge, Genotype
+
+    class Recorder:
+        def __init__(self):
+            self.points = []
+
+        def add_scalar(self, tag, value, step):
+            self.points.append((tag, step))
+
+        def flush(self):
+            pass
+
+    g = Genotype("darts_rnn", ("none", "tanh"), [[Edge("tanh", 0)]], [1])
+    w = Recorder()
+    log = TrialLog(str(tmp_path), "random", "valid_ppl", "minimize", 0, w)
+    costs = [(0.4, 100), (0.3, 0), (0.0, 0), (2.5, 50)]  # seconds, tokens per record
+    for k, (sec, tok) in enumerate(costs):
+        log.add(g, 100.0 - k, sec, tok)
+    steps = lambda tag, pts: [s for t, s in pts if t == tag]
+    # tokens: 100, 100 -> 101, 100 -> 102, 150; whole seconds: 0, 0 -> 1, 0 -> 2, int(3.2) = 3
+    assert steps("search/best_vs_tokens", w.points) == [100, 101, 102, 150]
+    assert steps("search/best_vs_seconds", w.points) == [0, 1, 2, 3]
+    w2 = Recorder()
+    again = TrialLog(str(tmp_path), "random", "valid_ppl", "minimize", 0, w2)
+    assert again.resume() == 4
+    again.add(g, 50.0, 0.1, 0)
+    assert steps("search/best_vs_tokens", w2.points) == [151] and steps("search/best_vs_seconds", w2.points) == [4]
 
 
 def test_random_ws_trains_single_paths_and_selects_by_shared_weight_score():

@@ -65,7 +65,9 @@ def better(a: Optional[float], b: Optional[float], direction: str) -> bool:
 class TrialLog:
     """Appends the common per-candidate record to ``trials.jsonl`` and logs best-so-far against cost to
     TensorBoard (``search/best_vs_tokens`` with step = cumulative training tokens, ``search/best_vs_seconds``
-    with step = cumulative wall seconds, ``search/value`` per trial)."""
+    with step = cumulative wall seconds rounded down, ``search/value`` per trial).  TensorBoard keeps one point per
+    step, so a record whose cost did not move a step on (a reused result costs nothing; several quick trials in
+    one second) is drawn one step after the previous point: every tag's steps increase strictly."""
 
     def __init__(self, run_dir: str, strategy: str, metric: str, direction: str, seed: int, writer=None):
         self.path = os.path.join(run_dir, TRIALS_FILE)
@@ -73,6 +75,7 @@ class TrialLog:
         self.writer = writer
         self.n, self.cum_wall, self.cum_tokens, self.best, self.best_genotype = 0, 0.0, 0, None, None
         self.genotypes: list = []
+        self._steps = {"tokens": -1, "seconds": -1}  # the last step of search/best_vs_tokens and _vs_seconds
 
     def resume(self, keep: Optional[Callable[[dict], bool]] = None) -> int:
         """Continue an existing ``trials.jsonl`` of this run dir (a resumed run): trial numbers, cumulative
@@ -99,7 +102,16 @@ class TrialLog:
             self.genotypes.append(genotype)
             if better(r["value"], self.best, self.direction):
                 self.best, self.best_genotype = r["value"], genotype
+            if self.best is not None:
+                self._cost_steps()
         return len(records)
+
+    def _cost_steps(self) -> tuple:
+        """The steps of the next best-vs-cost points: the cumulative tokens and whole seconds, at least one past the
+        last ones written (TensorBoard shows one point per step)."""
+        tokens = self._steps["tokens"] = max(self.cum_tokens, self._steps["tokens"] + 1)
+        seconds = self._steps["seconds"] = max(int(self.cum_wall), self._steps["seconds"] + 1)
+        return tokens, seconds
 
     def add(self, genotype: Genotype, value: Optional[float], wall_seconds: float, train_tokens: int,
             **extra) -> dict:
@@ -116,9 +128,11 @@ class TrialLog:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if self.best is not None:
+            tokens_step, seconds_step = self._cost_steps()
         if self.writer is not None and self.best is not None:
-            self.writer.add_scalar("search/best_vs_tokens", self.best, self.cum_tokens)
-            self.writer.add_scalar("search/best_vs_seconds", self.best, int(self.cum_wall))
+            self.writer.add_scalar("search/best_vs_tokens", self.best, tokens_step)
+            self.writer.add_scalar("search/best_vs_seconds", self.best, seconds_step)
             if value is not None:
                 self.writer.add_scalar("search/value", value, self.n)
             self.writer.flush()

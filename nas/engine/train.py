@@ -181,6 +181,7 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
             distributed.barrier()  # torchrun: best.pt is rank 0's file
             test = _test_best(cfg, model, best_path, data.test, eval_bptt, device, data.over_ranks("test"))
             writer.add_scalar("test/ppl", test.ppl, state["best"]["epoch"])
+            writer.add_scalar("test/loss", test.loss, state["best"]["epoch"])
         test_seconds = time.time() - t0
     finally:
         bar.close()
