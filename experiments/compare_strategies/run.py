@@ -36,15 +36,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
-def load_preset(name: str) -> dict:
+PRESET_KEYS = ("dataset", "seeds", "search", "strategies", "train")
+
+
+def load_preset(name: str, folder: str = HERE, keys=PRESET_KEYS) -> dict:
+    """The preset ``name`` (a ``.yaml`` in ``folder``, or a path to one) as a dict.
+
+    Exits with a one-line message when it is missing or lacks one of ``keys``."""
     from omegaconf import OmegaConf
 
-    path = name if name.endswith(".yaml") else os.path.join(HERE, f"{name}.yaml")
+    path = name if name.endswith(".yaml") else os.path.join(folder, f"{name}.yaml")
     if not os.path.isfile(path):
-        presets = sorted(f[:-5] for f in os.listdir(HERE) if f.endswith(".yaml"))
+        presets = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
         sys.exit(f"no preset {name!r}; presets: {', '.join(presets)} (or a path to a .yaml)")
     preset = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    missing = [k for k in ("dataset", "seeds", "search", "strategies", "train") if k not in preset]
+    missing = [k for k in keys if k not in preset]
     if missing:
         sys.exit(f"preset {path} lacks {missing}")
     return preset

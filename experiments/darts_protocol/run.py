@@ -1,7 +1,7 @@
 """The DARTS recurrent-cell protocol as one command: search with several seeds, retrain each cell briefly, select
 the best by validation perplexity, retrain it in full, report its test perplexity.
 
-    python experiments/darts_protocol/run.py --preset cpu                    # PTB, 2-core CPU (~30 min)
+    python experiments/darts_protocol/run.py --preset cpu                    # PTB, 2-core CPU (12 min)
     python experiments/darts_protocol/run.py --preset paper --device cuda    # the paper's protocol (GPU, days)
     python experiments/darts_protocol/run.py --preset smoke --out /tmp/prot  # every stage in about a minute
 
@@ -36,6 +36,8 @@ import os
 import sys
 import time
 
+from nas.atomic import atomic_write_text
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 STAGES = ("search", "short_retrain", "full_retrain")
@@ -55,19 +57,10 @@ def load_preset(name: str) -> dict:
 
     Exits with a one-line message when it is missing, lacks a key, or has fewer than one seed or repeated seeds.
     """
-    from omegaconf import OmegaConf
-
-    path = name if name.endswith(".yaml") else os.path.join(HERE, f"{name}.yaml")
-    if not os.path.isfile(path):
-        presets = sorted(f[:-5] for f in os.listdir(HERE) if f.endswith(".yaml"))
-        sys.exit(f"no preset {name!r}; presets: {', '.join(presets)} (or a path to a .yaml)")
-    preset = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    missing = [k for k in ("seeds", "final_seed") + STAGES if k not in preset]
-    if missing:
-        sys.exit(f"preset {path} lacks {missing}")
+    preset = _compare_strategies().load_preset(name, HERE, ("seeds", "final_seed") + STAGES)
     seeds = preset["seeds"]
     if not seeds or len(set(seeds)) != len(seeds):
-        sys.exit(f"preset {path}: seeds must be a non-empty list without repeats, got {seeds}")
+        sys.exit(f"preset {name}: seeds must be a non-empty list without repeats, got {seeds}")
     return preset
 
 
@@ -119,8 +112,7 @@ def main(argv=None) -> None:
         if not finished:
             timings[key] = timings.get(key, 0.0) + time.time() - start
             os.makedirs(out, exist_ok=True)
-            with open(timings_path, "w") as f:
-                json.dump(timings, f, indent=1)
+            atomic_write_text(timings_path, json.dumps(timings, indent=1))
         return metrics
 
     runs = {}

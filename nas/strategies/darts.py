@@ -288,6 +288,7 @@ class DartsStrategy:
         return grad
 
 
+
 def _norm(tensors) -> float:
-    """The 2-norm of a list of tensors taken as one vector (a Python float)."""
-    return torch.sqrt(sum(x.pow(2).sum() for x in tensors)).item()
+    """The 2-norm of a list of tensors taken as one vector (a Python float; ``torch.nn.utils.get_total_norm``)."""
+    return torch.nn.utils.get_total_norm(list(tensors)).item()
