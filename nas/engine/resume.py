@@ -435,19 +435,32 @@ class Keeper:
         self.save()  # a resume from here on starts from the reloaded state
 
 
+def restore_weights_and_optimizer(cfg, where: str, model, opt: dict, averaging: bool, model_state: dict,
+                                  optimizer_state: dict) -> bool:
+    """Put back a retraining's weights and the optimizer state of a checkpoint taken when averaged SGD was
+    (``averaging``) or was not on.  ``opt["optimizer"]`` is re-created first -- as ASGD, or as the configured
+    optimizer -- when NT-ASGD switched between then and now.  Returns whether it was re-created.
+    Raises CheckpointError (naming ``where``) when a state does not fit."""
+    from nas.engine.asgd import is_averaging, make_asgd, make_optimizer
+
+    switched = averaging != is_averaging(opt["optimizer"])
+    if switched:
+        opt["optimizer"] = (make_asgd(model.parameters(), cfg.lr, cfg.weight_decay) if averaging else
+                            make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay))
+    load_into("weights", where, model, model_state)
+    load_into("optimizer state", where, opt["optimizer"], optimizer_state)
+    return switched
+
+
 def retrain_keeper(cfg, run_dir: str, kind: str, state: dict, model, opt: dict, position, device) -> Keeper:
     """The :class:`Keeper` of a retraining loop (language model or classifier): weights, the optimizer in
     ``opt["optimizer"]`` (re-created as ASGD when NT-ASGD had switched by the checkpoint, or back to the starting
     optimizer when it had not), and the loop's position: ``position.snapshot()`` -> dict, ``position.restore(ck)``.
     """
-    from nas.engine.asgd import is_averaging, make_asgd, make_optimizer
+    from nas.engine.asgd import is_averaging
 
     def restore(ck):
-        if ck["averaging"] != is_averaging(opt["optimizer"]):  # NT-ASGD switched between then and now
-            opt["optimizer"] = (make_asgd(model.parameters(), cfg.lr, cfg.weight_decay) if ck["averaging"] else
-                                make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay))
-        load_into("weights", run_dir, model, ck["model"])
-        load_into("optimizer state", run_dir, opt["optimizer"], ck["optimizer"])
+        restore_weights_and_optimizer(cfg, run_dir, model, opt, ck["averaging"], ck["model"], ck["optimizer"])
         position.restore(ck)
 
     return Keeper(cfg, run_dir, kind, "train.py", state,

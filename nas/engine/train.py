@@ -290,7 +290,7 @@ def _reload_best(cfg, best_path: str, model, opt: dict, loop: LMLoop, state: dic
         NonFiniteLossError: no ``best.pt`` yet (the NaN came before the first validation).
         CheckpointError: ``best.pt`` unreadable, or without an optimizer state (written by an older version).
     """
-    from nas.engine.resume import load_into
+    from nas.engine.resume import restore_weights_and_optimizer
 
     distributed.barrier()  # torchrun: best.pt is rank 0's file
     if state["best"]["epoch"] is None or not os.path.isfile(best_path):
@@ -300,12 +300,9 @@ def _reload_best(cfg, best_path: str, model, opt: dict, loop: LMLoop, state: dic
     ckpt = load_checkpoint(best_path, map_location=device)
     if "optimizer" not in ckpt:
         raise CheckpointError(f"{best_path} holds no optimizer state, which nan_policy=reload_best needs")
-    if ckpt["averaged"] != is_averaging(opt["optimizer"]):  # NT-ASGD switched after the best epoch: undo it
-        opt["optimizer"] = (make_asgd(model.parameters(), cfg.lr, cfg.weight_decay) if ckpt["averaged"] else
-                            make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay))
+    # NT-ASGD switched after the best epoch: undone
+    if restore_weights_and_optimizer(cfg, best_path, model, opt, ckpt["averaged"], ckpt["model"], ckpt["optimizer"]):
         state["asgd_epoch"] = state["asgd_epoch"] if ckpt["averaged"] else None
-    load_into("weights", best_path, model, ckpt["model"])
-    load_into("optimizer state", best_path, opt["optimizer"], ckpt["optimizer"])
     set_lr(opt["optimizer"], cfg.lr)
     loop.epoch = ckpt["epoch"]
     loop.next_epoch()
