@@ -75,6 +75,7 @@ class TrialLog:
         self.writer = writer
         self.n, self.cum_wall, self.cum_tokens, self.best, self.best_genotype = 0, 0.0, 0, None, None
         self.genotypes: list = []
+        self.study_trials: set = set()  # the shared study's trial numbers recorded here
         self._steps = {"tokens": -1, "seconds": -1}  # the last step of search/best_vs_tokens and _vs_seconds
 
     def resume(self, keep: Optional[Callable[[dict], bool]] = None) -> int:
@@ -100,6 +101,8 @@ class TrialLog:
             self.n, self.cum_wall, self.cum_tokens = r["trial"], r["cum_wall_seconds"], r["cum_train_tokens"]
             genotype = Genotype.from_dict(r["genotype"])
             self.genotypes.append(genotype)
+            if r.get("study_trial") is not None:
+                self.study_trials.add(r["study_trial"])
             if better(r["value"], self.best, self.direction):
                 self.best, self.best_genotype = r["value"], genotype
             if self.best is not None:
@@ -124,6 +127,8 @@ class TrialLog:
                   "value": value, "wall_seconds": wall_seconds, "train_tokens": int(train_tokens),
                   "cum_wall_seconds": self.cum_wall, "cum_train_tokens": self.cum_tokens, "seed": self.seed,
                   "best_value": self.best, **extra}
+        if extra.get("study_trial") is not None:
+            self.study_trials.add(extra["study_trial"])
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -192,6 +197,13 @@ def train_trial(cfg, genotype: Genotype, trial_dir: str) -> TrialResult:
                        tokens, trial_dir)
 
 
+def _interrupted_candidate(run_dir: str, n: int) -> Optional[Genotype]:
+    """The genotype of trial dir ``n + 1`` (the one a killed worker was training after ``n`` recorded trials), or
+    None when there is none."""
+    path = os.path.join(run_dir, "trials", f"{n + 1:04d}", "candidate.json")
+    return Genotype.load(path) if os.path.isfile(path) else None
+
+
 def search_black_box(cfg, run_dir: Optional[str] = None,
                      evaluate: Optional[Callable[[Genotype, str], TrialResult]] = None) -> dict:
     """Run a black-box search (random or Bayesian) as configured; returns the metrics of ``metrics.json``.
@@ -224,6 +236,10 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
         log.info("resuming: %d trials in %s, best %s so far %s", trials.n, trials.path, metric, trials.best)
         if hasattr(strategy, "mark_seen"):
             strategy.mark_seen(trials.genotypes)
+    # a worker of a shared study that was killed takes its interrupted trial back first (it was admitted under the
+    # budget), to go on from that trial's checkpoint; None for anything else
+    reclaimed = (strategy.reclaim(_interrupted_candidate(run_dir, trials.n), trials.study_trials)
+                 if hasattr(strategy, "reclaim") else None)
     log.info("search: space=%s strategy=%s%s on %s: up to %d trials of %d epoch(s)%s, %s genotypes in the space, "
              "run dir %s", cfg.space.name, cfg.strategy.name,
              f" (sampler {cfg.strategy.sampler})" if "sampler" in cfg.strategy else "", cfg.dataset.name, cfg.strategy.trials,
@@ -234,13 +250,19 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
                dynamic_ncols=True)
     try:
         with stop_signals():
-            while not strategy.stopped(trials.n):
+            while reclaimed is not None or not strategy.stopped(trials.n):
                 if stop_requested() is not None:
                     raise interrupted(run_dir, "search.py", f"after trial {trials.n}", "trials.jsonl is up to date")
-                if cfg.strategy.budget_tokens and trials.cum_tokens >= cfg.strategy.budget_tokens:
-                    log.info("token budget reached (%d >= %d)", trials.cum_tokens, cfg.strategy.budget_tokens)
-                    break
-                proposal = strategy.ask()
+                if reclaimed is not None:
+                    proposal, reclaimed = reclaimed, None
+                else:
+                    # a shared study's token budget is the study's (every worker's results), as its trial budget
+                    spent = strategy.spent_tokens() if hasattr(strategy, "spent_tokens") else None
+                    spent = trials.cum_tokens if spent is None else spent
+                    if cfg.strategy.budget_tokens and spent >= cfg.strategy.budget_tokens:
+                        log.info("token budget reached (%d >= %d)", spent, cfg.strategy.budget_tokens)
+                        break
+                    proposal = strategy.ask()
                 if proposal is None:
                     log.info("the space is exhausted after %d genotypes", trials.n)
                     break
@@ -258,11 +280,12 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
                     except Exception:
                         strategy.tell(proposal.handle, None)  # the study marks it failed; a worker never loses it
                         raise
-                strategy.tell(proposal.handle, result.value)
+                told = strategy.tell(proposal.handle, result.value, result.train_tokens)
                 was_best = better(result.value, trials.best, direction)
                 # a shared study's trial number links the worker's record to the study (this run's own study
-                # renumbers a trial cut off by an interruption, so its records carry none)
-                number = getattr(proposal.handle, "number", None) if cfg.strategy.get("storage") else None
+                # renumbers a trial cut off by an interruption, so its records carry none); a result whose trial
+                # another worker failed meanwhile went to a new trial (`told`)
+                number = told if cfg.strategy.get("storage") else None
                 trials.add(proposal.genotype, result.value, result.wall_seconds, result.train_tokens,
                            repeated=proposal.known is not None, **({} if number is None else {"study_trial": number}))
                 if was_best:

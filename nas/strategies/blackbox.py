@@ -38,6 +38,7 @@ import numpy as np
 from nas.errors import ConfigError
 from nas.genotype import Genotype, genotype_count
 from nas.strategies import STRATEGIES
+from nas.strategies import shared_study
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +144,20 @@ class RandomStrategy:
                 self.seen.add(key)
                 return Proposal(genotype, key)
 
-    def tell(self, handle, value: Optional[float]) -> None:
-        """Random search learns nothing from results (a failed trial: ``value=None``); a shared study records it."""
+    def tell(self, handle, value: Optional[float], train_tokens: int = 0) -> Optional[int]:
+        """Random search learns nothing from results (a failed trial: ``value=None``); a shared study records it
+        (returns the study trial's number, see :meth:`BayesianStrategy.tell`)."""
         if self.shared is not None:
-            self.shared.tell(handle, value)
+            return self.shared.tell(handle, value, train_tokens)
+        return None
+
+    def reclaim(self, genotype: Optional[Genotype], recorded: set) -> Optional[Proposal]:
+        """A shared study's interrupted trial of this worker, taken back (:meth:`BayesianStrategy.reclaim`)."""
+        return self.shared.reclaim(genotype, recorded) if self.shared is not None else None
+
+    def spent_tokens(self) -> Optional[int]:
+        """A shared study's training tokens, every worker's (:meth:`BayesianStrategy.spent_tokens`); None alone."""
+        return self.shared.spent_tokens() if self.shared is not None else None
 
     def mark_seen(self, genotypes) -> None:
         """Genotypes evaluated before a resume: never proposed again."""
@@ -191,6 +202,8 @@ class BayesianStrategy:
             # order, so each seeds its sampler apart (a multi-worker study is not reproducible anyway)
             seed = int.from_bytes(os.urandom(4), "little") ^ seed
         self.seed = seed
+        self.rng = np.random.default_rng(seed)  # the draws of random search in a shared study
+        self.me = shared_study.worker_id(os.path.abspath(run_dir or "."))
         sampler = self._sampler(seed)
         storage = cfg.storage or f"sqlite:///{os.path.join(os.path.abspath(run_dir or '.'), 'study.db')}"
         self.heartbeat: Optional[_Heartbeat] = None
@@ -221,27 +234,97 @@ class BayesianStrategy:
             raise ConfigError(f"study {cfg.study_name!r} in {storage} was created to {self.study.direction.name.lower()}"
                               f", this run needs to {direction}")
 
-    def ask(self) -> Optional[Proposal]:
+    def ask(self, poll_seconds: float = 0.5) -> Optional[Proposal]:
         """The study's next proposal (a new Optuna trial).  ``known`` is set when an identical genotype has a
         finished trial in the study (by any worker); when an earlier trial of another worker is still training
-        it, this waits for its result rather than training the same genotype twice."""
+        it, this waits for its result rather than training the same genotype twice.
+
+        ``random`` in a shared study draws only genotypes no worker has evaluated or is training (as one worker
+        never repeats one); None once every genotype of the space is evaluated (while the last ones are still
+        being trained elsewhere, this waits: their worker may die and free them).  A proposal whose trial
+        another worker marks failed while this one is choosing it (this worker was paused longer than the grace
+        period) is dropped with one log line, and a new one made.
+        """
         # the sampler's random state is a function of the seed and of how many proposals came before (an
         # interrupted one that is proposed again not counted), not of the process's history: a resumed study proposes what an uninterrupted one would
         import optuna
 
-        self._fail_stale()
-        trials = self.study.get_trials(deepcopy=False)
-        resumed = {t.user_attrs.get("resumes") for t in trials} - {None}
-        done = sum(1 for t in trials if t.state != optuna.trial.TrialState.WAITING and t.number not in resumed)
-        self.study.sampler = self._sampler(int(np.random.SeedSequence([self.seed, done]).generate_state(1)[0]))
+        while True:
+            self._fail_stale()
+            trials = self.study.get_trials(deepcopy=False)
+            resumed = {t.user_attrs.get("resumes") for t in trials} - {None}
+            done = sum(1 for t in trials if t.state != optuna.trial.TrialState.WAITING and t.number not in resumed)
+            self.study.sampler = self._sampler(int(np.random.SeedSequence([self.seed, done]).generate_state(1)[0]))
+            if self.unique:
+                if not self.heartbeats:  # a journal: a trial running for far too long belonged to a dead worker
+                    trials = [t for t in trials if not (t.state == optuna.trial.TrialState.RUNNING and _stale(t, trials))]
+                choice = shared_study.unseen_choice(self.decisions, self.size, trials, self.rng)
+                if choice is None:
+                    return None
+                if choice == "wait":
+                    time.sleep(poll_seconds)
+                    continue
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    self.study.sampler = optuna.samplers.PartialFixedSampler(choice, self.study.sampler)
+            proposal = self._propose()
+            if proposal is not None:
+                return proposal
+
+    @property
+    def unique(self) -> bool:
+        """Whether proposals never repeat a genotype of the study (random search in a shared study)."""
+        return self.sampler_name == "random" and bool(self.cfg.storage)
+
+    def _propose(self) -> Optional[Proposal]:
+        """One new trial with its params; None when it was lost (failed by another worker meanwhile, or, for
+        :attr:`unique`, an earlier trial drew the same genotype at the same moment: marked FAIL, ``duplicate_of``)."""
+        import optuna
+
         with warnings.catch_warnings():  # we record the heartbeats ourselves (see _Heartbeat)
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
             trial = self.study.ask()
         if self.heartbeats:  # from now until tell(): other workers see this trial alive
             self.heartbeat = _Heartbeat(self.storage, trial._trial_id, self.cfg.heartbeat_interval)
-        choice = {name: trial.suggest_categorical(name, list(choices)) for name, choices in self.decisions}
-        trial.set_user_attr("proposed", True)  # its params are complete: other workers may compare with them
+        try:
+            choice = {name: trial.suggest_categorical(name, list(choices)) for name, choices in self.decisions}
+            trial.set_user_attr("worker", self.me)
+            trial.set_user_attr("proposed", True)  # its params are complete: other workers may compare with them
+            twin = self._earlier_twin(choice, trial.number) if self.unique else None
+            if twin is not None:
+                trial.set_user_attr("duplicate_of", twin)
+                self._stop_heartbeat()
+                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                return None
+        except shared_study._finished_error():
+            self._stop_heartbeat()
+            log.warning("trial %d of study %r was marked failed by another worker while this one was proposing it "
+                        "(paused longer than grace_period): proposing again", trial.number, self.cfg.study_name)
+            return None
         return Proposal(self.space.from_decisions(choice), trial, self._result_of(choice, trial.number))
+
+    def _earlier_twin(self, choice: dict, number: int, poll_seconds: float = 0.2) -> Optional[int]:
+        """The number of an earlier trial that holds the same genotype (evaluated, or being trained), else None;
+        waits (up to 30 s) for earlier trials still choosing their params."""
+        import optuna
+
+        State = optuna.trial.TrialState
+        key = shared_study._key(choice)
+        deadline = time.time() + 30.0
+        while True:
+            earlier = [t for t in self.study.get_trials(deepcopy=False) if t.number < number]
+            twins = [t.number for t in earlier if shared_study._key(t.params) == key and shared_study.holds(t)]
+            if twins:
+                return twins[0]
+            if time.time() > deadline or not any(t.state == State.RUNNING and not t.user_attrs.get("proposed")
+                                                 for t in earlier):
+                return None
+            time.sleep(poll_seconds)
+
+    def _stop_heartbeat(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+            self.heartbeat = None
 
     def _sampler(self, seed: int):
         if self.sampler_name == "random":
@@ -301,17 +384,52 @@ class BayesianStrategy:
             time.sleep(poll_seconds)
             self._fail_stale()
 
-    def tell(self, handle, value: Optional[float]) -> None:
-        """Finish the Optuna trial with ``value`` (None or non-finite: the trial is marked failed)."""
+    def tell(self, handle, value: Optional[float], train_tokens: int = 0) -> int:
+        """Finish the Optuna trial with ``value`` (None or non-finite: the trial is marked failed), costing
+        ``train_tokens``.  A trial another worker marked failed meanwhile keeps its result as a new trial
+        (:func:`nas.strategies.shared_study.record_result`).  Returns the number of the study trial that holds
+        the result."""
+        self._stop_heartbeat()
+        return shared_study.record_result(self.study, handle, value, train_tokens)
+
+    def reclaim(self, genotype: Optional[Genotype], recorded: set) -> Optional[Proposal]:
+        """After ``resume=`` of a worker of a shared study: its trials that its ``trials.jsonl`` does not record
+        (``recorded``: the study trial numbers it does) were cut off when it was killed.  The newest one of
+        ``genotype`` (the interrupted trial dir's candidate) is returned as the proposal to finish first, from its
+        checkpoint (whatever its state now: a result for a trial failed meanwhile is added as a new one, one told
+        before the kill is not told twice); the others still RUNNING are marked FAIL now rather than after the
+        grace period.  None when nothing is to be resumed (and always for this run's own study, which
+        re-proposes an interrupted trial itself)."""
         import optuna
 
-        if self.heartbeat is not None:
-            self.heartbeat.stop()
-            self.heartbeat = None
-        if value is None or not math.isfinite(value):
-            self.study.tell(handle, state=optuna.trial.TrialState.FAIL)
-        else:
-            self.study.tell(handle, value)
+        if not self.cfg.storage:
+            return None
+        State = optuna.trial.TrialState
+        mine = shared_study.own_trials(self.study, self.me, recorded)
+        match = next((t for t in reversed(mine) if genotype is not None and t.user_attrs.get("proposed")
+                      and len(t.params) == len(self.decisions) and self.space.from_decisions(t.params) == genotype),
+                     None)
+        for t in mine:
+            if t is not match and t.state == State.RUNNING:
+                try:
+                    self.study.tell(t.number, state=State.FAIL)
+                    log.info("trial %d of study %r was this worker's, cut off when it stopped: marked failed", t.number,
+                             self.cfg.study_name)
+                except shared_study._finished_error():
+                    pass  # another worker failed it first
+        if match is None:
+            return None
+        trial = optuna.trial.Trial(self.study, match._trial_id)
+        if match.state == State.RUNNING and self.heartbeats:
+            self.heartbeat = _Heartbeat(self.storage, match._trial_id, self.cfg.heartbeat_interval)
+        log.info("resuming trial %d of study %r (%s), this worker's trial cut off when it stopped", match.number,
+                 self.cfg.study_name, match.state.name)
+        return Proposal(genotype, trial)
+
+    def spent_tokens(self) -> Optional[int]:
+        """The training tokens of every worker's results in a shared study (each result once), for a study-wide
+        ``budget_tokens``; None for this run's own study (the worker's ``trials.jsonl`` counts them)."""
+        return shared_study.spent_tokens(self.study) if self.cfg.storage else None
 
     def study_best(self):
         """``(value, genotype)`` of the best finished trial of a *shared* study (any worker's), or None for this

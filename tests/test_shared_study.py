@@ -1,0 +1,168 @@
+"""What one worker of a shared Optuna study does when another worker has changed the study under it (issue 16,
+case r03), in one process and in seconds: the calls into the study that another worker's actions invalidate.
+The process-level versions (SIGSTOP, SIGKILL, PostgreSQL) are in tests/test_workers.py."""
+import json
+import logging
+import os
+
+import optuna
+import pytest
+
+from nas.engine.blackbox import TrialResult, search_black_box
+from nas.engine.resume import Interrupted
+from nas.genotype import genotype_count
+from nas.spaces import build_space
+from nas.strategies import STRATEGIES
+from test_blackbox import cfg_for, records, run_workers, toy
+
+State = optuna.trial.TrialState
+
+
+def strategy_on(tmp_path, name="bayesian", extra=()):
+    """A strategy of a shared SQLite study with heartbeats, and a second handle on that study ("another worker")."""
+    storage = f"sqlite:///{tmp_path}/study.db"
+    cfg = cfg_for([f"strategy={name}", f"strategy.storage={storage}", "strategy.heartbeat_interval=1",
+                   "strategy.grace_period=2", *extra])
+    strat = STRATEGIES.get(name)(cfg.strategy, build_space(cfg.space), run_dir=str(tmp_path / "w"))
+    return strat, optuna.load_study(study_name="nas", storage=storage)
+
+
+def test_a_result_for_a_trial_another_worker_failed_is_kept_as_a_new_trial_once(tmp_path, caplog):
+    strat, other = strategy_on(tmp_path)
+    p = strat.ask()
+    other.tell(p.handle.number, state=State.FAIL)  # what fail_stale_trials does to a paused worker's trial
+    with caplog.at_level(logging.WARNING):
+        number = strat.tell(p.handle, 7.5, 300)
+    trials = other.get_trials()
+    assert [t.state for t in trials] == [State.FAIL, State.COMPLETE] and number == trials[1].number == 1
+    new = trials[1]
+    # the same decisions, distributions and worker; the result and its cost; which trial it stands for
+    assert new.params == trials[0].params and new.distributions == trials[0].distributions
+    assert new.value == 7.5 and new.user_attrs["train_tokens"] == 300 and new.user_attrs["replaces"] == 0
+    assert new.user_attrs["worker"] == trials[0].user_attrs["worker"]
+    assert strat.space.from_decisions(new.params) == p.genotype
+    lines = [r for r in caplog.records if "marked failed by another worker" in r.getMessage()]
+    assert len(lines) == 1 and "recorded as new trial 1" in lines[0].getMessage()
+    # told again (a retry after a crash): nothing added; the tokens are the study's once
+    assert strat.tell(p.handle, 7.5, 300) == 1 and len(other.get_trials()) == 2
+    assert strat.spent_tokens() == 300
+
+
+def test_a_failure_or_a_second_tell_on_a_finished_trial_raises_nothing_and_adds_nothing(tmp_path):
+    strat, other = strategy_on(tmp_path)
+    p = strat.ask()
+    other.tell(p.handle.number, state=State.FAIL)
+    assert strat.tell(p.handle, None, 0) == 0  # it failed here too: it stays failed
+    q = strat.ask()
+    assert strat.tell(q.handle, 3.0, 100) == q.handle.number
+    assert strat.tell(q.handle, 3.0, 100) == q.handle.number  # already COMPLETE (told before a kill): kept as is
+    assert [t.state for t in other.get_trials()] == [State.FAIL, State.COMPLETE]
+    assert strat.spent_tokens() == 100
+
+
+def test_a_proposal_failed_by_another_worker_while_being_made_is_replaced(tmp_path, caplog):
+    strat, other = strategy_on(tmp_path)
+    ask = strat.study.ask
+
+    def ask_then_paused(*args, **kwargs):  # this worker pauses right after asking; another worker fails the trial
+        trial = ask(*args, **kwargs)
+        if trial.number == 0:
+            other.tell(0, state=State.FAIL)
+        return trial
+
+    strat.study.ask = ask_then_paused
+    with caplog.at_level(logging.WARNING):
+        p = strat.ask()
+    assert p.handle.number == 1 and other.get_trials()[1].state == State.RUNNING
+    assert sum("while this one was proposing it" in r.getMessage() for r in caplog.records) == 1
+    strat.tell(p.handle, 1.0, 10)
+
+
+def test_random_search_over_workers_never_repeats_a_genotype_and_stops_when_the_space_is_used_up(tmp_path, caplog):
+    """Alone, random search never draws a genotype twice and ends when the space is exhausted; three workers on
+    one study do the same together: an 8-genotype space and a budget of 20 trials give 8 trainings, each
+    genotype once, no repeated record, and every worker ends with the space exhausted."""
+    cfg = cfg_for(["strategy=random", "strategy.trials=20", f"strategy.storage=journal:{tmp_path}/study.log",
+                   "space.steps=2", "space.ops=[none,tanh,relu]"])
+    size = genotype_count(build_space(cfg.space).decisions())
+    assert size == 8  # node 1: 2 ops; node 2: 2 inputs x 2 ops
+    trained = []
+
+    def evaluate_for(i):
+        evaluate = toy(cfg)[0]
+
+        def ev(genotype, trial_dir):
+            trained.append(genotype.to_json())
+            return evaluate(genotype, trial_dir)
+        return ev
+
+    with caplog.at_level(logging.INFO):
+        run_workers(cfg, tmp_path, evaluate_for, n=3)
+    assert sorted(trained) == sorted(set(trained)) and len(trained) == size
+    recs = [r for i in range(3) for r in records(tmp_path / f"w{i}")]
+    assert len(recs) == size and not any(r["repeated"] for r in recs)
+    assert sum("the space is exhausted" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_the_token_budget_of_a_shared_study_is_every_workers_tokens(tmp_path):
+    """``budget_tokens`` in a shared study counts the study's results (as ``trials`` does), each once: two
+    workers of 100-token trials stop together at 1000 tokens, at most one trial each beyond it (each worker
+    counting only its own would train 2000)."""
+    cfg = cfg_for(["strategy=bayesian", "strategy.trials=100", "strategy.budget_tokens=1000",
+                   f"strategy.storage=sqlite:///{tmp_path}/study.db"])
+    run_workers(cfg, tmp_path, lambda i: toy(cfg)[0])
+    tokens = sum(r["train_tokens"] for i in range(2) for r in records(tmp_path / f"w{i}"))
+    assert 1000 <= tokens <= 1000 + 2 * 100
+    study = optuna.load_study(study_name="nas", storage=f"sqlite:///{tmp_path}/study.db")
+    assert sum(t.user_attrs["train_tokens"] for t in study.trials) == tokens
+
+
+def interrupted_in_trial(evaluate, at):
+    """``evaluate`` that writes the trial dir's candidate (as train_trial does) and, at call ``at``, stops there
+    as SIGTERM does (the study's trial stays RUNNING)."""
+    calls = []
+
+    def ev(genotype, trial_dir):
+        os.makedirs(trial_dir, exist_ok=True)
+        genotype.save(os.path.join(trial_dir, "candidate.json"))
+        calls.append(genotype)
+        if len(calls) == at:
+            raise Interrupted("stopped", 143)
+        return evaluate(genotype, trial_dir)
+    return ev, calls
+
+
+def test_a_restarted_worker_takes_its_interrupted_trial_back_first(tmp_path):
+    storage = f"journal:{tmp_path}/study.log"  # no heartbeats: the trial stays RUNNING until the worker is back
+    cfg = cfg_for(["strategy=bayesian", "strategy.trials=5", f"strategy.storage={storage}"])
+    run_dir = str(tmp_path / "w")
+    ev, calls = interrupted_in_trial(toy(cfg)[0], at=3)
+    with pytest.raises(Interrupted):
+        search_black_box(cfg, run_dir, evaluate=ev)
+    ev2, calls2 = interrupted_in_trial(toy(cfg)[0], at=0)
+    search_black_box(cfg, run_dir, evaluate=ev2)
+    assert calls2[0] == calls[2]  # the interrupted genotype first, in its own trial dir
+    recs = records(run_dir)
+    assert [r["trial"] for r in recs] == [1, 2, 3, 4, 5] and recs[2]["study_trial"] == 2
+    study = optuna.load_study(study_name="nas", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(f"{tmp_path}/study.log")))
+    assert [t.state for t in study.trials] == [State.COMPLETE] * 5  # the same trial 2 finished, nothing left
+
+
+def test_a_result_told_before_the_kill_but_not_recorded_is_recorded_once_on_restart(tmp_path):
+    storage = f"sqlite:///{tmp_path}/study.db"
+    cfg = cfg_for(["strategy=bayesian", "strategy.trials=3", f"strategy.storage={storage}"])
+    run_dir = str(tmp_path / "w")
+    ev, _ = interrupted_in_trial(toy(cfg)[0], at=0)
+    search_black_box(cfg, run_dir, evaluate=ev)
+    path = os.path.join(run_dir, "trials.jsonl")
+    lines = open(path).readlines()
+    open(path, "w").writelines(lines[:2])  # killed between the study's tell and the record's append
+    os.remove(os.path.join(run_dir, "metrics.json"))
+    ev2, calls2 = interrupted_in_trial(toy(cfg)[0], at=0)
+    search_black_box(cfg, run_dir, evaluate=ev2)
+    recs = records(run_dir)
+    assert [r["study_trial"] for r in recs] == [0, 1, 2] and json.loads(lines[2])["genotype"] == recs[2]["genotype"]
+    assert len(calls2) == 1  # that trial only (read back from its trial dir), then the budget was met
+    study = optuna.load_study(study_name="nas", storage=storage)
+    assert [t.state for t in study.trials] == [State.COMPLETE] * 3  # told once, not added again
