@@ -23,15 +23,16 @@ TRIALS = 6
 pytestmark = pytest.mark.slow
 
 
-def worker(run_dir, storage, corpus, study, strategy="bayesian"):
+def worker(run_dir, storage, corpus, study, strategy="bayesian", trials=TRIALS, epochs=12, extra=(), out=None):
+    """A ``search.py`` worker process on the shared study (stdout and stderr together: a pipe, or the file ``out``)."""
     args = ["experiment=smoke", f"dataset.root={corpus}", "progress=false", "num_threads=1",
-            f"strategy={strategy}", f"strategy.trials={TRIALS}", f"strategy.storage={storage}",
-            f"strategy.study_name={study}", "strategy.trial_epochs=12", "strategy.heartbeat_interval=1",
-            "strategy.grace_period=3", f"hydra.run.dir={run_dir}"]
+            f"strategy={strategy}", f"strategy.trials={trials}", f"strategy.storage={storage}",
+            f"strategy.study_name={study}", f"strategy.trial_epochs={epochs}", "strategy.heartbeat_interval=1",
+            "strategy.grace_period=3", f"hydra.run.dir={run_dir}", *extra]
     if strategy == "bayesian":
         args.append("strategy.n_startup_trials=2")
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "search.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "search.py"), *args],
+                            stdout=subprocess.PIPE if out is None else out, stderr=subprocess.STDOUT, text=True)
 
 
 def training_trial(run_dir, at_least):
@@ -168,3 +169,91 @@ def test_a_wrong_storage_url_is_not_retried_as_a_race():
     with pytest.raises(ValueError, match="Could not parse"):
         _retry_creation_race(bad)
     assert len(calls) == 1
+
+
+def study_trials_of(study, run_dir, states=None):
+    """The study's trials proposed by the worker of ``run_dir`` (user attribute ``worker``: host:run dir)."""
+    return [t for t in study.get_trials(deepcopy=False, states=states)
+            if str(t.user_attrs.get("worker", "")).endswith(":" + str(run_dir))]
+
+
+def wait_for(condition, what, timeout=300.0, poll=0.05):
+    """Poll ``condition()`` until it returns something true (returned); fails the test after ``timeout`` s, which
+    only a hung worker reaches (each wait is for progress the processes report, not for a guessed time)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = condition()
+        if got:
+            return got
+        time.sleep(poll)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def stall_inside_a_trial(proc, run_dir, study, at_least=1):
+    """SIGSTOP ``proc`` while it trains trial ``>= at_least`` (its trial dir has a checkpoint, no metrics.json yet,
+    checked again once it is stopped) and keep it stopped until another worker has marked that trial FAIL in the
+    study; then SIGCONT.  Returns the trial dir, or None when ``proc`` ended first."""
+    while proc.poll() is None:
+        trial_dir = training_trial(run_dir, at_least)
+        if trial_dir is None:
+            time.sleep(0.02)
+            continue
+        proc.send_signal(signal.SIGSTOP)
+        running = study_trials_of(study, run_dir, (optuna.trial.TrialState.RUNNING,))
+        if os.path.isfile(os.path.join(trial_dir, "metrics.json")) or not running:  # it finished meanwhile
+            proc.send_signal(signal.SIGCONT)
+            at_least = int(os.path.basename(trial_dir)) + 1
+            continue
+        number = running[-1].number
+        wait_for(lambda: study.get_trials(deepcopy=False)[number].state == optuna.trial.TrialState.FAIL,
+                 f"another worker to mark trial {number} failed")
+        proc.send_signal(signal.SIGCONT)
+        return trial_dir
+    return None
+
+
+def test_a_worker_paused_past_the_grace_period_keeps_its_result_and_goes_on(tmp_path, corpus):
+    """r03: worker A is stopped (SIGSTOP, a scheduler's suspend) inside a trial until worker B has marked that
+    trial failed (no heartbeat), then continued.  A finishes training, keeps the result (its trials.jsonl, and the
+    study as a new COMPLETE trial of the same decisions, one log line), and goes on to the end without a traceback;
+    every token is counted once.  Before the fix A exited 1 with 'ValueError: Cannot tell a FAIL trial.'"""
+    storage, name = f"sqlite:///{tmp_path}/study.db", f"paused_{os.getpid()}"
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a = worker(a_dir, storage, corpus, name, trials=10, epochs=6)
+    b = worker(b_dir, storage, corpus, name, trials=10, epochs=6)
+    study = wait_for(lambda: _load(name, storage), "the study")
+    stalled = stall_inside_a_trial(a, a_dir, study)
+    assert stalled is not None, a.communicate()[0][-3000:]
+    out_a, _ = a.communicate(timeout=600)
+    out_b, _ = b.communicate(timeout=600)
+    assert a.returncode == 0 and "Traceback" not in out_a, out_a[-3000:]
+    assert b.returncode == 0 and "Traceback" not in out_b, out_b[-3000:]
+
+    s = optuna.load_study(study_name=name, storage=storage)
+    failed = study_trials_of(s, a_dir, (optuna.trial.TrialState.FAIL,))
+    assert len(failed) == 1  # the stalled trial, failed by B
+    assert f"trial {failed[0].number} of study {name!r} sent no heartbeat" in out_b
+    # A's record of the stalled trial: its trained result, pointing to the new COMPLETE trial that carries it
+    metrics = json.load(open(os.path.join(stalled, "metrics.json")))
+    rec = next(r for r in map(json.loads, open(a_dir / "trials.jsonl")) if r["trial"] == int(os.path.basename(stalled)))
+    assert rec["value"] == metrics["best_valid_ppl"] and rec["train_tokens"] == metrics["train_tokens"] > 0
+    new = s.trials[rec["study_trial"]]
+    assert new.state == optuna.trial.TrialState.COMPLETE and new.value == rec["value"]
+    assert new.params == failed[0].params and new.user_attrs["replaces"] == failed[0].number
+    assert out_a.count("marked failed by another worker while this one was paused") == 1
+    assert f"recorded as new trial {new.number}" in out_a
+    # A went on: it ended normally, with the study's budget met
+    assert "done in" in out_a and os.path.isfile(a_dir / "metrics.json")
+    assert [t.state for t in s.trials].count(optuna.trial.TrialState.COMPLETE) >= 10
+    # every record is one COMPLETE trial of the study and the other way round; tokens counted once
+    recs = [r for d in (a_dir, b_dir) for r in map(json.loads, open(d / "trials.jsonl"))]
+    complete = {t.number for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE}
+    assert sorted(r["study_trial"] for r in recs) == sorted(complete)
+    assert sum(r["train_tokens"] for r in recs) == sum(t.user_attrs.get("train_tokens", 0) for t in s.trials)
+
+
+def _load(name, storage):
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except Exception:  # not created yet (KeyError), or its tables not yet (SQLAlchemy's errors)
+        return None
