@@ -189,23 +189,27 @@ def wait_for(condition, what, timeout=300.0, poll=0.05):
     pytest.fail(f"timed out waiting for {what}")
 
 
-def stall_inside_a_trial(proc, run_dir, study, at_least=1):
+def stall_inside_a_trial(proc, run_dir, study, at_least=1, others_alive=lambda: True):
     """SIGSTOP ``proc`` while it trains trial ``>= at_least`` (its trial dir has a checkpoint, no metrics.json yet,
     checked again once it is stopped) and keep it stopped until another worker has marked that trial FAIL in the
-    study; then SIGCONT.  Returns the trial dir, or None when ``proc`` ended first."""
+    study (or no other worker is left to do it); then SIGCONT.  Returns the trial dir, or None when ``proc`` ended
+    first."""
     while proc.poll() is None:
         trial_dir = training_trial(run_dir, at_least)
         if trial_dir is None:
             time.sleep(0.02)
             continue
         proc.send_signal(signal.SIGSTOP)
-        running = study_trials_of(study, run_dir, (optuna.trial.TrialState.RUNNING,))
+        running = _locked_as_none(lambda: study_trials_of(study, run_dir, (optuna.trial.TrialState.RUNNING,)))
+        if running is None:  # stopped in the middle of a SQLite write: the others wait for it; another moment
+            proc.send_signal(signal.SIGCONT)
+            continue
         if os.path.isfile(os.path.join(trial_dir, "metrics.json")) or not running:  # it finished meanwhile
             proc.send_signal(signal.SIGCONT)
             at_least = int(os.path.basename(trial_dir)) + 1
             continue
         number = running[-1].number
-        wait_for(lambda: study.get_trials(deepcopy=False)[number].state == optuna.trial.TrialState.FAIL,
+        wait_for(lambda: _failed_or_locked(study, number) or not others_alive(),
                  f"another worker to mark trial {number} failed")
         proc.send_signal(signal.SIGCONT)
         return trial_dir
@@ -252,8 +256,138 @@ def test_a_worker_paused_past_the_grace_period_keeps_its_result_and_goes_on(tmp_
     assert sum(r["train_tokens"] for r in recs) == sum(t.user_attrs.get("train_tokens", 0) for t in s.trials)
 
 
+def _locked_as_none(read):
+    """``read()``, or None when the SQLite file stays locked (a worker stopped in the middle of a write holds it:
+    the others wait for it, and nobody can fail its trial until it continues)."""
+    import sqlalchemy
+
+    try:
+        return read()
+    except (sqlalchemy.exc.OperationalError, optuna.exceptions.StorageInternalError) as err:
+        if "locked" not in str(err) + str(err.__cause__):
+            raise
+        return None
+
+
+def _failed_or_locked(study, number):
+    """Trial ``number`` is FAIL, or the SQLite file stays locked by the stopped worker (:func:`_locked_as_none`)."""
+    state = _locked_as_none(lambda: study.get_trials(deepcopy=False)[number].state)
+    return state is None or state == optuna.trial.TrialState.FAIL
+
+
 def _load(name, storage):
     try:
         return optuna.load_study(study_name=name, storage=storage)
     except Exception:  # not created yet (KeyError), or its tables not yet (SQLAlchemy's errors)
         return None
+
+
+SOAK_WORKERS, SOAK_EPOCHS, SOAK_TRIALS = 4, 3, 20
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_chaos_soak_of_four_bayesian_workers_stopped_killed_and_restarted(tmp_path, corpus, backend, request):
+    """Issue 16's soak: 4 Bayesian workers on one study (a study-wide token budget of about 20 trials) while a
+    driver with a seeded RNG SIGSTOPs workers inside a trial until another worker has failed it (then SIGCONT),
+    SIGKILLs workers inside a trial (after its first checkpoint, or as its trial dir appears) and restarts them
+    with ``resume=<run dir>``.  Every moment is drawn from the progress the workers report (trial dirs,
+    checkpoints, the study's states), never from a wall-clock guess.  Afterwards: every trial that finished
+    training is recorded exactly once across the workers' trials.jsonl and is COMPLETE exactly once in the study;
+    the token budget is exceeded by at most one trial per worker; no worker printed a traceback; each restarted
+    worker went on from its interrupted trial (from its checkpoint when it had one)."""
+    import random
+
+    storage = f"sqlite:///{tmp_path}/study.db" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    name, rng = f"soak_{backend}_{os.getpid()}", random.Random(16)
+    per_trial = SOAK_EPOCHS * 8 * 16 * 20  # smoke: 8 batches of 16 x bptt 20 per epoch (about: bptt varies)
+    budget = SOAK_TRIALS * per_trial
+    extra = (f"strategy.budget_tokens={budget}",)
+    dirs = [tmp_path / f"w{i}" for i in range(SOAK_WORKERS)]
+    outs = {i: [] for i in range(SOAK_WORKERS)}
+
+    def start(i, resume=False):
+        out = open(tmp_path / f"w{i}.{len(outs[i])}.out", "w")
+        outs[i].append(out.name)
+        if resume:
+            return subprocess.Popen([sys.executable, os.path.join(ROOT, "search.py"), f"resume={dirs[i]}"],
+                                    stdout=out, stderr=subprocess.STDOUT, text=True)
+        return worker(dirs[i], storage, corpus, name, trials=1000, epochs=SOAK_EPOCHS, extra=extra, out=out)
+
+    procs = [start(i) for i in range(SOAK_WORKERS)]
+    study = wait_for(lambda: _load(name, storage), "the study")
+    plan = ["kill", "kill", "stall", "stall"] + [rng.choice(["kill", "stall"]) for _ in range(2)]
+    rng.shuffle(plan)
+    kills, stalls, resumed = 0, 0, []
+    for event in plan:
+        alive = [i for i in range(SOAK_WORKERS) if procs[i].poll() is None]
+        if not alive:
+            break
+        i = rng.choice(alive)
+        others = lambda i=i: any(p.poll() is None for j, p in enumerate(procs) if j != i)  # noqa: E731
+        if event == "stall":
+            stalls += stall_inside_a_trial(procs[i], dirs[i], study, others_alive=others) is not None
+            continue
+        # kill inside a trial: after its first checkpoint, or as soon as its trial dir appears
+        n0 = len(glob.glob(str(dirs[i] / "trials" / "*")))
+        after_checkpoint = rng.random() < 0.5
+        at = wait_for(lambda: "ended" if procs[i].poll() is not None else (
+            training_trial(dirs[i], n0) if after_checkpoint else
+            (len(glob.glob(str(dirs[i] / "trials" / "*"))) > n0 and "new")), "a moment to kill", poll=0.01)
+        if at == "ended":
+            continue
+        procs[i].send_signal(signal.SIGKILL)
+        procs[i].wait()  # dead: its run dir is free
+        kills += 1
+        last = sorted(glob.glob(str(dirs[i] / "trials" / "*")))[-1]
+        done = os.path.isfile(os.path.join(last, "metrics.json"))
+        checkpoint = os.path.isfile(os.path.join(last, "checkpoint.pt")) and not done
+        if rng.random() < 0.5:  # restart once another worker has failed its trial (else at once, while RUNNING)
+            wait_for(lambda: not study_trials_of(study, dirs[i], (optuna.trial.TrialState.RUNNING,)) or not others(),
+                     "the killed worker's trial to be failed")
+        resumed.append((i, len(outs[i]), last, checkpoint))
+        procs[i] = start(i, resume=True)
+    for p in procs:
+        p.wait(timeout=600)
+    texts = {i: [open(f).read() for f in outs[i]] for i in outs}
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, texts[i][-1][-3000:]
+    for i in texts:
+        for text in texts[i]:
+            assert "Traceback" not in text, text[-5000:]
+
+    s = study  # (the handle the driver used all along)
+    State = optuna.trial.TrialState
+    recs = {i: [json.loads(line) for line in open(dirs[i] / "trials.jsonl")] for i in range(SOAK_WORKERS)}
+    # each worker's records continue across its restarts: trial 1, 2, ... n
+    for i in recs:
+        assert [r["trial"] for r in recs[i]] == list(range(1, len(recs[i]) + 1)), recs[i]
+    # every trial that finished training (metrics.json in its trial dir) is recorded once, with its result
+    for i in recs:
+        trained = {int(os.path.basename(os.path.dirname(m))): json.load(open(m))
+                   for m in glob.glob(str(dirs[i] / "trials" / "*" / "metrics.json"))}
+        mine = {r["trial"]: r for r in recs[i] if not r["repeated"]}
+        assert sorted(trained) == sorted(mine), (i, sorted(trained), sorted(mine))
+        for n, m in trained.items():
+            assert mine[n]["value"] == m["best_valid_ppl"] and mine[n]["train_tokens"] == m["train_tokens"]
+    # ... and COMPLETE once in the study: records and COMPLETE trials match one to one, with the same values
+    every = [r for i in recs for r in recs[i]]
+    complete = {t.number: t for t in s.trials if t.state == State.COMPLETE}
+    assert sorted(r["study_trial"] for r in every) == sorted(complete)
+    assert all(complete[r["study_trial"]].value == r["value"] for r in every)
+    assert not [t for t in s.trials if t.state == State.RUNNING]
+    # the token budget, every worker's: exceeded by at most one trial per worker; each result counted once
+    tokens = sum(r["train_tokens"] for r in every)
+    assert budget <= tokens <= budget + SOAK_WORKERS * max(r["train_tokens"] for r in every)
+    assert tokens == sum(t.user_attrs.get("train_tokens", 0) for t in complete.values())
+    # each restarted worker went on with the trial it was killed in, from its checkpoint when it had one
+    for i, incarnation, trial_dir, checkpoint in resumed:
+        text = texts[i][incarnation]
+        assert "resuming trial" in text and f"run dir {trial_dir}" not in text.split("resuming trial")[0], text[-3000:]
+        if checkpoint:
+            assert f"resuming the interrupted trial in {trial_dir}" in text and f"resumed {trial_dir} at step" in text
+        assert int(os.path.basename(trial_dir)) in {r["trial"] for r in recs[i]}
+    replaced = sum("replaces" in t.user_attrs for t in complete.values())
+    print(f"\nsoak {backend}: {len(complete)} trials completed ({len(every)} records, {replaced} kept after another "
+          f"worker failed them, {sum(t.state == State.FAIL for t in s.trials)} failed), {tokens} of {budget} tokens; "
+          f"{kills} kills, {stalls} stalls, {len(resumed)} restarts")
+    assert kills >= 1 and stalls >= 1 and len(resumed) == kills

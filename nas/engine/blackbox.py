@@ -197,13 +197,6 @@ def train_trial(cfg, genotype: Genotype, trial_dir: str) -> TrialResult:
                        tokens, trial_dir)
 
 
-def _interrupted_candidate(run_dir: str, n: int) -> Optional[Genotype]:
-    """The genotype of trial dir ``n + 1`` (the one a killed worker was training after ``n`` recorded trials), or
-    None when there is none."""
-    path = os.path.join(run_dir, "trials", f"{n + 1:04d}", "candidate.json")
-    return Genotype.load(path) if os.path.isfile(path) else None
-
-
 def search_black_box(cfg, run_dir: Optional[str] = None,
                      evaluate: Optional[Callable[[Genotype, str], TrialResult]] = None) -> dict:
     """Run a black-box search (random or Bayesian) as configured; returns the metrics of ``metrics.json``.
@@ -238,8 +231,7 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
             strategy.mark_seen(trials.genotypes)
     # a worker of a shared study that was killed takes its interrupted trial back first (it was admitted under the
     # budget), to go on from that trial's checkpoint; None for anything else
-    reclaimed = (strategy.reclaim(_interrupted_candidate(run_dir, trials.n), trials.study_trials)
-                 if hasattr(strategy, "reclaim") else None)
+    reclaimed = strategy.reclaim(trials.study_trials) if hasattr(strategy, "reclaim") else None
     log.info("search: space=%s strategy=%s%s on %s: up to %d trials of %d epoch(s)%s, %s genotypes in the space, "
              "run dir %s", cfg.space.name, cfg.strategy.name,
              f" (sampler {cfg.strategy.sampler})" if "sampler" in cfg.strategy else "", cfg.dataset.name, cfg.strategy.trials,

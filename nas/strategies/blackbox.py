@@ -151,9 +151,9 @@ class RandomStrategy:
             return self.shared.tell(handle, value, train_tokens)
         return None
 
-    def reclaim(self, genotype: Optional[Genotype], recorded: set) -> Optional[Proposal]:
+    def reclaim(self, recorded: set) -> Optional[Proposal]:
         """A shared study's interrupted trial of this worker, taken back (:meth:`BayesianStrategy.reclaim`)."""
-        return self.shared.reclaim(genotype, recorded) if self.shared is not None else None
+        return self.shared.reclaim(recorded) if self.shared is not None else None
 
     def spent_tokens(self) -> Optional[int]:
         """A shared study's training tokens, every worker's (:meth:`BayesianStrategy.spent_tokens`); None alone."""
@@ -392,22 +392,21 @@ class BayesianStrategy:
         self._stop_heartbeat()
         return shared_study.record_result(self.study, handle, value, train_tokens)
 
-    def reclaim(self, genotype: Optional[Genotype], recorded: set) -> Optional[Proposal]:
+    def reclaim(self, recorded: set) -> Optional[Proposal]:
         """After ``resume=`` of a worker of a shared study: its trials that its ``trials.jsonl`` does not record
-        (``recorded``: the study trial numbers it does) were cut off when it was killed.  The newest one of
-        ``genotype`` (the interrupted trial dir's candidate) is returned as the proposal to finish first, from its
-        checkpoint (whatever its state now: a result for a trial failed meanwhile is added as a new one, one told
-        before the kill is not told twice); the others still RUNNING are marked FAIL now rather than after the
-        grace period.  None when nothing is to be resumed (and always for this run's own study, which
-        re-proposes an interrupted trial itself)."""
+        (``recorded``: the study trial numbers it does) were cut off when it was killed.  The newest one with its
+        params is returned as the proposal to finish first (the engine's next trial dir is that trial's, so its
+        checkpoint is resumed when it has one), whatever its state now: a result for a trial failed meanwhile is
+        added as a new one, one told before the kill is not told twice.  The others still RUNNING are marked FAIL
+        now rather than after the grace period.  None when nothing is to be resumed (and always for this run's
+        own study, which re-proposes an interrupted trial itself)."""
         import optuna
 
         if not self.cfg.storage:
             return None
         State = optuna.trial.TrialState
         mine = shared_study.own_trials(self.study, self.me, recorded)
-        match = next((t for t in reversed(mine) if genotype is not None and t.user_attrs.get("proposed")
-                      and len(t.params) == len(self.decisions) and self.space.from_decisions(t.params) == genotype),
+        match = next((t for t in reversed(mine) if t.user_attrs.get("proposed") and len(t.params) == len(self.decisions)),
                      None)
         for t in mine:
             if t is not match and t.state == State.RUNNING:
@@ -422,9 +421,10 @@ class BayesianStrategy:
         trial = optuna.trial.Trial(self.study, match._trial_id)
         if match.state == State.RUNNING and self.heartbeats:
             self.heartbeat = _Heartbeat(self.storage, match._trial_id, self.cfg.heartbeat_interval)
-        log.info("resuming trial %d of study %r (%s), this worker's trial cut off when it stopped", match.number,
+        log.info("resuming trial %d of study %r (%s now), this worker's trial cut off when it stopped", match.number,
                  self.cfg.study_name, match.state.name)
-        return Proposal(genotype, trial)
+        known = None if match.state == State.COMPLETE else self._result_of(dict(match.params), match.number)
+        return Proposal(self.space.from_decisions(match.params), trial, known)
 
     def spent_tokens(self) -> Optional[int]:
         """The training tokens of every worker's results in a shared study (each result once), for a study-wide
@@ -512,6 +512,10 @@ def _retry_creation_race(open_study, attempts: int = 8):
             time.sleep(0.05 * (attempt + 1) * (1 + np.random.default_rng().random()))
 
 
+#: seconds a worker waits for a SQLite study file that another (paused) worker holds locked
+SQLITE_LOCK_WAIT = 3600.0
+
+
 def _storage(url: str, heartbeat_interval: Optional[int] = None, grace_period: Optional[int] = None):
     """An Optuna storage for ``url``: ``journal:<file>`` gives a journal file (no heartbeats), anything else an RDB
     URL, with heartbeats every ``heartbeat_interval`` seconds when given."""
@@ -523,7 +527,10 @@ def _storage(url: str, heartbeat_interval: Optional[int] = None, grace_period: O
         return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
     with warnings.catch_warnings():  # (heartbeats are "experimental" in Optuna 4-5, stable since Optuna 2)
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval,
+        # SQLite: a worker paused (SIGSTOP, a scheduler's suspend) in the middle of a write keeps the file locked
+        # until it continues; the others wait for it (up to an hour) instead of failing after SQLite's 5 s
+        kwargs = {"connect_args": {"timeout": SQLITE_LOCK_WAIT}} if url.startswith("sqlite") else None
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_interval,
                                           grace_period=grace_period if heartbeat_interval else None)
 
 
