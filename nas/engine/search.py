@@ -246,9 +246,10 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
                 state["best_valid_ppl"] = min(state["best_valid_ppl"], valid.ppl)
                 state["history"].append({"epoch": epoch, "train_ppl": train_ppl, "valid_ppl": valid.ppl,
                                          "genotype": genotype.to_dict()})
-                writer.add_scalar("valid/ppl", valid.ppl, epoch)
-                writer.add_scalar("valid/loss", valid.loss, epoch)
-                writer.add_scalar("train/epoch_ppl", train_ppl, epoch)
+                # on the step axis, as every training tag: an epoch's figures at the step that ended it
+                writer.add_scalar("valid/ppl", valid.ppl, state["step"])
+                writer.add_scalar("valid/loss", valid.loss, state["step"])
+                writer.add_scalar("train/epoch_ppl", train_ppl, state["step"])
                 outputs.epoch(epoch, genotype, valid.ppl, keeper.clock.now() - state["epoch_start"],
                               state["tokens"] - state["epoch_tokens"])
                 loop.next_epoch()
@@ -259,6 +260,7 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
                 if epoch < cfg.epochs:
                     keeper.check_stop(f"after epoch {epoch}")
         genotype = outputs.final()
+        writer.commit()  # the final genotype's picture (no checkpoint after it)
     finally:
         bar.close()
         writer.close()

@@ -162,10 +162,11 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
                 state["history"].append({"epoch": epoch, "train_ppl": train_ppl, "valid_ppl": valid.ppl,
                                          "valid_loss": valid.loss, "averaged": averaged,
                                          "seconds": time.time() - t0})
-                writer.add_scalar("valid/ppl", valid.ppl, epoch)
-                writer.add_scalar("valid/loss", valid.loss, epoch)
-                writer.add_scalar("train/epoch_ppl", train_ppl, epoch)
-                writer.add_scalar("optim/averaged", float(averaged), epoch)
+                # on the step axis, as every training tag (reload_best runs an epoch number again; the step goes on)
+                writer.add_scalar("valid/ppl", valid.ppl, state["step"])
+                writer.add_scalar("valid/loss", valid.loss, state["step"])
+                writer.add_scalar("train/epoch_ppl", train_ppl, state["step"])
+                writer.add_scalar("optim/averaged", float(averaged), state["step"])
                 writer.flush()
                 loop.next_epoch()
                 keeper.save()
@@ -180,8 +181,9 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
         if score_test:
             distributed.barrier()  # torchrun: best.pt is rank 0's file
             test = _test_best(cfg, model, best_path, data.test, eval_bptt, device, data.over_ranks("test"))
-            writer.add_scalar("test/ppl", test.ppl, state["best"]["epoch"])
-            writer.add_scalar("test/loss", test.loss, state["best"]["epoch"])
+            writer.add_scalar("test/ppl", test.ppl, state["step"])
+            writer.add_scalar("test/loss", test.loss, state["step"])
+        writer.commit()  # the test figures (no checkpoint after them)
         test_seconds = time.time() - t0
     finally:
         bar.close()
