@@ -76,10 +76,10 @@ def _relative(cfg, key: str) -> Optional[str]:
 
         if value.strip().lower() in published_names():
             return None
-        return value if not os.path.isabs(os.path.expanduser(value.strip())) else None
+        return value if not os.path.isabs(value.strip()) else None
     if key == "strategy.storage":
         return value if resolve_storage(value, "/") != value else None
-    return value if not os.path.isabs(os.path.expanduser(value)) else None
+    return value if not os.path.isabs(value) else None  # (``~/x`` too: expanded once, like the rest)
 
 
 def relative_paths(cfg) -> dict:
