@@ -3,9 +3,10 @@
 Every search and retraining run keeps one resume checkpoint, ``checkpoint.pt`` in its run dir, holding all it
 needs to go on as if nothing had happened: weights, α, both optimizers' states (ASGD's averages included), the
 epoch, step and data position (next BPTT row and the data sampler's state), the hidden states carried across
-segments, every random state (python, numpy, torch, CUDA), the run's counters and history, and the TensorBoard
-step.  It is written every ``checkpoint_every`` steps and at each epoch end, atomically (temporary file, fsync,
-rename); the one it replaces is kept as ``checkpoint.prev.pt``.  Nothing non-finite is ever written.
+segments, every random state (python, numpy, torch, CUDA), the run's counters and history.  TensorBoard events
+reach their file with the checkpoint that covers them (:class:`nas.engine.tb.CommittedWriter`).  The checkpoint is
+written every ``checkpoint_every`` steps and at each epoch end, atomically (temporary file, fsync, rename); the one it
+replaces is kept as ``checkpoint.prev.pt``.  Nothing non-finite is ever written.
 
 * ``resume=<run dir>`` continues that run in its own dir, with the config it was started with
   (``config.yaml``); only the :data:`RUNTIME_KEYS` may be given anew.
