@@ -31,6 +31,7 @@ from nas.data.sentences import Sentences, check_batchable, load_sst2, sentence_b
 from nas.engine.asgd import averaged_weights, is_averaging, make_asgd, make_optimizer, nonmono_trigger, set_lr
 from nas.engine.common import absolute_path, atomic_torch_save, configure_runtime, load_checkpoint, seed_everything
 from nas.engine.resume import Keeper, load_into, open_run, retrain_keeper, start_run, stop_signals
+from nas.engine.rundir import scoped
 from nas.engine.lm import NonFiniteLossError
 from nas.engine.search import OneShotOutputs, _alpha_shape, _lrs, make_search_optimizer, select_path, strategy_summary
 from nas.engine.tb import log_genotype_figure
@@ -244,6 +245,7 @@ def _check_task(cfg) -> None:
             raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
 
 
+@scoped  # the run dir this call takes is given back when it returns
 def search_classifier(cfg, run_dir: Optional[str] = None) -> dict:
     """One-shot architecture search for sentence classification; returns the metrics of ``metrics.json``.
 

@@ -280,15 +280,23 @@ def open_run(cfg, run_dir: Optional[str], schema, script: str, continue_same: bo
     config (:func:`resume_config`); the caller restores the checkpoint (a run killed before its first
     checkpoint starts over in its dir).  ``continue_same``: a run dir holding an unfinished run started with this
     very config is continued rather than refused (a worker of a shared study requeued by its scheduler with the
-    same command, e.g. Hydra's submitit launcher after a preemption).
+    same command, e.g. Hydra's submitit launcher after a preemption).  Either way this process takes the run dir
+    (:func:`nas.engine.rundir.own_run_dir`); the engine entry points give it back when they return.
+
+    Raises:
+        ConfigError: the dir holds another run, or (:class:`~nas.engine.rundir.RunDirBusy`) another live process
+        owns it; or :func:`resume_config`'s errors.
     """
     from nas.atomic import atomic_write_text
     from nas.engine.common import run_dir_from_hydra
     from nas.engine.paths import resolve_paths
+    from nas.engine.rundir import own_run_dir
 
     if cfg.get("resume"):
         cfg, run_dir = resume_config(cfg, schema)
         check_nan_policy(cfg, script)
+        if distributed.is_writer():
+            own_run_dir(run_dir, f"resume={cfg.resume}: the run dir")
         return cfg, run_dir, os.path.isfile(os.path.join(run_dir, CHECKPOINT))
     check_nan_policy(cfg, script)
     resolve_paths(cfg)  # r02: a resume from another directory must read the very same files
@@ -296,10 +304,12 @@ def open_run(cfg, run_dir: Optional[str], schema, script: str, continue_same: bo
     if not distributed.is_writer():  # torchrun: rank 0 checks and writes the run dir
         return cfg, run_dir, False
     if continue_same and run_dir_status(run_dir) == "unfinished" and _same_config(run_dir, cfg):
+        own_run_dir(run_dir)
         log.info("%s holds an unfinished run of this same config: continuing it", run_dir)
         return cfg, run_dir, True
-    check_fresh_run_dir(run_dir, script)
-    os.makedirs(run_dir, exist_ok=True)
+    check_fresh_run_dir(run_dir, script)  # before taking the dir: a refused run creates nothing
+    own_run_dir(run_dir)
+    check_fresh_run_dir(run_dir, script)  # (a run that ended between the check and the lock)
     atomic_write_text(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
     return cfg, run_dir, False
 

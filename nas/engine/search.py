@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from nas.data import bptt_segments, get_batch
 from nas.engine.common import check_data_parallel, compile_model, configure_runtime, seed_everything
 from nas.engine.resume import Keeper, load_into, open_run, resume_config, start_run, stop_signals
+from nas.engine.rundir import scoped
 from nas.engine.asgd import SEARCH_OPTIMIZERS, make_optimizer, set_lr
 from nas.engine.lm import (EpochMeter, LMData, LMLoop, NonFiniteLossError, evaluate, lm_objective,
                            prepare_lm_data, token_progress_bar, weight_step)
@@ -165,6 +166,7 @@ def select_path(strategy, score, direction: str = "minimize", final: bool = Fals
             log.info("selected %s (score %.4g, best of %d ranked)", ranked[0][0], ranked[0][1], len(ranked))
 
 
+@scoped  # the run dir this call takes is given back when it returns
 def search(cfg, run_dir: Optional[str] = None) -> dict:
     """Run a one-shot architecture search as configured; return the metrics written to ``metrics.json``.
 

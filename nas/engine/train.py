@@ -29,6 +29,7 @@ from nas.engine.common import (CheckpointError, absolute_path, atomic_torch_save
 from nas.engine.lm import (EpochMeter, EvalResult, LMLoop, NonFiniteLossError, evaluate, prepare_lm_data,
                            token_progress_bar, weight_step)
 from nas.engine.resume import open_run, resume_config, retrain_keeper, start_run, stop_signals
+from nas.engine.rundir import scoped
 from nas.engine.tb import log_genotype_figure
 from nas import distributed
 from nas.atomic import atomic_write_text
@@ -54,6 +55,7 @@ def evaluate_lm(model, source: torch.Tensor, bptt: int, optimizer: Optional[torc
         return evaluate(model, source, bptt, max_batches=max_batches, progress=progress, over_ranks=over_ranks)
 
 
+@scoped  # the run dir this call takes is given back when it returns
 def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
     """Retrain ``cfg.arch`` from scratch as configured; return the metrics written to ``metrics.json``.
 
