@@ -171,3 +171,24 @@ def test_r02_cli_resume_from_another_dir(two_dirs, tmp_path, script, kind):
     assert_identical(final_state(run_dir), final_state(whole))
     assert (untimed(json.load(open(os.path.join(run_dir, "metrics.json"))))
             == untimed(json.load(open(os.path.join(whole, "metrics.json")))))
+
+
+def test_a_relative_nas_data_is_pinned_to_the_folder_the_run_read(two_dirs, tmp_path, monkeypatch):
+    """dataset.root null with NAS_DATA=data (relative): the run saves the folder it read ($PWD/data/ptb), so a
+    resume from b/launch, where data/ptb is another corpus, reads a's and ends bit-identical."""
+    a, b = two_dirs
+    for side in (a, b):
+        os.makedirs(side / "data")
+        os.symlink(side.parent / "corpus", side / "data" / "ptb")
+    monkeypatch.setenv("NAS_DATA", "data")
+    monkeypatch.chdir(a)
+    whole = search(compose_cfg("search", SEARCH), run_dir=str(tmp_path / "whole"))
+    with monkeypatch.context() as m:
+        interrupt_after(m, 7)
+        with pytest.raises(Interrupted):
+            search(compose_cfg("search", SEARCH), run_dir=str(tmp_path / "cut"))
+    assert OmegaConf.load(tmp_path / "cut" / "config.yaml").dataset.root == str(a / "data" / "ptb")
+    monkeypatch.chdir(b)
+    resumed = resume("search", str(tmp_path / "cut"), search)
+    assert untimed(resumed) == untimed(whole)
+    assert_identical(final_state(tmp_path / "cut"), final_state(tmp_path / "whole"))

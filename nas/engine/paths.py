@@ -11,6 +11,9 @@ before its config is saved:
   ``journal:<file>`` storage.  Other URLs (``postgresql://...``) name no local file and are kept; the default
   (null: ``study.db`` in the run dir) is the run dir's own and stays null.
 
+``dataset.root`` null (found through ``$NAS_DATA``, itself perhaps relative, or the cache) is set to the folder
+found (:func:`pin_data_folder`).
+
 A run saved before this was done may hold relative paths: :func:`resolve_saved_paths` resolves them against the
 directory that run was launched from, which Hydra recorded in ``<run dir>/.hydra/hydra.yaml``
 (``hydra.runtime.cwd``), and refuses (ConfigError) when that record is missing.
@@ -139,3 +142,19 @@ def resolve_saved_paths(cfg, run_dir: str) -> dict:
                           f"launched from ({listed}), which is not recorded (no .hydra/hydra.yaml); write them as "
                           "absolute paths into its config.yaml and resume again")
     return resolve_paths(cfg, base)
+
+
+def pin_data_folder(cfg) -> Optional[str]:
+    """For a fresh run with ``dataset.root`` null: set it to the folder the data is read from (``$NAS_DATA/<folder>``
+    or the download cache, :func:`nas.data.find_data_folder`), absolute, so that a resume reads the same files even
+    where ``$NAS_DATA`` is relative, or set otherwise, or unset.  Returns the folder set (None: nothing found yet,
+    the run will download into the cache folder, and ``root`` stays null).
+    """
+    from nas.data import find_data_folder
+
+    if "dataset" not in cfg or cfg.dataset.root is not None:
+        return None
+    folder = find_data_folder(cfg.dataset.name, None, cfg.dataset.cache_dir)
+    if folder is not None:
+        cfg.dataset.root = folder
+    return folder

@@ -289,7 +289,7 @@ def open_run(cfg, run_dir: Optional[str], schema, script: str, continue_same: bo
     """
     from nas.atomic import atomic_write_text
     from nas.engine.common import run_dir_from_hydra
-    from nas.engine.paths import resolve_paths
+    from nas.engine.paths import pin_data_folder, resolve_paths
     from nas.engine.rundir import own_run_dir
 
     if cfg.get("resume"):
@@ -300,6 +300,7 @@ def open_run(cfg, run_dir: Optional[str], schema, script: str, continue_same: bo
         return cfg, run_dir, os.path.isfile(os.path.join(run_dir, CHECKPOINT))
     check_nan_policy(cfg, script)
     resolve_paths(cfg)  # r02: a resume from another directory must read the very same files
+    pin_data_folder(cfg)  # (and dataset.root=null: the folder $NAS_DATA or the cache gave)
     run_dir = os.path.abspath(run_dir or run_dir_from_hydra())
     if not distributed.is_writer():  # torchrun: rank 0 checks and writes the run dir
         return cfg, run_dir, False
