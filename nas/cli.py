@@ -1,16 +1,21 @@
-"""What the ``search.py`` / ``train.py`` entry points share: override checks and clean error reporting.
+"""What the ``search.py`` / ``train.py`` entry points share: checks before Hydra starts, run-dir ownership, and
+clean error reporting.
 
-Hydra's ``+key=value`` adds a key that the schema does not have, and ``~key`` deletes one; a misspelled
-option would then run silently with its default.  Both are refused here.  The project's own errors (missing
-data, a bad genotype or checkpoint, a NaN loss, an invalid setting) are reported as one clear line, written
-to the run log too, with exit status 1 and no traceback.
+Before Hydra writes anything (:func:`prepare_argv`): Hydra's ``+key=value`` (adds a key the schema does not have)
+and ``~key`` (deletes one) are refused, since a misspelled option would then run silently with its default; a
+preset of the other script is refused naming the right one; the config is composed once, so that a misspelled
+key or option gets the closest valid one (not Hydra's ``+key`` hint); and the process takes the run dir
+(:mod:`nas.engine.rundir`), refused if another live process owns it.  The project's own errors (missing data, a
+bad genotype or checkpoint, a NaN loss, an invalid setting) are reported as one clear line on stderr, with exit
+status 1 and no traceback; a run refused before it wrote a run file of its own leaves nothing behind (no
+``outputs/...`` dir), and a NaN stops a run that keeps its files and log.
 """
 from __future__ import annotations
 
 import logging
 import os
 import sys
-from typing import Callable
+from typing import Callable, Optional
 
 from omegaconf import DictConfig
 
@@ -34,14 +39,17 @@ def check_overrides(overrides) -> None:
 
 
 def prepare_argv(argv: list, script: str) -> list:
-    """Before Hydra starts (it writes ``.hydra/`` into the run dir first): refuse ``hydra.run.dir=<a dir holding a
-    run>`` unless resuming, and send a resume command's own Hydra files to ``<run dir>/resumes/<time>/`` so the
-    run's ``.hydra/`` stays the record of how it was started.  Returns the argv to run Hydra with.
+    """Before Hydra starts (it writes ``.hydra/`` and the log into the run dir first): the checks of
+    :func:`_prepare_argv` (overrides, preset, composition, a dir holding a run, a dir another process owns), then
+    the run dir taken for this process (:mod:`nas.engine.rundir`) and given to Hydra as an absolute
+    ``hydra.run.dir``; a resume command's own Hydra files go to ``<run dir>/resumes/<time>/`` so the run's
+    ``.hydra/`` stays the record of how it was started.  Returns the argv to run Hydra with.
 
     Under ``torchrun`` the processes join their group here; rank 0 decides the run dir (its default is a time
     stamp, which would differ between processes) and every rank uses it; the other ranks get no ``.hydra/`` and
     no log file (their log goes to stderr).
-    Exits with status 1 and a one-line message for a dir already in use, or for ``--multirun`` under torchrun.
+    Exits with status 1 and a one-line message for a refused run (nothing written), or for ``--multirun`` under
+    torchrun.
     """
     from nas import distributed
 
@@ -73,8 +81,8 @@ def prepare_argv(argv: list, script: str) -> list:
 
 
 def _resolved_run_dir(argv: list, script: str) -> str:
-    """The run dir Hydra would use for ``argv`` (its ``hydra.run.dir=`` or the script's config default), with
-    ``${now:...}`` resolved once, here."""
+    """The run dir of ``argv``, which :func:`_prepare_argv` gave as an absolute ``hydra.run.dir=`` (``${now:...}``
+    resolved once, there); without one (``-m`` or ``--help``), the script's config default, resolved here."""
     from hydra.core.utils import setup_globals
     from omegaconf import OmegaConf
 
@@ -89,23 +97,217 @@ def _resolved_run_dir(argv: list, script: str) -> str:
     return os.path.abspath(str(OmegaConf.create({"dir": pattern}).dir))
 
 
-def _prepare_argv(argv: list, script: str) -> list:
-    from nas.engine.resume import check_fresh_run_dir
+#: the presets in ``conf/experiment/`` and the scripts they are for (tests check that every file is listed)
+PRESETS = {
+    "darts_ptb": ("search.py",),
+    "darts_ptb_2nd": ("search.py",),
+    "rsws_ptb": ("search.py",),
+    "darts_ptb_retrain": ("train.py",),
+    "darts_wt2_retrain": ("train.py",),
+    "smoke": ("search.py", "train.py"),
+}
 
-    args = dict(a.split("=", 1) for a in argv[1:] if "=" in a and not a.startswith("-"))
-    if args.get("resume"):
-        if "hydra.run.dir" not in args:
-            return argv + [f"hydra.run.dir={os.path.join(args['resume'], 'resumes', '${now:%Y-%m-%d_%H-%M-%S_%f}')}"]
-        return argv
-    if args.get("hydra.run.dir"):
-        from nas.errors import ConfigError
+#: flags of Hydra's command line that take a value (``--cfg job``): the value is not an override
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                     "--config-dir", "-cd", "--experimental-rerun"}
 
+# what this process created before Hydra started, so that a refused run can take it away again
+_created: dict = {}
+
+
+def check_preset(overrides, script: str) -> None:
+    """Refuse ``experiment=<preset of the other script>`` (it would compose, with settings meant for the other
+    script, or fail with a schema error naming a key), and an unknown preset name.
+
+    Raises:
+        UsageError: naming the script the preset is for, and this script's presets.
+    """
+    import difflib
+
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.lstrip("+") != "experiment" or value in ("", "null"):
+            continue
+        mine = sorted(n for n, scripts in PRESETS.items() if script in scripts)
+        if value not in PRESETS:
+            close = difflib.get_close_matches(value, mine, n=1)
+            raise UsageError(f"experiment={value}: no such preset{f'; did you mean experiment={close[0]}?' if close else ''}"
+                             f" ({script} presets: {', '.join(mine)})")
+        if script not in PRESETS[value]:
+            raise UsageError(f"experiment={value} is a {PRESETS[value][0]} preset: run `python {PRESETS[value][0]} "
+                             f"experiment={value} ...`; {script} presets are: {', '.join(mine)}")
+
+
+def _task_overrides(argv: list) -> Optional[list]:
+    """The overrides of a Hydra command line (None for one that only asks for help or information)."""
+    out, skip = [], False
+    for a in argv[1:]:
+        if skip:
+            skip = False
+        elif a in _FLAGS_WITH_VALUE:
+            skip = True
+        elif a in ("--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"):
+            return None
+        elif not a.startswith("-"):
+            out.append(a)
+    return out
+
+
+def _composition_error(err: Exception, overrides: list, config_name: str) -> str:
+    """One line for a failed composition: an unknown key or option gets the closest valid one (never Hydra's
+    ``+key`` hint, which the project refuses anyway)."""
+    import difflib
+    import re
+
+    from hydra import compose
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    text = str(err)
+    missing = re.search(r"Could not find '([^']+)/([^']+)'", text)
+    if missing:  # strategy=dart
+        group, option = missing.groups()
+        options = GlobalHydra.instance().config_loader().get_group_options(group)
+        close = difflib.get_close_matches(option, options, n=1)
+        return (f"{group}={option}: no such option{f'; did you mean {group}={close[0]}?' if close else ''} "
+                f"(options: {', '.join(options)})")
+    bad = re.search(r"Could not override '([^']+)'", text)
+    if bad:  # strategy.unroled=true, stratgy=darts
+        key = bad.group(1)
+        rest = [o for o in overrides if o.split("=", 1)[0] != key]
         try:
-            check_fresh_run_dir(os.path.abspath(args["hydra.run.dir"]), script)
-        except ConfigError as err:
-            print(f"ConfigError: {err}", file=sys.stderr)
-            sys.exit(1)
-    return argv
+            cfg = compose(config_name, rest, return_hydra_config=True)
+        except Exception:  # noqa: BLE001 (another bad override: suggest from the config alone)
+            cfg = compose(config_name, [], return_hydra_config=True)
+        keys = _dotted_keys(OmegaConf.to_container(cfg, resolve=False))
+        groups = [g for g in ("dataset", "space", "strategy", "experiment") if g in cfg.hydra.runtime.choices]
+        close = difflib.get_close_matches(key, keys + groups, n=1, cutoff=0.6)
+        return (f"{key}: no such config key{f'; did you mean {close[0]}?' if close else ''} (every valid key: "
+                f"python {config_name}.py --cfg job)")
+    if getattr(err, "override", None):  # OverrideParseException: the override's syntax
+        return f"cannot parse the override {err.override!r}: {text.strip().splitlines()[0]} (Hydra's override grammar)"
+    cause = err.__cause__  # e.g. "Error merging override lr=abc" <- "Value 'abc' ... could not be converted to Float"
+    detail = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() else ""
+    head = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return f"{head}: {detail}" if detail else head
+
+
+def _dotted_keys(node, prefix: str = "") -> list:
+    """Every key of a nested dict as ``a.b.c`` (the dicts themselves included)."""
+    keys = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            path = f"{prefix}{k}"
+            keys.append(path)
+            keys += _dotted_keys(v, path + ".")
+    return keys
+
+
+def _compose(argv: list, script: str, overrides: list):
+    """Compose the config as Hydra will (same conf dir, same overrides), before Hydra writes anything.
+
+    Raises:
+        UsageError: one line for a composition error (see :func:`_composition_error`).
+    """
+    from hydra import compose, initialize_config_dir
+
+    conf = os.path.join(os.path.dirname(os.path.abspath(argv[0])), "conf")
+    name = os.path.splitext(script)[0]
+    with initialize_config_dir(config_dir=conf, version_base="1.3", job_name=name):
+        try:
+            return compose(name, overrides, return_hydra_config=True)
+        except Exception as err:  # noqa: BLE001 (Hydra's composition errors have several types)
+            raise UsageError(_composition_error(err, overrides, name)) from None
+
+
+def _prepare_argv(argv: list, script: str) -> list:
+    """The checks that must happen before Hydra creates the run dir, then the run dir taken for this process.
+
+    Refused (exit 1, one line on stderr, nothing written anywhere): ``+key``/``~key`` overrides, a preset of the
+    other script, a config that does not compose (a misspelled key gets the closest valid one), a ``resume=`` of no
+    run or of a run another process is running, a ``hydra.run.dir`` that holds a run or that another process owns.
+    """
+    from nas.engine.resume import check_fresh_run_dir, run_dir_status
+    from nas.engine.rundir import own_run_dir
+    from nas.errors import ConfigError
+
+    overrides = _task_overrides(argv)
+    if overrides is None:  # --help, --info ...: Hydra answers, nothing is run
+        return argv
+    multirun = any(a in ("-m", "--multirun") for a in argv[1:])
+    args = dict(o.split("=", 1) for o in overrides if "=" in o)
+    try:
+        check_overrides(overrides)
+        check_preset(overrides, script)
+        check_resume_overrides(overrides)
+        if multirun or any(a in _FLAGS_WITH_VALUE - {"--cfg", "-c", "--package", "-p"} for a in argv[1:]):
+            return argv  # sweeps (range(4)...) and other config dirs: Hydra composes, each job locks its own dir
+        resume = args.get("resume")
+        if resume:
+            resume = os.path.abspath(resume)
+            if not os.path.isdir(resume):
+                raise ConfigError(f"resume={args['resume']}: no such run dir")
+            if not os.path.isfile(os.path.join(resume, "config.yaml")):
+                raise ConfigError(f"resume={args['resume']}: {os.path.join(resume, 'config.yaml')} is missing, so "
+                                  "this is not a run dir of search.py/train.py")
+            if run_dir_status(resume) == "finished":
+                raise ConfigError(f"resume={args['resume']}: that run has finished (metrics.json); nothing to resume")
+            if "hydra.run.dir" not in args:  # Hydra's files of this command: <run dir>/resumes/<time>/
+                overrides = overrides + [f"hydra.run.dir={os.path.join(resume, 'resumes', '${now:%Y-%m-%d_%H-%M-%S_%f}')}"]
+                argv = argv + [overrides[-1]]
+        cfg = _compose(argv, script, overrides)
+        if any(a in ("--cfg", "-c") for a in argv[1:]):
+            return argv  # prints the config; runs nothing
+        run_dir = os.path.abspath(str(cfg.hydra.run.dir))
+        if not resume:
+            check_fresh_run_dir(run_dir, script)
+        _remember_created(run_dir)
+        own_run_dir(resume or run_dir, f"resume={args['resume']}: the run dir" if resume else "run dir")
+        if not resume:
+            check_fresh_run_dir(run_dir, script)  # (a run that ended between the first check and the lock)
+    except (UsageError, ConfigError) as err:
+        _discard_refused_run()
+        print(f"{type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(1)
+    return [a for a in argv if not a.startswith("hydra.run.dir=")] + [f"hydra.run.dir={run_dir}"]
+
+
+def _remember_created(run_dir: str) -> None:
+    """Note what of ``run_dir``'s path exists before this process writes (for :func:`_discard_refused_run`)."""
+    top = run_dir
+    while not os.path.exists(os.path.dirname(top)) and os.path.dirname(top) != top:
+        top = os.path.dirname(top)
+    _created.update(run_dir=run_dir, top=None if os.path.exists(run_dir) else top,
+                    entries=set(os.listdir(run_dir)) if os.path.isdir(run_dir) else set())
+
+
+def _discard_refused_run() -> None:
+    """Take away what this process created for a run that was refused before it wrote a run file of its own
+    (checkpoint, ``trials.jsonl``, ``metrics.json``): Hydra's ``.hydra/`` and log, the lock file, and the dirs made
+    for them (``outputs/<script>/<date>/<time>``, or a resume's ``resumes/<time>``), up to the first that was there
+    before or that holds something else.  A refused run leaves nothing behind."""
+    import shutil
+
+    from nas.engine.resume import run_dir_status
+    from nas.engine.rundir import release_run_dir
+
+    run_dir = _created.get("run_dir")
+    if not run_dir or not os.path.isdir(run_dir) or run_dir_status(run_dir) is not None:
+        return
+    release_run_dir(run_dir)
+    if _created["top"] is None:  # the dir was there: remove only what is new in it
+        for name in set(os.listdir(run_dir)) - _created["entries"]:
+            path = os.path.join(run_dir, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    parent, top = os.path.dirname(run_dir), _created["top"]
+    while parent.startswith(top) and len(parent) >= len(top):
+        try:
+            os.rmdir(parent)  # only if empty: another run may have started beside this one
+        except OSError:
+            break
+        parent = os.path.dirname(parent)
 
 
 def check_resume_overrides(overrides) -> None:
@@ -190,4 +392,6 @@ def run_entry(fn: Callable[[DictConfig], object], cfg: DictConfig) -> None:
         sys.exit(130)
     except (UsageError, ConfigError, DataError, GenotypeError, CheckpointError, NonFiniteLossError) as err:
         log.error("%s: %s", type(err).__name__, err)
+        if not isinstance(err, NonFiniteLossError):  # a refusal (a NaN is a run that ran: its files stay)
+            _discard_refused_run()
         sys.exit(1)

@@ -18,7 +18,8 @@ class DatasetConfig:
     """``dataset=ptb|wikitext2|sst2``: which corpus and where it is.
 
     root: folder holding ``train.txt valid.txt test.txt`` (or its parent holding ``ptb/``...); a relative
-    path is taken from the launch directory.  null: ``$NAS_DATA/<folder>``, then the download cache.
+    path is taken from the launch directory, once: the run's config.yaml holds it absolute (nas.engine.paths).
+    null: ``$NAS_DATA/<folder>``, then the download cache.
     download: fetch from the public location (SHA-256 checked) when the files are not found.
     """
 

@@ -31,6 +31,7 @@ import sys
 import time
 
 from nas.engine.resume import run_dir_status
+from nas.engine.rundir import RunDirBusy, own_run_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -106,6 +107,10 @@ def main(argv=None) -> None:
     preset = load_preset(args.preset)
     name = os.path.splitext(os.path.basename(args.preset))[0]
     out = os.path.abspath(args.out or os.path.join("outputs", "compare_strategies", name))
+    try:  # one comparison per output folder at a time (its runs would otherwise be started twice and mixed)
+        own_run_dir(out, "output folder")
+    except RunDirBusy as err:
+        p.exit(1, f"RunDirBusy: {err}\n")
     seeds = args.seeds if args.seeds else preset["seeds"]
     strategies = {k: v for k, v in preset["strategies"].items() if not args.strategies or k in args.strategies}
     common = [f"dataset={preset['dataset']}"] + ([f"device={args.device}"] if args.device else [])

@@ -37,6 +37,7 @@ import sys
 import time
 
 from nas.atomic import atomic_write_text
+from nas.engine.rundir import RunDirBusy, own_run_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -95,6 +96,10 @@ def main(argv=None) -> None:
     preset = load_preset(args.preset)
     name = os.path.splitext(os.path.basename(args.preset))[0]
     out = os.path.abspath(args.out or os.path.join("outputs", "darts_protocol", name))
+    try:  # one comparison per output folder at a time (its runs would otherwise be started twice and mixed)
+        own_run_dir(out, "output folder")
+    except RunDirBusy as err:
+        p.exit(1, f"RunDirBusy: {err}\n")
     common = ([f"device={args.device}"] if args.device else []) + (
         [f"num_threads={args.num_threads}"] if args.num_threads else [])
     cs = _compare_strategies()

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from nas.atomic import atomic_write_text
 from nas.engine.resume import Interrupted, interrupted, open_run, stop_requested, stop_signals
+from nas.engine.rundir import scoped
 from nas.engine.tb import log_genotype, log_genotype_figure
 from nas.genotype import Genotype
 from nas.spaces import build_space
@@ -197,6 +198,7 @@ def train_trial(cfg, genotype: Genotype, trial_dir: str) -> TrialResult:
                        tokens, trial_dir)
 
 
+@scoped  # the run dir this call takes is given back when it returns
 def search_black_box(cfg, run_dir: Optional[str] = None,
                      evaluate: Optional[Callable[[Genotype, str], TrialResult]] = None) -> dict:
     """Run a black-box search (random or Bayesian) as configured; returns the metrics of ``metrics.json``.

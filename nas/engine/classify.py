@@ -31,6 +31,7 @@ from nas.data.sentences import Sentences, check_batchable, load_sst2, sentence_b
 from nas.engine.asgd import averaged_weights, is_averaging, make_asgd, make_optimizer, nonmono_trigger, set_lr
 from nas.engine.common import absolute_path, atomic_torch_save, configure_runtime, load_checkpoint, seed_everything
 from nas.engine.resume import Keeper, load_into, open_run, retrain_keeper, start_run, stop_signals
+from nas.engine.rundir import scoped
 from nas.engine.lm import NonFiniteLossError
 from nas.engine.search import OneShotOutputs, _alpha_shape, _lrs, make_search_optimizer, select_path, strategy_summary
 from nas.engine.tb import log_genotype_figure
@@ -244,6 +245,7 @@ def _check_task(cfg) -> None:
             raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
 
 
+@scoped  # the run dir this call takes is given back when it returns
 def search_classifier(cfg, run_dir: Optional[str] = None) -> dict:
     """One-shot architecture search for sentence classification; returns the metrics of ``metrics.json``.
 
@@ -331,9 +333,9 @@ def search_classifier(cfg, run_dir: Optional[str] = None) -> dict:
                 state["history"].append({"epoch": epoch, "train_loss": meter.loss, "train_accuracy": meter.accuracy,
                                          "valid_loss": valid.loss, "valid_accuracy": valid.accuracy,
                                          "genotype": genotype.to_dict()})
-                writer.add_scalar("valid/accuracy", valid.accuracy, epoch)
-                writer.add_scalar("valid/loss", valid.loss, epoch)
-                writer.add_scalar("train/epoch_accuracy", meter.accuracy, epoch)
+                writer.add_scalar("valid/accuracy", valid.accuracy, state["step"])  # the step axis, as every tag
+                writer.add_scalar("valid/loss", valid.loss, state["step"])
+                writer.add_scalar("train/epoch_accuracy", meter.accuracy, state["step"])
                 outputs.epoch(epoch, genotype, valid.accuracy, keeper.clock.now() - state["epoch_start"],
                               state["tokens"] - state["epoch_tokens"])
                 pos.update({"epoch": epoch + 1, "batch": 0, "partial": (0.0, 0, 0)})
@@ -344,6 +346,7 @@ def search_classifier(cfg, run_dir: Optional[str] = None) -> dict:
                 if epoch < cfg.epochs:
                     keeper.check_stop(f"after epoch {epoch}")
         genotype = outputs.final()
+        writer.commit()  # the final genotype's picture (no checkpoint after it)
     finally:
         bar.close()
         writer.close()
@@ -454,10 +457,10 @@ def train_classifier(cfg, genotype, arch_desc: str, run_dir: str, score_test: bo
                                          "train_accuracy": meter.accuracy, "valid_loss": valid.loss,
                                          "valid_accuracy": valid.accuracy, "averaged": averaged,
                                          "seconds": time.time() - t0})
-                writer.add_scalar("valid/accuracy", valid.accuracy, epoch)
-                writer.add_scalar("valid/loss", valid.loss, epoch)
-                writer.add_scalar("train/epoch_accuracy", meter.accuracy, epoch)
-                writer.add_scalar("optim/averaged", float(averaged), epoch)
+                writer.add_scalar("valid/accuracy", valid.accuracy, state["step"])  # the step axis, as every tag
+                writer.add_scalar("valid/loss", valid.loss, state["step"])
+                writer.add_scalar("train/epoch_accuracy", meter.accuracy, state["step"])
+                writer.add_scalar("optim/averaged", float(averaged), state["step"])
                 writer.flush()
                 pos.update({"epoch": epoch + 1, "batch": 0, "partial": (0.0, 0, 0)})
                 keeper.save()
@@ -473,8 +476,9 @@ def train_classifier(cfg, genotype, arch_desc: str, run_dir: str, score_test: bo
         if score_test:
             model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
             test = evaluate_sentences(model, data.test, cfg.eval_batch_size, device)
-            writer.add_scalar("test/accuracy", test.accuracy, state["best"]["epoch"])
-            writer.add_scalar("test/loss", test.loss, state["best"]["epoch"])
+            writer.add_scalar("test/accuracy", test.accuracy, state["step"])
+            writer.add_scalar("test/loss", test.loss, state["step"])
+        writer.commit()  # the test figures (no checkpoint after them)
     finally:
         bar.close()
         writer.close()

@@ -3,9 +3,10 @@
 Every search and retraining run keeps one resume checkpoint, ``checkpoint.pt`` in its run dir, holding all it
 needs to go on as if nothing had happened: weights, α, both optimizers' states (ASGD's averages included), the
 epoch, step and data position (next BPTT row and the data sampler's state), the hidden states carried across
-segments, every random state (python, numpy, torch, CUDA), the run's counters and history, and the TensorBoard
-step.  It is written every ``checkpoint_every`` steps and at each epoch end, atomically (temporary file, fsync,
-rename); the one it replaces is kept as ``checkpoint.prev.pt``.  Nothing non-finite is ever written.
+segments, every random state (python, numpy, torch, CUDA), the run's counters and history.  TensorBoard events
+reach their file with the checkpoint that covers them (:class:`nas.engine.tb.CommittedWriter`).  The checkpoint is
+written every ``checkpoint_every`` steps and at each epoch end, atomically (temporary file, fsync, rename); the one it
+replaces is kept as ``checkpoint.prev.pt``.  Nothing non-finite is ever written.
 
 * ``resume=<run dir>`` continues that run in its own dir, with the config it was started with
   (``config.yaml``); only the :data:`RUNTIME_KEYS` may be given anew.
@@ -223,12 +224,14 @@ def resume_config(cfg, schema, given=RUNTIME_KEYS):
     bit-identical).  Returns ``(config, run_dir)``.
 
     Raises:
-        ConfigError: no such run dir, no config in it, or a config that does not fit the schema; or the run there
-        has already finished.
+        ConfigError: no such run dir, no config in it, or a config that does not fit the schema; the run there
+        has already finished; or its config holds launch-relative paths (saved by an older version) and its launch
+        directory is not recorded (:func:`nas.engine.paths.resolve_saved_paths`).
     """
     from omegaconf.errors import OmegaConfBaseException
 
     from nas.engine.common import absolute_path
+    from nas.engine.paths import resolve_saved_paths
 
     run_dir = absolute_path(cfg.resume)
     path = os.path.join(run_dir, "config.yaml")
@@ -247,6 +250,7 @@ def resume_config(cfg, schema, given=RUNTIME_KEYS):
         saved = OmegaConf.merge(OmegaConf.structured(schema), raw)
     except (OmegaConfBaseException, OSError, ValueError) as err:
         raise ConfigError(f"resume={cfg.resume}: {path} is not a valid run config ({err})") from None
+    resolve_saved_paths(saved, run_dir)  # a run saved before paths were resolved at its start (r02)
     for key in given:
         saved[key] = cfg[key]
     saved.resume = run_dir
@@ -270,28 +274,43 @@ def open_run(cfg, run_dir: Optional[str], schema, script: str, continue_same: bo
     """Start or resume a run: ``(config, run dir, checkpoint or None)``.
 
     A fresh run (``resume`` unset) gets ``run_dir`` (default: Hydra's), refused if it already holds a run
-    (:func:`check_fresh_run_dir`), and its resolved ``config.yaml``.  ``resume=<dir>`` returns that run's own
+    (:func:`check_fresh_run_dir`), and its resolved ``config.yaml``, where every path relative to the launch
+    directory is made absolute first (:func:`nas.engine.paths.resolve_paths`: data root, cache dir, genotype file,
+    storage file), so that a resume launched from anywhere reads the same files.  ``resume=<dir>`` returns that run's own
     config (:func:`resume_config`); the caller restores the checkpoint (a run killed before its first
     checkpoint starts over in its dir).  ``continue_same``: a run dir holding an unfinished run started with this
     very config is continued rather than refused (a worker of a shared study requeued by its scheduler with the
-    same command, e.g. Hydra's submitit launcher after a preemption).
+    same command, e.g. Hydra's submitit launcher after a preemption).  Either way this process takes the run dir
+    (:func:`nas.engine.rundir.own_run_dir`); the engine entry points give it back when they return.
+
+    Raises:
+        ConfigError: the dir holds another run, or (:class:`~nas.engine.rundir.RunDirBusy`) another live process
+        owns it; or :func:`resume_config`'s errors.
     """
     from nas.atomic import atomic_write_text
     from nas.engine.common import run_dir_from_hydra
+    from nas.engine.paths import pin_data_folder, resolve_paths
+    from nas.engine.rundir import own_run_dir
 
     if cfg.get("resume"):
         cfg, run_dir = resume_config(cfg, schema)
         check_nan_policy(cfg, script)
+        if distributed.is_writer():
+            own_run_dir(run_dir, f"resume={cfg.resume}: the run dir")
         return cfg, run_dir, os.path.isfile(os.path.join(run_dir, CHECKPOINT))
     check_nan_policy(cfg, script)
+    resolve_paths(cfg)  # r02: a resume from another directory must read the very same files
+    pin_data_folder(cfg)  # (and dataset.root=null: the folder $NAS_DATA or the cache gave)
     run_dir = os.path.abspath(run_dir or run_dir_from_hydra())
     if not distributed.is_writer():  # torchrun: rank 0 checks and writes the run dir
         return cfg, run_dir, False
     if continue_same and run_dir_status(run_dir) == "unfinished" and _same_config(run_dir, cfg):
+        own_run_dir(run_dir)
         log.info("%s holds an unfinished run of this same config: continuing it", run_dir)
         return cfg, run_dir, True
-    check_fresh_run_dir(run_dir, script)
-    os.makedirs(run_dir, exist_ok=True)
+    check_fresh_run_dir(run_dir, script)  # before taking the dir: a refused run creates nothing
+    own_run_dir(run_dir)
+    check_fresh_run_dir(run_dir, script)  # (a run that ended between the check and the lock)
     atomic_write_text(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
     return cfg, run_dir, False
 
@@ -339,6 +358,7 @@ class Keeper:
         self.clock = Clock()
         self.last_saved_step = None
         self.reload_best = None
+        self.writer = None  # the run's TensorBoard writer (start_run sets it): committed with each checkpoint
 
     def save(self) -> None:
         """Write the checkpoint now (nothing non-finite: raises NonFiniteLossError instead)."""
@@ -351,6 +371,8 @@ class Keeper:
                             "state": self.state, "rng": rng_state()})
             save_resume_checkpoint(self.run_dir, payload)
         self.last_saved_step = self.state["step"]
+        if self.writer is not None:  # the events up to this checkpoint, never further (nas.engine.tb.CommittedWriter)
+            self.writer.commit()
 
     def step_done(self, where: str = "") -> None:
         """After each step: checkpoint every ``checkpoint_every`` steps; on a stop request, checkpoint and raise
@@ -397,6 +419,7 @@ class Keeper:
             RollbackLimit: :data:`MAX_ROLLBACKS` rollbacks already (``reload_best``: reloads since the last new
             best).
         """
+        writer = writer if writer is not None else self.writer
         if self.cfg.nan_policy == "stop":
             raise err
         if self.cfg.nan_policy == "reload_best":
@@ -406,17 +429,20 @@ class Keeper:
         if rollbacks > MAX_ROLLBACKS:
             raise RollbackLimit(f"{err}; still non-finite after {MAX_ROLLBACKS} rollbacks (lr x {scale:g}); "
                                 "the last checkpoint was kept") from None
+        if self.writer is not None:  # the steps after the checkpoint are redone: their events must not stay
+            self.writer.discard()
         ckpt = load_resume_checkpoint(self.run_dir, self.kind, self.device)
         self._restore(ckpt)
         self.state["lr_scale"] = min(scale, self.state["lr_scale"]) / 2
         self.state["rollbacks"] = rollbacks
         log.warning("%s; nan_policy=rollback: back to step %d of the last checkpoint, weight lr x %g (rollback %d "
                     "of at most %d)", err, self.state["step"], self.state["lr_scale"], rollbacks, MAX_ROLLBACKS)
-        if writer is not None:
-            writer.add_scalar("faults/rollback_lr_scale", self.state["lr_scale"], self.state["step"])
+        if writer is not None:  # by the rollback's number: two rollbacks can go back to the same step
+            writer.add_scalar("faults/rollback_lr_scale", self.state["lr_scale"], rollbacks)
         if bar is not None:
             bar.reset(bar.total)
             bar.update(self.state[bar_counter])
+        self.save()  # the halved lr and the count are part of the run now (and the fault's event is written)
 
     def _reload_best(self, err: Exception, writer=None) -> None:
         if self.reload_best is None:  # check_nan_policy refuses this configuration before a run starts
@@ -430,8 +456,8 @@ class Keeper:
         self.state["rollbacks"] += 1
         log.warning("%s; nan_policy=reload_best: back to the best checkpoint, going on with epoch %d at the same lr "
                     "(reload %d of at most %d without a new best)", err, epoch, reloads, MAX_ROLLBACKS)
-        if writer is not None:
-            writer.add_scalar("faults/reload_best_epoch", epoch, self.state["step"])
+        if writer is not None:  # by the reload's number: a NaN at once after a reload leaves the step where it was
+            writer.add_scalar("faults/reload_best_epoch", epoch, self.state["rollbacks"])
         self.save()  # a resume from here on starts from the reloaded state
 
 
@@ -477,20 +503,21 @@ class NullWriter:
 
 
 def start_run(keeper: Keeper, resuming: bool, cfg_yaml: str, genotype=None):
-    """Resume ``keeper``'s run (or write its first checkpoint) and open its TensorBoard writer: a resumed writer
-    purges the events logged after the checkpoint.  Returns the ``SummaryWriter``."""
+    """Resume ``keeper``'s run (or write its first checkpoint) and open its TensorBoard writer, a
+    :class:`nas.engine.tb.CommittedWriter` of the script's tags that the keeper commits with each checkpoint (so a
+    resumed run finds no events past its checkpoint, and purges nothing).  Returns the writer."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from nas.engine.tb import log_genotype
+    from nas.engine.tb import SCALAR_TAGS, CommittedWriter, log_genotype
 
     if resuming:
         keeper.resume()
-    state = keeper.state
     if not distributed.is_writer():  # torchrun: rank 0 writes the run's files, the others keep step
         if not resuming:
             keeper.save()  # (a collective on every rank)
         return NullWriter()
-    writer = SummaryWriter(os.path.join(keeper.run_dir, "tb"), purge_step=state["step"] + 1 if resuming else None)
+    writer = keeper.writer = CommittedWriter(SummaryWriter(os.path.join(keeper.run_dir, "tb")),
+                                             SCALAR_TAGS[keeper.script])
     if not resuming:
         writer.add_text("config", f"```\n{cfg_yaml}\n```", 0)
         if genotype is not None:

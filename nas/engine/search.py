@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from nas.data import bptt_segments, get_batch
 from nas.engine.common import check_data_parallel, compile_model, configure_runtime, seed_everything
 from nas.engine.resume import Keeper, load_into, open_run, resume_config, start_run, stop_signals
+from nas.engine.rundir import scoped
 from nas.engine.asgd import SEARCH_OPTIMIZERS, make_optimizer, set_lr
 from nas.engine.lm import (EpochMeter, LMData, LMLoop, NonFiniteLossError, evaluate, lm_objective,
                            prepare_lm_data, token_progress_bar, weight_step)
@@ -165,6 +166,7 @@ def select_path(strategy, score, direction: str = "minimize", final: bool = Fals
             log.info("selected %s (score %.4g, best of %d ranked)", ranked[0][0], ranked[0][1], len(ranked))
 
 
+@scoped  # the run dir this call takes is given back when it returns
 def search(cfg, run_dir: Optional[str] = None) -> dict:
     """Run a one-shot architecture search as configured; return the metrics written to ``metrics.json``.
 
@@ -246,9 +248,10 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
                 state["best_valid_ppl"] = min(state["best_valid_ppl"], valid.ppl)
                 state["history"].append({"epoch": epoch, "train_ppl": train_ppl, "valid_ppl": valid.ppl,
                                          "genotype": genotype.to_dict()})
-                writer.add_scalar("valid/ppl", valid.ppl, epoch)
-                writer.add_scalar("valid/loss", valid.loss, epoch)
-                writer.add_scalar("train/epoch_ppl", train_ppl, epoch)
+                # on the step axis, as every training tag: an epoch's figures at the step that ended it
+                writer.add_scalar("valid/ppl", valid.ppl, state["step"])
+                writer.add_scalar("valid/loss", valid.loss, state["step"])
+                writer.add_scalar("train/epoch_ppl", train_ppl, state["step"])
                 outputs.epoch(epoch, genotype, valid.ppl, keeper.clock.now() - state["epoch_start"],
                               state["tokens"] - state["epoch_tokens"])
                 loop.next_epoch()
@@ -259,6 +262,7 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
                 if epoch < cfg.epochs:
                     keeper.check_stop(f"after epoch {epoch}")
         genotype = outputs.final()
+        writer.commit()  # the final genotype's picture (no checkpoint after it)
     finally:
         bar.close()
         writer.close()

@@ -95,3 +95,87 @@ def log_genotype_figure(writer, genotype, step: int, png_path: str | None = None
         fig.savefig(tmp, dpi=110)
         os.replace(tmp, png_path)  # atomic: a reader never sees half a PNG
     writer.add_figure("genotype/dag", fig, step)
+
+
+# -- the scalar tags each script writes, and a writer that writes only what a checkpoint covers ------------------
+#: every scalar tag each entry point writes, over all its modes (language model or SST-2, one-shot or black-box
+#: search, any ``nan_policy``); the README's TensorBoard table lists the same (``tests/test_tb.py`` checks both
+#: directions, and :class:`CommittedWriter` refuses any other tag).  Steps: the run's training step for every tag
+#: except ``search/*`` (cumulative training tokens, whole wall seconds, the trial number) and ``faults/*`` (the
+#: rollback's number).
+SCALAR_TAGS = {
+    "search.py": (
+        "train/loss", "train/ppl", "train/epoch_ppl", "valid/ppl", "valid/loss",            # language model
+        "train/accuracy", "train/epoch_accuracy", "valid/accuracy",                          # SST-2
+        "lr/weights", "lr/alphas",
+        "search/best_vs_tokens", "search/best_vs_seconds", "search/value",
+        "faults/rollback_lr_scale",
+    ),
+    "train.py": (
+        "train/loss", "train/ppl", "train/epoch_ppl", "valid/ppl", "valid/loss", "test/ppl", "test/loss",
+        "train/accuracy", "train/epoch_accuracy", "valid/accuracy", "test/accuracy",
+        "lr", "optim/averaged",
+        "faults/rollback_lr_scale", "faults/reload_best_epoch",
+    ),
+}
+#: the other (text and image) tags: ``config`` and ``genotype`` are stored by TensorBoard as ``<tag>/text_summary``
+OTHER_TAGS = {
+    "search.py": ("config", "genotype", "genotype/dag", "alphas/softmax"),
+    "train.py": ("config", "genotype", "genotype/dag"),
+}
+
+
+class CommittedWriter:
+    """A ``SummaryWriter`` whose events reach the event file only once a resume checkpoint covers them.
+
+    Calls to ``add_*`` are kept in memory until :meth:`commit` (the run's :class:`~nas.engine.resume.Keeper` commits
+    right after each checkpoint is written, and the engine once more at the successful end);
+    :meth:`discard` drops them.  So the events on disk never run ahead of the checkpoint: a resume after a kill
+    and a ``nan_policy=rollback``, which both go back to the checkpoint's step, write each step once, with no
+    purge (TensorBoard's purge removes *every* tag's events past a step, whatever axis a tag uses, e.g. the
+    token axis of ``search/best_vs_tokens``).  The cost: TensorBoard shows a run's progress at its checkpoints
+    (every ``checkpoint_every`` steps and each epoch end), and a SIGKILL loses the events since the last one,
+    as it loses the steps.
+
+    ``tags``: the scalar tags allowed (:data:`SCALAR_TAGS` of the script); another tag raises ValueError, a
+    programming error caught by the tests.
+    """
+
+    def __init__(self, writer, tags):
+        self.writer, self.tags, self.pending = writer, frozenset(tags), []
+
+    def add_scalar(self, tag: str, value, step: int) -> None:
+        if tag not in self.tags:
+            raise ValueError(f"TensorBoard scalar tag {tag!r} is not in nas.engine.tb.SCALAR_TAGS for this script; "
+                             "add it there and to the README's TensorBoard table")
+        self.pending.append(("add_scalar", (tag, value, step), {}))
+
+    def __getattr__(self, name):
+        if name.startswith("add_"):  # add_text, add_figure, ...: kept like scalars
+            return lambda *args, **kwargs: self.pending.append((name, args, kwargs))
+        return getattr(self.writer, name)
+
+    def flush(self) -> None:
+        """Nothing to do: events are written by :meth:`commit`."""
+
+    def commit(self) -> None:
+        """Write the kept events and flush them to the event file."""
+        pending, self.pending = self.pending, []
+        for name, args, kwargs in pending:
+            getattr(self.writer, name)(*args, **kwargs)
+        self.writer.flush()
+
+    def discard(self) -> None:
+        """Drop the kept events (closing the matplotlib figures among them)."""
+        from matplotlib.figure import Figure
+
+        for _, args, kwargs in self.pending:
+            for arg in (*args, *kwargs.values()):
+                if isinstance(arg, Figure):
+                    plt.close(arg)
+        self.pending = []
+
+    def close(self) -> None:
+        """Drop what no checkpoint covers (an error or a stop ended the run) and close the event file."""
+        self.discard()
+        self.writer.close()

@@ -29,6 +29,7 @@ from nas.engine.common import (CheckpointError, absolute_path, atomic_torch_save
 from nas.engine.lm import (EpochMeter, EvalResult, LMLoop, NonFiniteLossError, evaluate, prepare_lm_data,
                            token_progress_bar, weight_step)
 from nas.engine.resume import open_run, resume_config, retrain_keeper, start_run, stop_signals
+from nas.engine.rundir import scoped
 from nas.engine.tb import log_genotype_figure
 from nas import distributed
 from nas.atomic import atomic_write_text
@@ -54,6 +55,7 @@ def evaluate_lm(model, source: torch.Tensor, bptt: int, optimizer: Optional[torc
         return evaluate(model, source, bptt, max_batches=max_batches, progress=progress, over_ranks=over_ranks)
 
 
+@scoped  # the run dir this call takes is given back when it returns
 def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
     """Retrain ``cfg.arch`` from scratch as configured; return the metrics written to ``metrics.json``.
 
@@ -162,10 +164,11 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
                 state["history"].append({"epoch": epoch, "train_ppl": train_ppl, "valid_ppl": valid.ppl,
                                          "valid_loss": valid.loss, "averaged": averaged,
                                          "seconds": time.time() - t0})
-                writer.add_scalar("valid/ppl", valid.ppl, epoch)
-                writer.add_scalar("valid/loss", valid.loss, epoch)
-                writer.add_scalar("train/epoch_ppl", train_ppl, epoch)
-                writer.add_scalar("optim/averaged", float(averaged), epoch)
+                # on the step axis, as every training tag (reload_best runs an epoch number again; the step goes on)
+                writer.add_scalar("valid/ppl", valid.ppl, state["step"])
+                writer.add_scalar("valid/loss", valid.loss, state["step"])
+                writer.add_scalar("train/epoch_ppl", train_ppl, state["step"])
+                writer.add_scalar("optim/averaged", float(averaged), state["step"])
                 writer.flush()
                 loop.next_epoch()
                 keeper.save()
@@ -180,8 +183,9 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
         if score_test:
             distributed.barrier()  # torchrun: best.pt is rank 0's file
             test = _test_best(cfg, model, best_path, data.test, eval_bptt, device, data.over_ranks("test"))
-            writer.add_scalar("test/ppl", test.ppl, state["best"]["epoch"])
-            writer.add_scalar("test/loss", test.loss, state["best"]["epoch"])
+            writer.add_scalar("test/ppl", test.ppl, state["step"])
+            writer.add_scalar("test/loss", test.loss, state["step"])
+        writer.commit()  # the test figures (no checkpoint after them)
         test_seconds = time.time() - t0
     finally:
         bar.close()

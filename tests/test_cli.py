@@ -1,0 +1,317 @@
+"""The command line as a user meets it: one owner per run dir (cases r01), refused runs that leave nothing (u01.2),
+messages for typos and presets (u01.3-4), the project's own --help (u01.5).
+
+The two-process tests do not depend on the machine's load: the first process is stopped (SIGSTOP) once it reports,
+in its lock file, that it owns the dir, and is let go only after the second one has been answered.
+"""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import nas.config  # noqa: F401  (stores the config schemas)
+from nas.cli import PRESETS, _dotted_keys, _prepare_argv
+from nas.engine.rundir import LOCK_FILE, RunDirBusy, holds, own_run_dir, release_run_dir, run_dir_scope
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEARCH = ["experiment=smoke", "batch_size=4", "eval_batch_size=4", "bptt=8", "limit_train_batches=5",
+          "limit_eval_batches=3", "progress=false", "space.steps=3", "num_threads=1", "epochs=2"]
+TRAIN = ["experiment=smoke", "arch=darts_v2", "batch_size=4", "eval_batch_size=4", "bptt=8", "limit_train_batches=5",
+         "limit_eval_batches=3", "progress=false", "num_threads=1", "epochs=2", "space.emsize=16", "space.nhid=16"]
+HANG_GUARD = 300  # seconds: only a hung process reaches it
+
+
+def start(script, args, cwd, **env_extra):
+    env = dict(os.environ, **env_extra)
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, script)] + args, cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def cli(script, args, cwd, **env_extra):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script)] + args, cwd=cwd,
+                          env=dict(os.environ, **env_extra), capture_output=True, text=True, timeout=HANG_GUARD)
+
+
+def wait_until_owner(proc, run_dir):
+    """Block until ``proc`` has written its pid into the run dir's lock file (it owns the dir)."""
+    deadline = time.monotonic() + HANG_GUARD
+    path = os.path.join(run_dir, LOCK_FILE)
+    while time.monotonic() < deadline:
+        if os.path.isfile(path) and open(path).read().startswith(f"pid {proc.pid} "):
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.02)
+    raise AssertionError("the first process never took the run dir")
+
+
+def tree(d):
+    """Every file under ``d`` with its size and modification time (what a refused process must not change)."""
+    out = {}
+    for base, _, files in os.walk(d):
+        for f in files:
+            st = os.stat(os.path.join(base, f))
+            out[os.path.relpath(os.path.join(base, f), d)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def one_line_error(stderr):
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in stderr and len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("script,args", [("search.py", SEARCH), ("train.py", TRAIN)])
+def test_a_second_run_in_an_owned_run_dir_is_refused_and_changes_nothing(tmp_path, corpus, script, args):
+    """r01: the second process exits 1 with one line naming the dir and the owner, before writing anything; every
+    file in the dir then comes from the first run."""
+    run_dir = str(tmp_path / "same")
+    common = args + [f"dataset.root={corpus}", "hydra.run.dir=same"]
+    first = start(script, common + ["seed=1"], tmp_path)
+    wait_until_owner(first, run_dir)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        before = tree(run_dir)
+        second = cli(script, common + ["seed=2"], tmp_path)
+        after = tree(run_dir)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 1
+    line = one_line_error(second.stderr)
+    assert line.startswith("RunDirBusy: run dir ") and run_dir in line and f"pid {first.pid}" in line
+    assert after == before  # not one byte written by the refused process
+    _, err = first.communicate(timeout=HANG_GUARD)
+    assert first.returncode == 0, err[-3000:]
+    assert OmegaConf.load(os.path.join(run_dir, "config.yaml")).seed == 1
+    assert OmegaConf.load(os.path.join(run_dir, ".hydra", "config.yaml")).seed == 1
+    assert len(os.listdir(os.path.join(run_dir, "tb"))) == 1
+    if script == "search.py":
+        assert len(open(os.path.join(run_dir, "trials.jsonl")).read().splitlines()) == 2  # one per epoch
+
+
+def test_two_runs_started_at_once_in_one_dir_have_exactly_one_owner(tmp_path, corpus):
+    """r01 as written: both started together; whichever comes second is refused (in use, or already holding the
+    first one's run if that one ended first), and the dir holds the winner's run alone."""
+    common = SEARCH + [f"dataset.root={corpus}", "hydra.run.dir=same"]
+    procs = {seed: start("search.py", common + [f"seed={seed}"], tmp_path) for seed in (1, 2)}
+    outs = {seed: p.communicate(timeout=HANG_GUARD) for seed, p in procs.items()}
+    codes = {seed: p.returncode for seed, p in procs.items()}
+    assert sorted(codes.values()) == [0, 1], outs
+    winner = min(codes, key=codes.get)
+    loser = 3 - winner
+    assert str(tmp_path / "same") in one_line_error(outs[loser][1])
+    assert OmegaConf.load(tmp_path / "same" / "config.yaml").seed == winner
+    assert len(open(tmp_path / "same" / "trials.jsonl").read().splitlines()) == 2
+    assert len(os.listdir(tmp_path / "same" / "tb")) == 1
+
+
+def test_two_resumes_of_one_run_have_one_owner(tmp_path, corpus):
+    """r01 for resume=: while one resume runs, a second resume and a fresh run in that dir are refused."""
+    run_dir = str(tmp_path / "run")
+    stopped = start("search.py", SEARCH + [f"dataset.root={corpus}", f"hydra.run.dir={run_dir}", "epochs=3",
+                                           "checkpoint_every=1"], tmp_path)
+    deadline = time.monotonic() + HANG_GUARD
+    while not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+        assert stopped.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    stopped.send_signal(signal.SIGTERM)
+    stopped.communicate(timeout=HANG_GUARD)
+    assert stopped.returncode == 143
+
+    first = start("search.py", [f"resume={run_dir}"], tmp_path)
+    wait_until_owner(first, run_dir)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        before = tree(run_dir)
+        second = cli("search.py", [f"resume={run_dir}"], tmp_path)
+        fresh = cli("search.py", SEARCH + [f"dataset.root={corpus}", f"hydra.run.dir={run_dir}"], tmp_path)
+        after = tree(run_dir)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 1 and fresh.returncode == 1
+    line = one_line_error(second.stderr)
+    assert line.startswith(f"RunDirBusy: resume={run_dir}: the run dir") and f"pid {first.pid}" in line
+    assert run_dir in one_line_error(fresh.stderr)
+    assert after == before
+    _, err = first.communicate(timeout=HANG_GUARD)
+    assert first.returncode == 0, err[-3000:]
+    assert os.path.isfile(os.path.join(run_dir, "metrics.json"))
+    assert len(os.listdir(os.path.join(run_dir, "resumes"))) == 1  # the first resume's Hydra files only
+
+
+def test_run_dir_ownership_is_counted_per_process_and_released_by_scope(tmp_path):
+    """own_run_dir is re-entrant in one process; the dir is free for another process only when every use is given
+    back (a scope gives back its own uses), and at once when the owner is killed."""
+    d = str(tmp_path / "d")
+    probe = [sys.executable, "-c", "import sys; from nas.engine.rundir import own_run_dir, RunDirBusy\n"
+             "try:\n    own_run_dir(sys.argv[1])\nexcept RunDirBusy:\n    sys.exit(3)", d]
+
+    def other_process_gets_it():
+        return subprocess.run(probe, cwd=ROOT, timeout=HANG_GUARD).returncode == 0
+
+    own_run_dir(d)
+    with run_dir_scope():
+        own_run_dir(d)
+        assert holds(d)
+    assert holds(d) and not other_process_gets_it()
+    release_run_dir(d)
+    assert not holds(d) and other_process_gets_it()
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from nas.engine.rundir import own_run_dir\n"
+                               "own_run_dir(sys.argv[1]); print('held', flush=True); time.sleep(600)", d],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(RunDirBusy, match=f"pid {holder.pid} "):
+        own_run_dir(d)
+    holder.kill()
+    holder.wait()
+    own_run_dir(d)  # the kernel released the killed owner's lock: no stale lock to clear by hand
+    release_run_dir(d)
+
+
+def test_a_comparison_refuses_an_output_folder_in_use(tmp_path):
+    """compare_strategies (and the DARTS protocol, same code) own their --out folder for their whole run."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments", "compare_strategies"))
+    try:
+        import run as compare
+    finally:
+        sys.path.pop(0)
+    out = str(tmp_path / "cmp")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from nas.engine.rundir import own_run_dir\n"
+                               "own_run_dir(sys.argv[1]); print('held', flush=True); time.sleep(600)", out],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit) as exit_:
+            compare.main(["--preset", "smoke", "--out", out])
+        assert exit_.value.code == 1
+        assert os.listdir(out) == [LOCK_FILE]  # nothing started
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# --- refused runs leave nothing (u01.2) ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script,args,error", [
+    ("search.py", ["+foo=1"], "UsageError"),
+    ("search.py", ["strategy.unroled=true"], "UsageError"),
+    ("search.py", ["experiment=darts_ptb_retrain"], "UsageError"),
+    ("train.py", ["experiment=darts_ptb", "arch=darts_v2"], "UsageError"),
+    ("train.py", ["experiment=smoke", "arch=CORRUPT"], "GenotypeError"),
+    ("search.py", ["experiment=smoke", "dataset.root=MISSING"], "DataError"),
+    ("search.py", ["experiment=smoke", "device=cuda:7"], "ConfigError"),
+    ("search.py", ["resume=MISSING"], "ConfigError"),
+])
+@pytest.mark.parametrize("run_dir", ["default", "given"])
+def test_a_refused_run_leaves_nothing_behind(tmp_path, script, args, error, run_dir):
+    """u01.2: no outputs/ dir, no .hydra/, no log, no lock file; a hydra.run.dir that existed stays as it was."""
+    import torch
+
+    if "device=cuda:7" in args and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    cwd, given = tmp_path / "cwd", tmp_path / "given"
+    cwd.mkdir(), given.mkdir()
+    (given / "notes.txt").write_text("mine\n")
+    (tmp_path / "corrupt.json").write_text("{not json")
+    args = [a.replace("CORRUPT", str(tmp_path / "corrupt.json")).replace("MISSING", str(tmp_path / "nothing"))
+            for a in args] + (["hydra.run.dir=" + str(given)] if run_dir == "given" else [])
+    r = cli(script, args, cwd, NAS_DATA=str(tmp_path / "nothing"))
+    assert r.returncode == 1 and f"{error}: " in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert os.listdir(cwd) == []
+    assert sorted(os.listdir(given)) == ["notes.txt"]
+    assert not os.path.exists(tmp_path / "nothing")
+
+
+# --- messages (u01.3-5) --------------------------------------------------------------------------------------
+
+
+def refusal(script, args, tmp_path, monkeypatch, capsys):
+    """The one line ``_prepare_argv`` prints for a refused command line (in this process: nothing is run)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        _prepare_argv([os.path.join(ROOT, script)] + args, script)
+    assert exit_.value.code == 1
+    assert os.listdir(tmp_path) == []
+    return one_line_error(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("script,override,suggestion", [
+    ("search.py", "strategy.unroled=true", "did you mean strategy.unrolled?"),
+    ("search.py", "stratgy=darts", "did you mean strategy?"),
+    ("search.py", "strategy=dart", "did you mean strategy=darts?"),
+    ("search.py", "space.emsze=32", "did you mean space.emsize?"),
+    ("search.py", "hydra.run.dri=x", "did you mean hydra.run.dir?"),
+    ("train.py", "optimzer=sgd", "did you mean optimizer?"),
+    ("train.py", "dataset.rot=x", "did you mean dataset.root?"),
+    ("search.py", "experiment=smok", "did you mean experiment=smoke?"),
+])
+def test_a_typo_gets_the_closest_valid_key_never_a_plus_hint(tmp_path, monkeypatch, capsys, script, override,
+                                                              suggestion):
+    line = refusal(script, [override], tmp_path, monkeypatch, capsys)
+    assert suggestion in line and "+" not in line
+
+
+def test_a_bad_value_and_bad_syntax_are_one_line(tmp_path, monkeypatch, capsys):
+    assert "could not be converted to Float" in refusal("search.py", ["lr=abc"], tmp_path, monkeypatch, capsys)
+    assert "cannot parse the override 'space.ops=[tanh'" in refusal("search.py", ["space.ops=[tanh"], tmp_path,
+                                                                      monkeypatch, capsys)
+
+
+def test_every_preset_belongs_to_the_scripts_it_names(tmp_path, monkeypatch, capsys):
+    """u01.4: PRESETS lists every file of conf/experiment; each composes with its scripts; given to the other
+    script it is refused with the script it is for and this script's presets."""
+    files = {os.path.splitext(f)[0] for f in os.listdir(os.path.join(ROOT, "conf", "experiment"))}
+    assert set(PRESETS) == files
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
+        for name, scripts in PRESETS.items():
+            for script in scripts:
+                compose(os.path.splitext(script)[0], [f"experiment={name}"])
+    for name, scripts in PRESETS.items():
+        for script in {"search.py", "train.py"} - set(scripts):
+            line = refusal(script, [f"experiment={name}"], tmp_path, monkeypatch, capsys)
+            mine = sorted(n for n, s in PRESETS.items() if script in s)
+            assert line == (f"UsageError: experiment={name} is a {scripts[0]} preset: run `python {scripts[0]} "
+                            f"experiment={name} ...`; {script} presets are: {', '.join(mine)}")
+
+
+@pytest.mark.parametrize("script", ["search.py", "train.py"])
+def test_help_is_the_projects_own_and_names_only_what_exists(tmp_path, script):
+    """u01.5: --help explains the script, lists the groups a user chooses with every option (and no internal
+    group), the main keys (each one a real key), and examples."""
+    r = cli(script, ["--help"], tmp_path)
+    assert r.returncode == 0 and os.listdir(tmp_path) == []
+    text = r.stdout
+    assert text.startswith(f"{script}: ") and f"Usage: python {script}" in text and "Examples:" in text
+    assert "schema" not in text and "tuning" not in text and "Powered by Hydra" not in text
+    groups = text.split("Groups (group=option):")[1].split("\n\n")[0]
+    listed = {m.group(1): m.group(2) for m in re.finditer(r"^  (\w+) +(.*(?:\n {14}.*)*)", groups, re.M)}
+    expected = {"dataset", "space", "experiment"} | ({"strategy"} if script == "search.py" else set())
+    assert set(listed) == expected
+    for group in expected - {"experiment"}:
+        for option in os.listdir(os.path.join(ROOT, "conf", group)):
+            assert re.search(rf"\b{os.path.splitext(option)[0]}\b", listed[group]), (group, option)
+    for name, scripts in PRESETS.items():
+        assert (re.search(rf"\b{name}\b", listed["experiment"]) is not None) == (script in scripts), name
+
+    section = text.split("Main keys")[1].split("Examples:")[0].split("\n", 1)[1]
+    keys = set()
+    for token in re.split(r"[\s,]+", re.sub(r"\([^)]*\)", "", section)):
+        key = token.split("=")[0]
+        if re.fullmatch(r"[a-z_]+(\.[a-z_]+)*", key):
+            keys.add(key)
+    assert len(keys) >= 15
+    name = os.path.splitext(script)[0]
+    variants = [["space=darts_rnn"], ["space=hybrid"]]
+    if script == "search.py":
+        variants = [v + [f"strategy={s}"] for v in variants for s in ("darts", "bayesian")]
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
+        cfgs = [compose(name, v, return_hydra_config=True) for v in variants]
+    existing = set().union(*(_dotted_keys(OmegaConf.to_container(c, resolve=False)) for c in cfgs))
+    assert keys <= existing, keys - existing
