@@ -364,7 +364,7 @@ def run_entry(fn: Callable[[DictConfig], object], cfg: DictConfig) -> None:
     from nas.engine.common import CheckpointError
     from nas.engine.lm import NonFiniteLossError
     from nas.engine.resume import Interrupted, stop_signals
-    from nas.errors import ConfigError
+    from nas.errors import ConfigError, SearchFailed
     from nas.genotype import GenotypeError
 
     try:
@@ -390,8 +390,9 @@ def run_entry(fn: Callable[[DictConfig], object], cfg: DictConfig) -> None:
         log.warning("stopped at once by a second Ctrl-C; the last checkpoint stays. Resume with: python %s "
                     "resume=%s", HydraConfig.get().job.name + ".py", run_dir)
         sys.exit(130)
-    except (UsageError, ConfigError, DataError, GenotypeError, CheckpointError, NonFiniteLossError) as err:
+    except (UsageError, ConfigError, DataError, GenotypeError, CheckpointError, NonFiniteLossError,
+            SearchFailed) as err:
         log.error("%s: %s", type(err).__name__, err)
-        if not isinstance(err, NonFiniteLossError):  # a refusal (a NaN is a run that ran: its files stay)
+        if not isinstance(err, (NonFiniteLossError, SearchFailed)):  # a refusal (a run that ran keeps its files)
             _discard_refused_run()
         sys.exit(1)

@@ -79,6 +79,34 @@ def test_random_search_finds_the_optimum_and_never_repeats(tmp_path):
     assert os.path.isfile(tmp_path / "genotype.png")
 
 
+def test_a_search_whose_every_trial_failed_ends_with_a_one_line_error(tmp_path):
+    """Every trial's value non-finite (all failed): SearchFailed, which the entry points report as one line (exit 1)
+    like the project's other errors, not a RuntimeError traceback; trials.jsonl keeps the failed trials."""
+    from nas.errors import SearchFailed
+
+    cfg = cfg_for(["strategy=random", "strategy.trials=3"])
+    with pytest.raises(SearchFailed, match="no trial of random succeeded"):
+        search_black_box(cfg, str(tmp_path), evaluate=lambda genotype, trial_dir: TrialResult(float("inf"), 0.1, 10))
+    assert len(records(tmp_path)) == 3 and not os.path.exists(tmp_path / "genotype.json")
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from nas.cli import run_entry
+
+    def failing(cfg):
+        raise SearchFailed("no trial of random succeeded")
+
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
+        HydraConfig.instance().set_config(compose("search", overrides=[], return_hydra_config=True))
+    try:
+        with pytest.raises(SystemExit) as exit_:  # the entry point's handling: exit 1, the message logged as one line
+            run_entry(failing, OmegaConf.create({"resume": None}))
+    finally:
+        HydraConfig.instance().cfg = None
+    assert exit_.value.code == 1
+
+
 def test_token_budget_stops_the_search(tmp_path):
     cfg = cfg_for(["strategy=random", "strategy.trials=50", "strategy.budget_tokens=1000"])
     m = search_black_box(cfg, str(tmp_path), evaluate=toy(cfg)[0])

@@ -29,6 +29,7 @@ from nas.atomic import atomic_write_text
 from nas.engine.resume import Interrupted, interrupted, open_run, stop_requested, stop_signals
 from nas.engine.rundir import scoped
 from nas.engine.tb import log_genotype, log_genotype_figure
+from nas.errors import SearchFailed
 from nas.genotype import Genotype
 from nas.spaces import build_space
 from nas.strategies import STRATEGIES
@@ -212,7 +213,7 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
         ``genotype.json`` and ``genotype.png`` (the best; of the whole study when ``strategy.storage`` is shared), ``metrics.json``, ``tb/``, ``config.yaml``,
         ``study.db`` (bayesian with the default storage).
     Raises:
-        ConfigError: a bad budget, sampler or storage.  RuntimeError: every trial failed.
+        ConfigError: a bad budget, sampler or storage.  SearchFailed: every trial failed.
     """
     from nas.config import SearchConfig
 
@@ -297,7 +298,8 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
         log.info("the shared study's best trial is another worker's: %s = %s", metric, best_value)
     if best_genotype is None:
         writer.close()
-        raise RuntimeError(f"no trial of {cfg.strategy.name} succeeded; see {trials.path}")
+        raise SearchFailed(f"no trial of {cfg.strategy.name} succeeded (this worker's or, in a shared study, "
+                           f"another's), so there is no genotype; see {trials.path} and the log")
     best_genotype.save(os.path.join(run_dir, "genotype.json"))
     log_genotype_figure(writer, best_genotype, trials.n, os.path.join(run_dir, "genotype.png"))
     writer.close()
