@@ -19,7 +19,7 @@ Several workers (``strategy.storage`` set, for ``random`` too, which then draws 
 each proposal is an Optuna trial of the shared study, and the budget (``trials`` finished trials) is the study's,
 not the worker's.  With an RDB storage (``sqlite:///...`` on one machine, ``postgresql://...`` across machines)
 a worker records a heartbeat for its running trial every ``heartbeat_interval`` seconds; a trial whose heartbeat
-is older than ``grace_period`` (its worker died) is marked FAIL by the next worker that looks
+is older than ``grace_period`` (its worker died, or is paused) is marked FAIL by the next worker that looks
 (``optuna.storages.fail_stale_trials``), and the study goes on without it.
 """
 from __future__ import annotations
@@ -355,8 +355,8 @@ class BayesianStrategy:
             optuna.storages.fail_stale_trials(self.study)
         failed = [t.number for t in self.study.get_trials(deepcopy=False, states=(State.FAIL,)) if t.number in running]
         for number in failed:
-            log.warning("trial %d of study %r sent no heartbeat for %s s (its worker died): marked failed; the study "
-                        "goes on without it", number, self.cfg.study_name, self.storage.get_heartbeat_interval() * 2
+            log.warning("trial %d of study %r sent no heartbeat for %s s (its worker died, or is paused: one that comes "
+                        "back keeps its result as a new trial): marked failed; the study goes on without it", number, self.cfg.study_name, self.storage.get_heartbeat_interval() * 2
                         if self.cfg.grace_period is None else self.cfg.grace_period)
 
     def _result_of(self, choice: dict, number: int, poll_seconds: float = 0.2) -> Optional[float]:
