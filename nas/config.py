@@ -130,6 +130,57 @@ class TrainConfig(LMRunConfig):
     eval_bptt: Optional[int] = None
 
 
+#: the range of every numeric setting with one (keys absent from a config, e.g. another space's, are skipped):
+#: ``(low, low_open, high, high_open)``; ``None`` bounds are unbounded, and a null value is allowed where the
+#: schema's type is Optional.  Checked by :func:`check_ranges` before a run writes anything.
+RANGES = {
+    "epochs": (1, False, None, False), "batch_size": (1, False, None, False), "eval_batch_size": (1, False, None, False),
+    "bptt": (1, False, None, False), "max_seq_len_delta": (0, False, None, False), "lr": (0, True, None, False),
+    "weight_decay": (0, False, None, False), "clip": (0, True, None, False), "ar_alpha": (0, False, None, False),
+    "tar_beta": (0, False, None, False), "limit_train_batches": (1, False, None, False),
+    "limit_eval_batches": (1, False, None, False), "log_every": (1, False, None, False),
+    "test_batch_size": (1, False, None, False), "eval_bptt": (1, False, None, False),
+    "space.emsize": (1, False, None, False), "space.nhid": (1, False, None, False), "space.steps": (1, False, None, False),
+    "space.nodes": (1, False, None, False), "space.k": (1, False, None, False), "space.heads": (1, False, None, False),
+    "space.init_range": (0, True, None, False),
+    **{f"space.{d}": (0, False, 1, True) for d in ("dropout", "dropouth", "dropoutx", "dropouti", "dropoute", "dropouta")},
+    "strategy.arch_lr": (0, True, None, False), "strategy.arch_weight_decay": (0, False, None, False),
+    "strategy.alpha_init_std": (0, False, None, False),
+}
+
+
+def _in_range(value, low, low_open, high, high_open) -> bool:
+    return ((low is None or (value > low if low_open else value >= low))
+            and (high is None or (value < high if high_open else value <= high)))
+
+
+def check_ranges(cfg) -> None:
+    """Refuse a numeric setting outside its range (:data:`RANGES`): a negative ``clip`` would run gradient ascent to
+    the end and report success, a negative ``lr`` or a dropout of 1.5 would fail deep inside torch with a traceback.
+
+    Raises:
+        ConfigError: naming every key out of range, its value and the range.
+    """
+    from omegaconf import OmegaConf
+
+    from nas.errors import ConfigError
+
+    bad = []
+    for key, (low, low_open, high, high_open) in RANGES.items():
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue  # absent, null (Optional), or not numeric
+        if not _in_range(value, low, low_open, high, high_open):
+            lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+            hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+            bad.append(f"{key}={value} (must be {' and '.join(x for x in (lo, hi) if x)})")
+    betas = OmegaConf.select(cfg, "strategy.arch_betas", default=None, throw_on_missing=False)
+    if betas is not None and not all(0 <= b < 1 for b in betas):
+        bad.append(f"strategy.arch_betas={list(betas)} (each must be >= 0 and < 1)")
+    if bad:
+        raise ConfigError(f"out of range: {'; '.join(bad)}")
+
+
 def register_configs() -> None:
     """Store the schemas (idempotent).  Importing the spaces and strategies registers theirs."""
     import nas.spaces  # noqa: F401

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 import nas.config  # noqa: F401  (stores the config schemas)
 from nas.cli import PRESETS, _dotted_keys, _prepare_argv
+from nas.config import check_ranges
 from nas.engine.rundir import LOCK_FILE, RunDirBusy, holds, own_run_dir, release_run_dir, run_dir_scope
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -208,6 +209,8 @@ def test_a_comparison_refuses_an_output_folder_in_use(tmp_path):
     ("search.py", ["experiment=smoke", "dataset.root=MISSING"], "DataError"),
     ("search.py", ["experiment=smoke", "device=cuda:7"], "ConfigError"),
     ("search.py", ["resume=MISSING"], "ConfigError"),
+    ("search.py", ["experiment=smoke", "clip=-1"], "ConfigError"),
+    ("train.py", ["experiment=smoke", "arch=darts_v2", "lr=-1"], "ConfigError"),
 ])
 @pytest.mark.parametrize("run_dir", ["default", "given"])
 def test_a_refused_run_leaves_nothing_behind(tmp_path, script, args, error, run_dir):
@@ -272,7 +275,7 @@ def test_every_preset_belongs_to_the_scripts_it_names(tmp_path, monkeypatch, cap
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
         for name, scripts in PRESETS.items():
             for script in scripts:
-                compose(os.path.splitext(script)[0], [f"experiment={name}"])
+                check_ranges(compose(os.path.splitext(script)[0], [f"experiment={name}"]))  # and in range
     for name, scripts in PRESETS.items():
         for script in {"search.py", "train.py"} - set(scripts):
             line = refusal(script, [f"experiment={name}"], tmp_path, monkeypatch, capsys)
@@ -299,6 +302,11 @@ def test_help_is_the_projects_own_and_names_only_what_exists(tmp_path, script):
             assert re.search(rf"\b{os.path.splitext(option)[0]}\b", listed[group]), (group, option)
     for name, scripts in PRESETS.items():
         assert (re.search(rf"\b{name}\b", listed["experiment"]) is not None) == (script in scripts), name
+    if script == "search.py":  # the launchers a sweep of workers needs: Hydra's basic one and conf/hydra/launcher/
+        launchers = re.search(r"^  hydra/launcher +(.*(?:\n {14}.*)*)", groups, re.M).group(1)
+        for option in ["basic"] + [os.path.splitext(f)[0] for f in os.listdir(os.path.join(ROOT, "conf", "hydra",
+                                                                                             "launcher"))]:
+            assert re.search(rf"\b{option}\b", launchers), option
 
     section = text.split("Main keys")[1].split("Examples:")[0].split("\n", 1)[1]
     keys = set()
@@ -315,3 +323,37 @@ def test_help_is_the_projects_own_and_names_only_what_exists(tmp_path, script):
         cfgs = [compose(name, v, return_hydra_config=True) for v in variants]
     existing = set().union(*(_dotted_keys(OmegaConf.to_container(c, resolve=False)) for c in cfgs))
     assert keys <= existing, keys - existing
+
+
+def test_a_resume_of_the_other_scripts_run_names_the_script_and_leaves_that_run_alone(tmp_path, monkeypatch, capsys):
+    """train.py resume=<a search run>: one line naming search.py, refused before taking the dir (its lock note and
+    files unchanged, no resumes/ dir)."""
+    run = tmp_path / "search_run"
+    run.mkdir()
+    (run / "config.yaml").write_text("strategy:\n  name: darts\nseed: 0\n")
+    (run / "checkpoint.pt").write_bytes(b"unfinished")
+    (run / LOCK_FILE).write_text("pid 1 on host: search.py (since then)\n")
+    before = tree(run)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    line = refusal("train.py", [f"resume={run}"], cwd, monkeypatch, capsys)
+    assert line == f"ConfigError: resume={run} is a run of search.py: resume it with `python search.py resume={run}`"
+    assert tree(run) == before
+
+
+@pytest.mark.parametrize("override,named", [
+    ("clip=-1", "clip=-1.0 (must be > 0)"), ("lr=0", "lr=0.0 (must be > 0)"), ("epochs=0", "epochs=0 (must be >= 1)"),
+    ("space.dropout=1.5", "space.dropout=1.5 (must be >= 0 and < 1)"), ("space.dropoute=1", "space.dropoute=1.0"),
+    ("strategy.arch_lr=-1", "strategy.arch_lr=-1.0 (must be > 0)"), ("batch_size=0", "batch_size=0 (must be >= 1)"),
+    ("strategy.arch_betas=[0.9,1.0]", "strategy.arch_betas=[0.9, 1.0]"), ("limit_train_batches=0", "limit_train_batches=0"),
+])
+def test_out_of_range_settings_are_refused_naming_the_key_and_range(override, named):
+    from nas.config import check_ranges
+    from nas.errors import ConfigError
+
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
+        ok = compose("search", ["experiment=smoke"])
+        bad = compose("search", ["experiment=smoke", override])
+    check_ranges(ok)  # the presets' values are in range
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        check_ranges(bad)

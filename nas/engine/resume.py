@@ -248,6 +248,8 @@ def resume_config(cfg, schema, given=RUNTIME_KEYS):
                 raise ConfigError(f"resume={cfg.resume} is a run of {script}: resume it with `python {script} "
                                   f"resume={cfg.resume}`")
         saved = OmegaConf.merge(OmegaConf.structured(schema), raw)
+    except ConfigError:
+        raise
     except (OmegaConfBaseException, OSError, ValueError) as err:
         raise ConfigError(f"resume={cfg.resume}: {path} is not a valid run config ({err})") from None
     resolve_saved_paths(saved, run_dir)  # a run saved before paths were resolved at its start (r02)
@@ -292,6 +294,8 @@ def open_run(cfg, run_dir: Optional[str], schema, script: str, continue_same: bo
     from nas.engine.paths import pin_data_folder, resolve_paths
     from nas.engine.rundir import own_run_dir
 
+    from nas.config import check_ranges
+
     if cfg.get("resume"):
         cfg, run_dir = resume_config(cfg, schema)
         check_nan_policy(cfg, script)
@@ -299,6 +303,7 @@ def open_run(cfg, run_dir: Optional[str], schema, script: str, continue_same: bo
             own_run_dir(run_dir, f"resume={cfg.resume}: the run dir")
         return cfg, run_dir, os.path.isfile(os.path.join(run_dir, CHECKPOINT))
     check_nan_policy(cfg, script)
+    check_ranges(cfg)  # before anything is written: a refused run leaves nothing
     resolve_paths(cfg)  # r02: a resume from another directory must read the very same files
     pin_data_folder(cfg)  # (and dataset.root=null: the folder $NAS_DATA or the cache gave)
     run_dir = os.path.abspath(run_dir or run_dir_from_hydra())
