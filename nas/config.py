@@ -141,7 +141,7 @@ RANGES = {
     "limit_eval_batches": (1, False, None, False), "log_every": (1, False, None, False),
     "test_batch_size": (1, False, None, False), "eval_bptt": (1, False, None, False),
     "space.emsize": (1, False, None, False), "space.nhid": (1, False, None, False), "space.steps": (1, False, None, False),
-    "space.nodes": (1, False, None, False), "space.k": (1, False, None, False), "space.heads": (1, False, None, False),
+    "space.nodes": (2, False, None, False), "space.k": (1, False, None, False), "space.heads": (1, False, None, False),
     "space.init_range": (0, True, None, False),
     **{f"space.{d}": (0, False, 1, True) for d in ("dropout", "dropouth", "dropoutx", "dropouti", "dropoute", "dropouta")},
     "strategy.arch_lr": (0, True, None, False), "strategy.arch_weight_decay": (0, False, None, False),
