@@ -200,19 +200,24 @@ def test_a_comparison_refuses_an_output_folder_in_use(tmp_path):
 # --- refused runs leave nothing (u01.2) ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("script,args,error", [
+REFUSED_BEFORE_HYDRA = [  # refused by prepare_argv: Hydra never starts, so a given run dir cannot be touched
     ("search.py", ["+foo=1"], "UsageError"),
     ("search.py", ["strategy.unroled=true"], "UsageError"),
     ("search.py", ["experiment=darts_ptb_retrain"], "UsageError"),
     ("train.py", ["experiment=darts_ptb", "arch=darts_v2"], "UsageError"),
+    ("search.py", ["resume=MISSING"], "ConfigError"),
+]
+REFUSED_IN_THE_RUN = [  # refused inside the run, after Hydra wrote .hydra/ and the log: taken away again
     ("train.py", ["experiment=smoke", "arch=CORRUPT"], "GenotypeError"),
     ("search.py", ["experiment=smoke", "dataset.root=MISSING"], "DataError"),
     ("search.py", ["experiment=smoke", "device=cuda:7"], "ConfigError"),
-    ("search.py", ["resume=MISSING"], "ConfigError"),
     ("search.py", ["experiment=smoke", "clip=-1"], "ConfigError"),
     ("train.py", ["experiment=smoke", "arch=darts_v2", "lr=-1"], "ConfigError"),
-])
-@pytest.mark.parametrize("run_dir", ["default", "given"])
+]
+
+
+@pytest.mark.parametrize("script,args,error,run_dir", [c + ("default",) for c in REFUSED_BEFORE_HYDRA] +
+                         [c + (where,) for c in REFUSED_IN_THE_RUN for where in ("default", "given")])
 def test_a_refused_run_leaves_nothing_behind(tmp_path, script, args, error, run_dir):
     """u01.2: no outputs/ dir, no .hydra/, no log, no lock file; a hydra.run.dir that existed stays as it was."""
     import torch
