@@ -227,7 +227,7 @@ def _prepare_argv(argv: list, script: str) -> list:
     other script, a config that does not compose (a misspelled key gets the closest valid one), a ``resume=`` of no
     run or of a run another process is running, a ``hydra.run.dir`` that holds a run or that another process owns.
     """
-    from nas.engine.resume import check_fresh_run_dir, run_dir_status
+    from nas.engine.resume import check_fresh_run_dir, check_resumable
     from nas.engine.rundir import own_run_dir
     from nas.errors import ConfigError
 
@@ -245,17 +245,7 @@ def _prepare_argv(argv: list, script: str) -> list:
         resume = args.get("resume")
         if resume:
             resume = os.path.abspath(resume)
-            if not os.path.isdir(resume):
-                raise ConfigError(f"resume={args['resume']}: no such run dir")
-            if not os.path.isfile(os.path.join(resume, "config.yaml")):
-                raise ConfigError(f"resume={args['resume']}: {os.path.join(resume, 'config.yaml')} is missing, so "
-                                  "this is not a run dir of search.py/train.py")
-            if run_dir_status(resume) == "finished":
-                raise ConfigError(f"resume={args['resume']}: that run has finished (metrics.json); nothing to resume")
-            other = "train.py" if script == "search.py" else "search.py"
-            if _run_of(resume) == other:  # before taking the dir: it is not this script's to touch
-                raise ConfigError(f"resume={args['resume']} is a run of {other}: resume it with `python {other} "
-                                  f"resume={args['resume']}`")
+            check_resumable(resume, args["resume"], script)  # before taking the dir: reads nothing else
             if "hydra.run.dir" not in args:  # Hydra's files of this command: <run dir>/resumes/<time>/
                 overrides = overrides + [f"hydra.run.dir={os.path.join(resume, 'resumes', '${now:%Y-%m-%d_%H-%M-%S_%f}')}"]
                 argv = argv + [overrides[-1]]
@@ -274,18 +264,6 @@ def _prepare_argv(argv: list, script: str) -> list:
         print(f"{type(err).__name__}: {err}", file=sys.stderr)
         sys.exit(1)
     return [a for a in argv if not a.startswith("hydra.run.dir=")] + [f"hydra.run.dir={run_dir}"]
-
-
-def _run_of(run_dir: str) -> Optional[str]:
-    """The script whose run ``run_dir`` holds, from its ``config.yaml`` (``arch``: train.py, ``strategy``:
-    search.py), or None when that cannot be told."""
-    from omegaconf import OmegaConf
-
-    try:
-        keys = OmegaConf.load(os.path.join(run_dir, "config.yaml")).keys()
-    except Exception:  # noqa: BLE001 (an unreadable config: resume_config reports it)
-        return None
-    return "train.py" if "arch" in keys else "search.py" if "strategy" in keys else None
 
 
 def _remember_created(run_dir: str) -> None:

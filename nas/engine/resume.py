@@ -217,6 +217,29 @@ def check_fresh_run_dir(run_dir: str, script: str) -> None:
                           f"`python {script} resume={run_dir}` or choose another hydra.run.dir")
 
 
+def check_resumable(run_dir: str, given: str, script: str) -> None:
+    """Refuse ``resume=<given>`` (``run_dir``: its absolute path) unless it is an unfinished run of ``script``: the
+    checks that read nothing but the dir, so the command line makes them before it takes the dir.
+
+    Raises:
+        ConfigError: no such dir, no ``config.yaml`` in it, a finished run, or a run of the other script (naming it).
+    """
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isdir(run_dir):
+        raise ConfigError(f"resume={given}: no such run dir")
+    if not os.path.isfile(path):
+        raise ConfigError(f"resume={given}: {path} is missing, so this is not a run dir of search.py/train.py")
+    if run_dir_status(run_dir) == "finished":
+        raise ConfigError(f"resume={given}: that run has finished (metrics.json); nothing to resume")
+    try:
+        keys = OmegaConf.load(path).keys()
+    except Exception:  # noqa: BLE001 (an unreadable config: resume_config reports it with the schema's error)
+        return
+    for key, owner in (("arch", "train.py"), ("strategy", "search.py")):
+        if key in keys and owner != script:
+            raise ConfigError(f"resume={given} is a run of {owner}: resume it with `python {owner} resume={given}`")
+
+
 def resume_config(cfg, schema, given=RUNTIME_KEYS):
     """The config to resume ``cfg.resume`` with: that run's ``config.yaml`` (checked against ``schema``), with
     the :data:`RUNTIME_KEYS` in ``given`` and ``resume`` taken from ``cfg`` (the command line passes only the
@@ -235,21 +258,9 @@ def resume_config(cfg, schema, given=RUNTIME_KEYS):
 
     run_dir = absolute_path(cfg.resume)
     path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isdir(run_dir):
-        raise ConfigError(f"resume={cfg.resume}: no such run dir")
-    if not os.path.isfile(path):
-        raise ConfigError(f"resume={cfg.resume}: {path} is missing, so this is not a run dir of search.py/train.py")
-    if run_dir_status(run_dir) == "finished":
-        raise ConfigError(f"resume={cfg.resume}: that run has finished (metrics.json); nothing to resume")
+    check_resumable(run_dir, cfg.resume, "train.py" if "arch" in OmegaConf.structured(schema).keys() else "search.py")
     try:
-        raw = OmegaConf.load(path)
-        for key, script in (("arch", "train.py"), ("strategy", "search.py")):
-            if key in raw and key not in OmegaConf.structured(schema).keys():
-                raise ConfigError(f"resume={cfg.resume} is a run of {script}: resume it with `python {script} "
-                                  f"resume={cfg.resume}`")
-        saved = OmegaConf.merge(OmegaConf.structured(schema), raw)
-    except ConfigError:
-        raise
+        saved = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path))
     except (OmegaConfBaseException, OSError, ValueError) as err:
         raise ConfigError(f"resume={cfg.resume}: {path} is not a valid run config ({err})") from None
     resolve_saved_paths(saved, run_dir)  # a run saved before paths were resolved at its start (r02)
