@@ -137,7 +137,7 @@ def run_case(kind, hidden, batch, nodes, unrolled, device_name, steps, warmup, c
     import nas.config  # noqa: F401
     from nas.data import get_batch
     from nas.engine.common import compile_model, seed_everything
-    from nas.engine.lm import weight_step
+    from nas.tasks.language_modeling import weight_step
     from nas.engine.search import build_search, search_step
     from nas.published import load_published
     from nas.strategies.darts import Batch

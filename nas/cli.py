@@ -356,7 +356,7 @@ def run_entry(fn: Callable[[DictConfig], object], cfg: DictConfig) -> None:
     from nas import distributed
     from nas.data import DataError
     from nas.engine.common import CheckpointError
-    from nas.engine.lm import NonFiniteLossError
+    from nas.errors import NonFiniteLossError
     from nas.engine.resume import Interrupted, stop_signals
     from nas.errors import ConfigError, SearchFailed
     from nas.genotype import GenotypeError

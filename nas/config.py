@@ -24,6 +24,9 @@ class DatasetConfig:
     """
 
     name: str = "ptb"
+    #: the task this dataset is for (a name in nas.tasks.TASKS: language_modeling, classification); null: the
+    #: dataset's task before this key existed (sst2: classification, any other: language_modeling)
+    task: Optional[str] = None
     root: Optional[str] = None
     download: bool = False
     cache_dir: Optional[str] = None

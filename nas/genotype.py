@@ -12,7 +12,7 @@ may take inputs from nodes ``0 .. i-1``; ``concat`` lists the nodes averaged int
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
@@ -46,6 +46,10 @@ class Genotype:
         concat: indices of the nodes whose mean (or combination) forms the cell output.
         k: the edges-per-node budget it was derived with (a node i keeps ``min(k, i)`` edges), or None when
             the genotype does not record one (published genotypes); stored in the JSON when set.
+        task, dataset: where it was searched (``language_modeling`` on ``ptb``, ``classification`` on ``sst2``...),
+            or None when not recorded (published genotypes, files written before these fields); stored in the JSON
+            when set.  They describe the genotype's origin, not the architecture: two genotypes that differ only
+            there are equal.  ``train.py arch=`` takes the dataset from them (:mod:`nas.cli`).
 
     Raises:
         GenotypeError: on construction, if an op is unknown or zero, an input is not an earlier node,
@@ -58,6 +62,8 @@ class Genotype:
     nodes: Tuple[Tuple[Edge, ...], ...]
     concat: Tuple[int, ...]
     k: Optional[int] = None
+    task: Optional[str] = field(default=None, compare=False)
+    dataset: Optional[str] = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ops", tuple(self.ops))
@@ -105,7 +111,7 @@ class Genotype:
     # -- JSON -------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         """A JSON-ready dict: ``{"space", "ops", "nodes": [[{"op", "input"}, ...], ...], "concat"}`` (and
-        ``"k"`` when set)."""
+        ``"k"``, ``"task"``, ``"dataset"`` when set)."""
         d = {
             "space": self.space,
             "ops": list(self.ops),
@@ -114,7 +120,14 @@ class Genotype:
         }
         if self.k is not None:
             d["k"] = self.k
+        for key in ("task", "dataset"):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
         return d
+
+    def with_origin(self, task: Optional[str], dataset: Optional[str]) -> "Genotype":
+        """The same genotype recording the task and dataset it was searched for."""
+        return replace(self, task=task, dataset=dataset)
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "genotype") -> "Genotype":
@@ -129,7 +142,8 @@ class Genotype:
                           for node in d["nodes"])
             return cls(space=str(d["space"]), ops=tuple(str(o) for o in d["ops"]), nodes=nodes,
                        concat=tuple(_as_int(c) for c in d["concat"]),
-                       k=_as_int(d["k"]) if d.get("k") is not None else None)
+                       k=_as_int(d["k"]) if d.get("k") is not None else None,
+                       task=_name(d, "task"), dataset=_name(d, "dataset"))
         except GenotypeError as err:
             raise GenotypeError(f"{where}: {err}") from None
         except (KeyError, TypeError, ValueError) as err:
@@ -165,6 +179,13 @@ class Genotype:
         nodes = "; ".join(f"{i}<-" + ",".join(f"{e.op}({e.input})" for e in node)
                           for i, node in enumerate(self.nodes, start=1))
         return f"{self.space}[{nodes}] concat={list(self.concat)}"
+
+
+def _name(d: dict, key: str) -> Optional[str]:
+    value = d.get(key)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise GenotypeError(f"'{key}' must be a name, got {value!r}")
+    return value
 
 
 def _as_int(x) -> int:

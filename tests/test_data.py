@@ -258,7 +258,7 @@ def test_run_with_a_corpus_smaller_than_one_batch_names_the_split_and_sizes(tmp_
     """r06 end to end: prepare_lm_data checks every split's size before batchifying, the training split first."""
     from omegaconf import OmegaConf
 
-    from nas.engine.lm import prepare_lm_data
+    from nas.tasks.language_modeling import prepare_lm_data
 
     root = tmp_path / "ptb"
     root.mkdir()

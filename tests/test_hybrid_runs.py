@@ -13,8 +13,8 @@ from hydra import compose, initialize_config_dir
 
 import nas.config  # noqa: F401  (stores the config schemas)
 from nas.data.sentences import load_sst2
-from nas.engine.classify import classifier_step, evaluate_sentences
-from nas.engine.lm import weight_step
+from nas.tasks.classification import classifier_step, evaluate_sentences
+from nas.tasks.language_modeling import weight_step
 from nas.engine.search import search
 from nas.engine.train import load_trained, train
 from nas.errors import ConfigError

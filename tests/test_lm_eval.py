@@ -8,8 +8,8 @@ from torch import nn
 
 from nas.data import batchify, bptt_segments, get_batch
 from nas.engine.asgd import averaged_weights, make_asgd, make_sgd, nonmono_trigger, set_lr
-from nas.engine.lm import evaluate, lm_objective
-from nas.engine.train import evaluate_lm
+from nas.tasks.language_modeling import evaluate, lm_objective
+from nas.tasks.language_modeling import evaluate_lm
 from nas.published import load_published
 from nas.spaces.darts_rnn import DartsRNNConfig, DartsRNNSpace
 from nas.spaces.lm import LMOutput

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from nas.data import sample_seq_len
-from nas.engine.lm import lm_objective
+from nas.tasks.language_modeling import lm_objective
 from nas.spaces.darts_rnn import DartsRNNConfig, DartsRNNSpace
 from nas.strategies.darts import Batch, DartsConfig, DartsStrategy
 

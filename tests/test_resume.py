@@ -22,7 +22,8 @@ from hydra import compose, initialize_config_dir
 import nas.config  # noqa: F401  (stores the config schemas)
 from nas.cli import UsageError, check_resume_overrides
 from nas.engine.common import CheckpointError
-from nas.engine.lm import EpochMeter, NonFiniteLossError
+from nas.errors import NonFiniteLossError
+from nas.tasks.language_modeling import EpochMeter
 from nas.engine.resume import CHECKPOINT, Interrupted, RollbackLimit, load_resume_checkpoint
 from nas.engine.search import search
 from nas.engine.train import train
@@ -193,9 +194,9 @@ def test_classifier_search_and_train_resume_bit_exact(tmp_path, monkeypatch):
         overrides = common + extra
         whole = fn(compose_cfg(name, overrides), run_dir=str(tmp_path / f"{name}_whole"))
         calls = {"n": 0}
-        import nas.engine.classify as classify
+        import nas.tasks.classification as classify
 
-        original = classify._Meter.record
+        original = classify.SentenceMeter.record
 
         def record(self, *args, _orig=original, **kwargs):
             _orig(self, *args, **kwargs)
@@ -203,7 +204,7 @@ def test_classifier_search_and_train_resume_bit_exact(tmp_path, monkeypatch):
             if calls["n"] == stop_at:
                 os.kill(os.getpid(), signal.SIGTERM)
 
-        monkeypatch.setattr(classify._Meter, "record", record)
+        monkeypatch.setattr(classify.SentenceMeter, "record", record)
         with pytest.raises(Interrupted) as info:
             fn(compose_cfg(name, overrides), run_dir=str(tmp_path / f"{name}_cut"))
         assert info.value.exit_code == 128 + signal.SIGTERM
@@ -260,7 +261,7 @@ def nan_at(monkeypatch, run_dir, calls_with_nan):
     record what the reload must restore: ``seen["best"]``, best.pt as it was on disk at the first NaN, and
     ``seen["after"]``, the state the first step after it starts from (weights, optimizer, lr / (seq_len / bptt),
     the checkpoint written on disk)."""
-    import nas.engine.train as train_mod
+    import nas.tasks.language_modeling as train_mod  # the LM weight update the retraining loop calls
 
     original, seen = train_mod.weight_step, {"n": 0}
 

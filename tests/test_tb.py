@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from nas.engine.lm import NonFiniteLossError
+from nas.errors import NonFiniteLossError
 from nas.engine.resume import Interrupted
 from nas.engine.search import search
 from nas.engine.tb import OTHER_TAGS, SCALAR_TAGS

@@ -14,7 +14,7 @@ import nas.config  # noqa: F401  (stores the schemas)
 from nas.data import batchify, load_corpus
 from nas.engine import train as train_mod
 from nas.engine.common import CheckpointError
-from nas.engine.lm import evaluate
+from nas.tasks.language_modeling import evaluate
 from nas.engine.train import load_trained, train
 from nas.genotype import Genotype, GenotypeError
 from nas.layers import LockedDropout

@@ -105,15 +105,16 @@ def configure_runtime(cfg) -> torch.device:
     return device
 
 
-def check_data_parallel(cfg, classification: bool, task: str) -> None:
-    """Under torchrun, refuse (ConfigError) what does not run data parallel: sentence classification, a
-    ``batch_size`` the processes do not divide, attention dropout (its masks are drawn per shard, inside
-    ``nn.MultiheadAttention``).  ``task`` names the run in the message.  No-op without torchrun."""
+def check_data_parallel(cfg, data_parallel: bool, job: str) -> None:
+    """Under torchrun, refuse (ConfigError) what does not run data parallel: a task without a data-parallel path
+    (``data_parallel`` False: sentence classification), a ``batch_size`` the processes do not divide, attention
+    dropout (its masks are drawn per shard, inside ``nn.MultiheadAttention``).  ``job`` names the run in the message.
+    No-op without torchrun."""
     if distributed.launched() is None:
         return
-    if classification:
-        raise ConfigError(f"dataset={cfg.dataset.name}: data-parallel (torchrun) {task} covers the language-model "
-                          "datasets (ptb, wikitext2); run sentence classification as one process")
+    if not data_parallel:
+        raise ConfigError(f"dataset={cfg.dataset.name}: data-parallel (torchrun) {job} covers the language-model "
+                          "datasets (ptb, wikitext2); run this task as one process")
     distributed.check_divisible(cfg.batch_size, "batch_size")
     if cfg.space.get("dropouta", 0.0) > 0:
         raise ConfigError("space.dropouta > 0 under torchrun: attention dropout draws its masks inside "

@@ -34,8 +34,7 @@ from omegaconf import OmegaConf
 from nas import distributed
 from nas.atomic import atomic_write
 from nas.engine.common import CheckpointError, load_checkpoint, rng_state, set_rng_state
-from nas.engine.lm import NonFiniteLossError
-from nas.errors import ConfigError
+from nas.errors import ConfigError, NonFiniteLossError
 
 log = logging.getLogger(__name__)
 
@@ -518,9 +517,9 @@ class NullWriter:
         return lambda *args, **kwargs: None
 
 
-def start_run(keeper: Keeper, resuming: bool, cfg_yaml: str, genotype=None):
+def start_run(keeper: Keeper, resuming: bool, cfg_yaml: str, genotype=None, tags=()):
     """Resume ``keeper``'s run (or write its first checkpoint) and open its TensorBoard writer, a
-    :class:`nas.engine.tb.CommittedWriter` of the script's tags that the keeper commits with each checkpoint (so a
+    :class:`nas.engine.tb.CommittedWriter` of the script's tags (and the task's own ``tags``) that the keeper commits with each checkpoint (so a
     resumed run finds no events past its checkpoint, and purges nothing).  Returns the writer."""
     from torch.utils.tensorboard import SummaryWriter
 
@@ -533,7 +532,7 @@ def start_run(keeper: Keeper, resuming: bool, cfg_yaml: str, genotype=None):
             keeper.save()  # (a collective on every rank)
         return NullWriter()
     writer = keeper.writer = CommittedWriter(SummaryWriter(os.path.join(keeper.run_dir, "tb")),
-                                             SCALAR_TAGS[keeper.script])
+                                             (*SCALAR_TAGS[keeper.script], *tags))
     if not resuming:
         writer.add_text("config", f"```\n{cfg_yaml}\n```", 0)
         if genotype is not None:

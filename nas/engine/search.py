@@ -1,10 +1,10 @@
-"""The one-shot search loop (DARTS, Liu et al. 2019, Algorithm 1; RNN settings of sec. 3.2 / A.1.2).
+"""The one-shot search loop (DARTS, Liu et al. 2019, Algorithm 1), written once for every task.
 
-Per training segment: sample a variable bptt length (AWD-LSTM sec. 4.1) and scale the weight learning
-rate by ``seq_len / bptt``; update α on a held-out segment (``strategy.step``); then update the weights on
-the training segment with SGD, gradient clipping and AR/TAR.  Hidden states are carried across segments
-and detached.  Each epoch: exact validation perplexity of the supernet, the derived genotype, TensorBoard,
-and an atomic checkpoint.  Everything lands in the run directory.
+Per training step: the task gives the weights' batch and a held-out batch for α (:meth:`nas.tasks.base.Task.batches`;
+language models: variable-length BPTT segments, the step's lr scaled by ``seq_len / bptt`` as in AWD-LSTM sec. 4.1);
+the strategy updates α on the held-out batch (``strategy.step``), then the task's weight update runs (gradient
+clipping; AR/TAR for language models).  Each epoch: the supernet's validation metric (perplexity or accuracy), the
+derived genotype, TensorBoard, and an atomic checkpoint.  Everything lands in the run directory.
 """
 from __future__ import annotations
 
@@ -12,27 +12,23 @@ import json
 import logging
 import math
 import os
-from functools import partial
 from typing import NamedTuple, Optional
 
 import torch
 from omegaconf import OmegaConf
 
-from nas.data import bptt_segments, get_batch
+from nas import distributed
+from nas.atomic import atomic_write_text
+from nas.engine.asgd import SEARCH_OPTIMIZERS, make_optimizer, set_lr
 from nas.engine.common import check_data_parallel, compile_model, configure_runtime, seed_everything
 from nas.engine.resume import Keeper, load_into, open_run, resume_config, start_run, stop_signals
 from nas.engine.rundir import scoped
-from nas.engine.asgd import SEARCH_OPTIMIZERS, make_optimizer, set_lr
-from nas.engine.lm import (EpochMeter, LMData, LMLoop, NonFiniteLossError, evaluate, lm_objective,
-                           prepare_lm_data, token_progress_bar, weight_step)
-from nas.engine.blackbox import TrialLog
 from nas.engine.tb import log_alphas, log_genotype, log_genotype_figure
-from nas import distributed
-from nas.atomic import atomic_write_text
+from nas.engine.trials import TrialLog
+from nas.errors import ConfigError, NonFiniteLossError
 from nas.spaces import build_space
 from nas.strategies import STRATEGIES
-from nas.errors import ConfigError
-from nas.strategies.darts import Batch
+from nas.tasks import Step, Task, make_task
 
 log = logging.getLogger(__name__)
 
@@ -41,34 +37,37 @@ class SearchSetup(NamedTuple):
     """Everything a one-shot search step needs (see :func:`build_search`)."""
 
     device: torch.device
-    data: LMData
+    data: object
     space: object
     model: torch.nn.Module
     strategy: object
     w_optimizer: torch.optim.Optimizer
+    task: Optional[Task] = None
 
 
-def build_search(cfg, data: Optional[LMData] = None) -> SearchSetup:
-    """Build data, space, supernet, strategy and the weight optimizer from a SearchConfig.
+def build_search(cfg, data=None, task: Optional[Task] = None) -> SearchSetup:
+    """Build data, space, supernet, strategy and the weight optimizer from a SearchConfig, for its task
+    (``dataset.task``; ``task`` given: that one).
 
     Call :func:`nas.engine.common.seed_everything` first for a reproducible initialization.
-    ``data`` may be passed to reuse already batchified splits.
+    ``data`` may be passed to reuse already prepared splits.
     Raises:
-        KeyError: unknown space or strategy.  nas.data.DataError: data missing or too small.
+        KeyError: unknown space or strategy.  nas.data.DataError: data missing or too small.  ConfigError: a space
+        that cannot build the task's models, or a setting the task does not take.
     """
+    task = task or make_task(cfg)
     device = configure_runtime(cfg)
     strategy_cls = STRATEGIES.get(cfg.strategy.name)
-    if data is None:
-        data = prepare_lm_data(cfg, device, alpha_split=cfg.strategy.get("alpha_split", "valid"),
-                               score_batch_size=cfg.strategy.get("score_batch_size"))
     space = build_space(cfg.space)
-    model = space.build_supernet(data.ntoken).to(device)
+    task.check(cfg, space, "search")
+    if data is None:
+        data = task.prepare(cfg, device, alpha_split=cfg.strategy.get("alpha_split", "valid"))
+    model = space.build_supernet(data.ntoken, **task.model_args(data)).to(device)
     compile_model(model, cfg.compile)
-    objective = partial(lm_objective, ar_alpha=cfg.ar_alpha, tar_beta=cfg.tar_beta)
-    strategy = strategy_cls(cfg.strategy, space, model, objective, weight_decay=cfg.weight_decay, clip=cfg.clip,
-                            seed=cfg.seed)
+    strategy = strategy_cls(cfg.strategy, space, model, task.objective(cfg), weight_decay=cfg.weight_decay,
+                            clip=cfg.clip, seed=cfg.seed)
     w_optimizer = make_search_optimizer(cfg, model)
-    return SearchSetup(device, data, space, model, strategy, w_optimizer)
+    return SearchSetup(device, data, space, model, strategy, w_optimizer, task)
 
 
 def make_search_optimizer(cfg, model) -> torch.optim.Optimizer:
@@ -78,22 +77,29 @@ def make_search_optimizer(cfg, model) -> torch.optim.Optimizer:
     return make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
 
 
-def search_step(setup: SearchSetup, cfg, train: Batch, valid: Batch, lr_scale: float = 1.0):
-    """One bilevel step: α on the held-out segment, then the weights on the training segment.
+def one_shot_step(setup: SearchSetup, cfg, step: Step, lr_scale: float = 1.0):
+    """One bilevel step: α on ``step.alpha``, then the weights on ``step.train``.
 
-    The weight lr is ``cfg.lr * lr_scale * seq_len / bptt`` (AWD-LSTM sec. 4.1; ``lr_scale`` < 1 after a
-    ``nan_policy=rollback``) for this step, and ξ of the second-order update is that same lr (DARTS
-    reference code).
-    Returns ``(raw training NLL in nats/token, hidden [B, H], hidden_valid [B, H])``, both detached.
+    The weight lr is ``cfg.lr * lr_scale * step.lr_factor`` (``lr_scale`` < 1 after a ``nan_policy=rollback``) for
+    this step, and ξ of the second-order update is that same lr (DARTS reference code).
+    Returns ``(StepResult of the weight update, what the strategy's step returned)`` (a language model: the α
+    batch's hidden state [B, H], detached).
     Raises:
         NonFiniteLossError: the training loss is NaN/inf (no weight update was made).
     """
-    lr = cfg.lr * lr_scale * train.data.size(0) / cfg.bptt
+    lr = cfg.lr * lr_scale * step.lr_factor
     set_lr(setup.w_optimizer, lr)
-    hidden_valid = setup.strategy.step(train, valid, lr)
-    raw, hidden = weight_step(setup.model, setup.w_optimizer, train.data, train.targets, train.hidden, cfg.clip,
-                              cfg.ar_alpha, cfg.tar_beta, setup.strategy.edge_weights())
-    return raw, hidden, hidden_valid
+    alpha_carry = setup.strategy.step(step.train, step.alpha, lr)
+    result = setup.task.weight_step(setup.model, setup.w_optimizer, step.train, cfg, setup.strategy.edge_weights())
+    return result, alpha_carry
+
+
+def search_step(setup: SearchSetup, cfg, train, valid, lr_scale: float = 1.0):
+    """:func:`one_shot_step` for a language model's segments (:class:`nas.tasks.base.Batch`): the lr factor is
+    ``seq_len / bptt`` (AWD-LSTM sec. 4.1).
+    Returns ``(raw training NLL in nats/token, hidden [B, H], hidden_valid [B, H])``, both detached."""
+    result, hidden_valid = one_shot_step(setup, cfg, Step(train, valid, train.data.size(0) / cfg.bptt), lr_scale)
+    return result.loss, result.carry, hidden_valid
 
 
 def strategy_summary(strategy_cfg) -> str:
@@ -107,11 +113,12 @@ def strategy_summary(strategy_cfg) -> str:
             f"fd_masks={strategy_cfg.fd_masks})")
 
 
-def _alpha_shape(strategy):
+def alpha_shape(strategy):
+    """The shape of the strategy's α for the log (None: a strategy without α)."""
     return tuple(strategy.alphas.shape) if hasattr(strategy, "alphas") else None
 
 
-def _lrs(w_optimizer, strategy) -> dict:
+def learning_rates(w_optimizer, strategy) -> dict:
     """The learning rates to log: the weights', and α's when the strategy has α."""
     out = {"lr/weights": w_optimizer.param_groups[0]["lr"]}
     if hasattr(strategy, "optimizer"):
@@ -120,7 +127,7 @@ def _lrs(w_optimizer, strategy) -> dict:
 
 
 class OneShotOutputs:
-    """What a one-shot search writes, shared by the language-model and the classification loops: after each
+    """What a one-shot search writes: after each
     epoch the derived genotype (``genotypes/epoch_NNN.json``), its ``trials.jsonl`` record, α heatmap, genotype
     text and picture in TensorBoard; at the end ``genotype.json`` and ``genotype.png``.  All TensorBoard output goes through the run's one ``writer``."""
 
@@ -143,9 +150,10 @@ class OneShotOutputs:
         log_genotype_figure(self.writer, genotype, epoch)
         self.writer.flush()
 
-    def final(self):
-        """Write the strategy's final genotype (``genotype.json``, ``genotype.png``) and return it."""
-        genotype = self.strategy.export()
+    def final(self, record=lambda genotype: genotype):
+        """Write the strategy's final genotype (``genotype.json``, ``genotype.png``), passed through ``record`` (which
+        adds its origin), and return it."""
+        genotype = record(self.strategy.export())
         distributed.check_same(str(genotype), "final genotype")
         if not distributed.is_writer():
             log.info("final genotype %s (the same as rank 0's)", genotype)  # (the log tags the rank)
@@ -168,14 +176,14 @@ def select_path(strategy, score, direction: str = "minimize", final: bool = Fals
 
 @scoped  # the run dir this call takes is given back when it returns
 def search(cfg, run_dir: Optional[str] = None) -> dict:
-    """Run a one-shot architecture search as configured; return the metrics written to ``metrics.json``.
+    """Run an architecture search as configured; return the metrics written to ``metrics.json``.
 
     Args:
         cfg: a composed :class:`nas.config.SearchConfig` (``conf/search.yaml``); ``cfg.resume`` set: continue
             that run dir from its checkpoint (:mod:`nas.engine.resume`).
         run_dir: output folder (default: the Hydra run directory); refused if it already holds a run.
-    A sentence-classification dataset (sst2) runs :func:`nas.engine.classify.search_classifier` instead, a
-    black-box strategy :func:`nas.engine.blackbox.search_black_box`.
+    A black-box strategy runs :func:`nas.engine.blackbox.search_black_box`; a one-shot strategy the loop here, for
+    the config's task (``dataset.task``: :mod:`nas.tasks`).
     Outputs in ``run_dir``: ``genotype.json`` (final), ``genotype.png`` (its DAG), ``genotypes/epoch_NNN.json``,
         ``metrics.json``, ``checkpoint.pt`` (resume state, every ``checkpoint_every`` steps and each epoch end),
         ``tb/`` (TensorBoard events), ``config.yaml`` (resolved config).
@@ -183,136 +191,128 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
         nas.data.DataError: data missing or too small.  NonFiniteLossError: the loss became NaN/inf under
         ``nan_policy=stop`` (the last checkpoint is kept and nothing non-finite is written).
         nas.engine.resume.Interrupted: SIGINT/SIGTERM (a checkpoint was written).  CheckpointError: a checkpoint
-        to resume from is damaged or does not fit.  ConfigError: a run dir that already holds a run.
+        to resume from is damaged or does not fit.  ConfigError: a run dir that already holds a run, a space that
+        cannot build the task's models.
     """
     from nas.config import SearchConfig
-    from nas.engine.classify import is_classification, search_classifier
 
     if cfg.get("resume"):
         cfg, _ = resume_config(cfg, SearchConfig)
-    _check_data_parallel(cfg, is_classification(cfg))
+    task = make_task(cfg)
+    _check_data_parallel(cfg, task)
     if STRATEGIES.get(cfg.strategy.name).kind == "black_box":
         from nas.engine.blackbox import search_black_box
 
         return search_black_box(cfg, run_dir)
-    if is_classification(cfg):
-        return search_classifier(cfg, run_dir)
     cfg, run_dir, resuming = open_run(cfg, run_dir, SearchConfig, "search.py")
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     np_rng = seed_everything(cfg.seed)
-    setup = build_search(cfg)
+    setup = build_search(cfg, task=task)
     data, space, model, strategy, w_optimizer = (setup.data, setup.space, setup.model, setup.strategy,
                                                  setup.w_optimizer)
-    device = setup.device
+    device, metric = setup.device, task.metric
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("search: space=%s strategy=%s on %s, device %s, %d weights, alphas %s, run dir %s",
-             cfg.space.name, strategy_summary(cfg.strategy), cfg.dataset.name, device, n_params, _alpha_shape(strategy),
-             run_dir)
-    state = {"step": 0, "tokens": 0, "best_valid_ppl": math.inf, "history": [], "epoch_start": 0.0,
-             "epoch_tokens": 0}
-    loop = LMLoop()
-    keeper = Keeper(cfg, run_dir, "search_lm", "search.py", state,
+    log.info("search: space=%s strategy=%s on %s%s, device %s, %d weights, alphas %s, run dir %s",
+             cfg.space.name, strategy_summary(cfg.strategy), cfg.dataset.name, task.describe(data), device, n_params,
+             alpha_shape(strategy), run_dir)
+    best_start = math.inf if task.direction == "minimize" else -math.inf
+    state = {"step": 0, "tokens": 0, **{c: 0 for c in task.counters}, "best_value": best_start, "history": [],
+             "epoch_start": 0.0, "epoch_tokens": 0}
+    pos = task.position(cfg, data, np_rng, search=True)
+    keeper = Keeper(cfg, run_dir, f"search_{task.kind}", "search.py", state,
                     lambda: {"model": model.state_dict(), "strategy": strategy.state_dict(),
-                             "w_optimizer": w_optimizer.state_dict(), **loop.snapshot(np_rng)},
+                             "w_optimizer": w_optimizer.state_dict(), **pos.snapshot()},
                     lambda ck: (load_into("weights", run_dir, model, ck["model"]),
                                 load_into("architecture state (α)", run_dir, strategy, ck["strategy"]),
                                 load_into("weight optimizer state", run_dir, w_optimizer, ck["w_optimizer"]),
-                                loop.restore(ck, np_rng)),
+                                pos.restore(ck)),
                     device, modules=(model, getattr(strategy, "alphas", None)))
-    writer = start_run(keeper, resuming, cfg_yaml)
-    bar = token_progress_bar(cfg, data.train, "search")
-    bar.update(state["tokens"])
-    outputs = OneShotOutputs(run_dir, cfg, writer, space, strategy, "valid_ppl", "minimize")
+    writer = start_run(keeper, resuming, cfg_yaml, tags=task.scalar_tags)
+    bar = task.progress_bar(cfg, data, "search", state)
+    outputs = OneShotOutputs(run_dir, cfg, writer, space, strategy, f"valid_{metric}", task.direction)
     if distributed.is_writer():
-        outputs.trials.resume(keep=lambda r: r["epoch"] < loop.epoch)
+        outputs.trials.resume(keep=lambda r: r["epoch"] < pos.epoch)
+    pick = min if task.direction == "minimize" else max
     try:
         with stop_signals():
-            while loop.epoch <= cfg.epochs:
+            while pos.epoch <= cfg.epochs:
                 try:
-                    epoch = loop.epoch
-                    if loop.batch == 0:
+                    epoch = pos.epoch
+                    if pos.batch == 0:
                         state["epoch_start"], state["epoch_tokens"] = keeper.clock.now(), state["tokens"]
-                    train_ppl = _train_epoch(cfg, setup, np_rng, writer, bar, state, loop, keeper)
+                    meter = _train_epoch(cfg, setup, np_rng, writer, bar, state, pos, keeper)
                 except NonFiniteLossError as err:
-                    keeper.on_non_finite(err, writer, bar)
+                    keeper.on_non_finite(err, writer, bar, task.bar_counter)
                     continue
-                over = data.over_ranks("valid")
-                scored, over_scored = ((data.valid, over) if data.score is None
-                                       else (data.score, data.over_ranks("score")))
-                select_path(strategy, lambda w, n: evaluate(model, scored, cfg.bptt, w,
-                                                            n if n is not None else cfg.limit_eval_batches,
-                                                            over_ranks=over_scored).ppl, final=epoch == cfg.epochs)
-                valid = evaluate(model, data.valid, cfg.bptt, strategy.eval_weights(), cfg.limit_eval_batches,
-                                 over_ranks=over)
-                genotype = strategy.export()
-                state["best_valid_ppl"] = min(state["best_valid_ppl"], valid.ppl)
-                state["history"].append({"epoch": epoch, "train_ppl": train_ppl, "valid_ppl": valid.ppl,
+                select_path(strategy, lambda w, n: task.value(task.evaluate(
+                    model, data, "score", cfg, w, n if n is not None else cfg.limit_eval_batches)),
+                    task.direction, final=epoch == cfg.epochs)
+                valid = task.evaluate(model, data, "valid", cfg, strategy.eval_weights(), cfg.limit_eval_batches)
+                value = task.value(valid)
+                genotype = task_genotype(strategy.export(), cfg, task)
+                state["best_value"] = pick(state["best_value"], value)
+                state["history"].append({"epoch": epoch, **meter.figures(), **task.valid_figures(valid),
                                          "genotype": genotype.to_dict()})
                 # on the step axis, as every training tag: an epoch's figures at the step that ended it
-                writer.add_scalar("valid/ppl", valid.ppl, state["step"])
+                writer.add_scalar(f"valid/{metric}", value, state["step"])
                 writer.add_scalar("valid/loss", valid.loss, state["step"])
-                writer.add_scalar("train/epoch_ppl", train_ppl, state["step"])
-                outputs.epoch(epoch, genotype, valid.ppl, keeper.clock.now() - state["epoch_start"],
+                writer.add_scalar(f"train/epoch_{metric}", meter.value, state["step"])
+                outputs.epoch(epoch, genotype, value, keeper.clock.now() - state["epoch_start"],
                               state["tokens"] - state["epoch_tokens"])
-                loop.next_epoch()
+                pos.next_epoch()
                 keeper.save()
-                log.info("epoch %d: train ppl %.2f, valid ppl %.2f, genotype %s", epoch, train_ppl, valid.ppl,
-                         genotype)
-                bar.set_postfix(valid_ppl=f"{valid.ppl:.1f}")
+                log.info("epoch %d: train %s %s, valid %s %s (loss %.4f), genotype %s", epoch, metric,
+                         task.fmt(meter.value), metric, task.fmt(value), valid.loss, genotype)
+                bar.set_postfix({f"valid_{metric}": task.fmt(value)})
                 if epoch < cfg.epochs:
                     keeper.check_stop(f"after epoch {epoch}")
-        genotype = outputs.final()
+        genotype = outputs.final(lambda g: task_genotype(g, cfg, task))
         writer.commit()  # the final genotype's picture (no checkpoint after it)
     finally:
         bar.close()
         writer.close()
-    wall = keeper.clock.now()
-    metrics = {"task": "language_modeling", "final_valid_ppl": state["history"][-1]["valid_ppl"],
-               "best_valid_ppl": state["best_valid_ppl"],
-               "epochs": cfg.epochs, "steps": state["step"], "train_tokens": state["tokens"],
-               "wall_seconds": wall, "tokens_per_second": state["tokens"] / max(wall, 1e-9),
-               "params": n_params, "rollbacks": state["rollbacks"], "processes": distributed.size(),
-               "genotype": genotype.to_dict(),
-               "history": state["history"]}
+    wall, history = keeper.clock.now(), state["history"]
+    metrics = {"task": task.name, f"final_valid_{metric}": history[-1][f"valid_{metric}"],
+               "final_valid_loss": history[-1]["valid_loss"], f"best_valid_{metric}": state["best_value"],
+               "epochs": cfg.epochs, "steps": state["step"], **{f"train_{c}": state[c] for c in task.counters},
+               "train_tokens": state["tokens"], "wall_seconds": wall,
+               "tokens_per_second": state["tokens"] / max(wall, 1e-9), "params": n_params,
+               "rollbacks": state["rollbacks"], "processes": distributed.size(), "genotype": genotype.to_dict(),
+               "history": history}
     if distributed.is_writer():
         atomic_write_text(os.path.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
         log.info("done in %.1f s: genotype %s written to %s", wall, genotype, os.path.join(run_dir, "genotype.json"))
     return metrics
 
 
-def _check_data_parallel(cfg, classification: bool) -> None:
-    """Under torchrun: only the one-shot language-model search runs data parallel (ConfigError otherwise)."""
+def task_genotype(genotype, cfg, task: Task):
+    """``genotype`` recording the task and dataset it was searched for (``train.py arch=`` takes them from it)."""
+    return genotype.with_origin(task=task.name, dataset=cfg.dataset.name)
+
+
+def _check_data_parallel(cfg, task: Task) -> None:
+    """Under torchrun: only a one-shot search of a data-parallel task runs (ConfigError otherwise)."""
     if distributed.launched() is None:
         return
     if STRATEGIES.get(cfg.strategy.name).kind == "black_box":
         raise ConfigError(f"strategy={cfg.strategy.name} evaluates independent trials: run several plain "
                           "`python search.py` workers on one strategy.storage instead of torchrun (README: Scaling out)")
-    check_data_parallel(cfg, classification, "search")
+    check_data_parallel(cfg, task.data_parallel, "search")
 
 
-def _train_epoch(cfg, setup: SearchSetup, np_rng, writer, bar, state, loop: LMLoop, keeper) -> float:
-    """The rest of the current epoch from ``loop``'s position; returns the epoch's training perplexity (raw
-    NLL, no AR/TAR).  Checkpoints and stop requests go through ``keeper`` after every step."""
-    model, data, strategy = setup.model, setup.data, setup.strategy
+def _train_epoch(cfg, setup: SearchSetup, np_rng, writer, bar, state, pos, keeper):
+    """The rest of the current epoch from position ``pos``; returns the epoch's meter (its training figures: raw
+    loss, no AR/TAR).  Checkpoints and stop requests go through ``keeper`` after every step."""
+    task, model, strategy = setup.task, setup.model, setup.strategy
     model.train()
-    hidden = loop.hidden if loop.hidden is not None else model.init_hidden(data.train.size(1))
-    hidden_valid = loop.hidden_valid if loop.hidden_valid is not None else model.init_hidden(data.train.size(1))
-    meter = EpochMeter(state, writer, bar, cfg.log_every, loop.partial)
-    segments = bptt_segments(data.train, cfg.bptt, variable=True, rng=np_rng,
-                             max_len=cfg.bptt + cfg.max_seq_len_delta, start=loop.row, sampler=cfg.seq_len_sampler)
-    for n, (i, seq_len) in enumerate(segments, loop.batch):
-        if cfg.limit_train_batches and n >= cfg.limit_train_batches:
-            break
-        data_t, targets_t = get_batch(data.train, i, seq_len)
-        # DARTS reads the held-out segment at the same row (wrapped), with the nominal bptt
-        data_v, targets_v = get_batch(data.search, i % (data.search.size(0) - 1), cfg.bptt)
+    meter = task.meter(state, writer, bar, cfg.log_every, pos.partial)
+    for step in task.batches(cfg, setup.data, model, pos, np_rng, search=True):
         try:
-            raw, hidden, hidden_valid = search_step(setup, cfg, Batch(data_t, targets_t, hidden),
-                                                    Batch(data_v, targets_v, hidden_valid), state["lr_scale"])
+            result, alpha_carry = one_shot_step(setup, cfg, step, state["lr_scale"])
         except NonFiniteLossError as err:
             raise NonFiniteLossError(f"step {state['step'] + 1}: {err}") from None
-        meter.record(raw, targets_t.numel() * distributed.size(), _lrs(setup.w_optimizer, strategy))
-        loop.advance(seq_len, hidden, hidden_valid, meter.partial)
-        keeper.step_done(f"at step {state['step']} (epoch {loop.epoch})")
+        meter.record_step(result, learning_rates(setup.w_optimizer, strategy))
+        pos.advance(step, result, alpha_carry, meter.partial)
+        keeper.step_done(f"at step {state['step']} (epoch {pos.epoch})")
     set_lr(setup.w_optimizer, cfg.lr)
-    return meter.ppl
+    return meter

@@ -1,11 +1,12 @@
-"""Retraining a genotype from scratch (DARTS, Liu et al. 2019, sec. 3.3 and A.2.2; AWD-LSTM regimen).
+"""Retraining a genotype from scratch (DARTS, Liu et al. 2019, sec. 3.3 and A.2.2; AWD-LSTM regimen), written once
+for every task.
 
-The discrete model is the space's frozen supernet (``space.freeze(genotype, ntoken)``).  Training: variable
-bptt with the learning rate scaled by ``seq_len / bptt`` (AWD-LSTM sec. 4.1), SGD with weight decay, gradient
-clipping, AR/TAR, and NT-ASGD (:mod:`nas.engine.asgd`).  After each epoch the model is evaluated on the whole
-validation split (with the averaged weights once ASGD is on); the best one is checkpointed with its genotype
-and resolved config, and at the end it is reloaded and scored on the test split.  Perplexity is always
-exp(total NLL / target tokens) (:func:`nas.engine.lm.evaluate`).
+The discrete model is the space's frozen supernet (``space.freeze(genotype, ...)``).  Training: the task's batches
+and weight update (language models: variable bptt with the lr scaled by ``seq_len / bptt``, AWD-LSTM sec. 4.1,
+AR/TAR), SGD with weight decay and gradient clipping, and NT-ASGD (:mod:`nas.engine.asgd`).  After each epoch the
+model is evaluated on the validation split (with the averaged weights once ASGD is on); the best one is checkpointed
+with its genotype and resolved config, and at the end it is reloaded and scored on the test split (perplexity:
+exp(total NLL / target tokens), :func:`nas.tasks.language_modeling.evaluate`; accuracy for classifiers).
 """
 from __future__ import annotations
 
@@ -19,40 +20,24 @@ from typing import NamedTuple, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from tqdm import tqdm
 
-from nas.data import bptt_segments, get_batch
-from nas.engine.asgd import (OPTIMIZERS, averaged_weights, is_averaging, make_asgd, make_optimizer, nonmono_trigger,
-                             set_lr)
+from nas import distributed
+from nas.atomic import atomic_write_text
+from nas.engine.asgd import OPTIMIZERS, averaged_weights, is_averaging, make_asgd, make_optimizer, nonmono_trigger, set_lr
 from nas.engine.common import (CheckpointError, absolute_path, atomic_torch_save, check_data_parallel, compile_model,
                                configure_runtime, load_checkpoint, seed_everything)
-from nas.engine.lm import (EpochMeter, EvalResult, LMLoop, NonFiniteLossError, evaluate, prepare_lm_data,
-                           token_progress_bar, weight_step)
 from nas.engine.resume import open_run, resume_config, retrain_keeper, start_run, stop_signals
 from nas.engine.rundir import scoped
 from nas.engine.tb import log_genotype_figure
-from nas import distributed
-from nas.atomic import atomic_write_text
+from nas.errors import ConfigError, NonFiniteLossError
 from nas.genotype import Genotype, GenotypeError
 from nas.published import resolve_arch
 from nas.spaces import build_space
-from nas.errors import ConfigError
+from nas.tasks import Task, make_task
 
 log = logging.getLogger(__name__)
 
 BEST_CHECKPOINT = "best.pt"
-
-
-def evaluate_lm(model, source: torch.Tensor, bptt: int, optimizer: Optional[torch.optim.Optimizer] = None,
-                max_batches: Optional[int] = None, progress=None, over_ranks: bool = False) -> EvalResult:
-    """Exact perplexity of ``model`` on ``source`` [T, B], with ASGD's averaged weights if ``optimizer`` averages.
-
-    Leaves the model's ``training`` flag, its parameters and the optimizer state exactly as they were
-    (the averaged weights are copied in and the raw ones back, see :func:`nas.engine.asgd.averaged_weights`).
-    An overflowing loss gives ``ppl == inf``, not an exception.  ``over_ranks``: see :func:`nas.engine.lm.evaluate`.
-    """
-    with averaged_weights(model, optimizer):
-        return evaluate(model, source, bptt, max_batches=max_batches, progress=progress, over_ranks=over_ranks)
 
 
 @scoped  # the run dir this call takes is given back when it returns
@@ -64,29 +49,29 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
         run_dir: output folder (default: the Hydra run directory).
         score_test: score the best checkpoint on the test split (False: the black-box search strategies,
             which select by validation only and must not spend time on, or look at, the test split).
-    A sentence-classification dataset (sst2) runs :func:`nas.engine.classify.train_classifier` instead
-    (accuracy instead of perplexity).
-    Outputs in ``run_dir``: ``genotype.png`` (the DAG), ``metrics.json`` (best valid ppl, test ppl, params,
-        epochs, tokens/s, wall time, per-epoch history), ``best.pt`` (best-valid weights -- averaged ones under ASGD -- with genotype and
-        resolved config, and the optimizer state of that moment for ``nan_policy=reload_best``; :func:`load_trained`
-        rebuilds it), ``genotype.json``, ``config.yaml``, ``tb/``.
+    The task (``dataset.task``: :mod:`nas.tasks`) gives the data, the batches, the weight update and the metric
+    (perplexity, accuracy).
+    Outputs in ``run_dir``: ``genotype.png`` (the DAG), ``metrics.json`` (best valid metric, test metric, params,
+        epochs, tokens/s, wall time, per-epoch history), ``best.pt`` (best-valid weights -- averaged ones under ASGD --
+        with genotype and resolved config, and the optimizer state of that moment for ``nan_policy=reload_best``;
+        :func:`load_trained` rebuilds it), ``genotype.json``, ``config.yaml``, ``tb/``.
     Raises:
-        GenotypeError: ``arch`` unknown, or its file unreadable / invalid / of another space.
+        GenotypeError: ``arch`` unknown, or its file unreadable / invalid / of another space or task.
         nas.data.DataError: data missing or too small.  ValueError: an invalid setting.
         NonFiniteLossError: the training loss became NaN/inf (``best.pt`` is kept) under ``nan_policy=stop``, or
             under ``reload_best`` before the first validation wrote ``best.pt``.
-        ConfigError: ``nan_policy=reload_best`` for a sentence classifier.
+        ConfigError: ``nan_policy=reload_best`` for a task without it (sentence classification).
     """
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.structured(cfg)
     from nas.config import TrainConfig
-    from nas.engine.classify import is_classification, train_classifier
 
     checked = resume_config(cfg, TrainConfig)[0] if cfg.get("resume") else cfg
-    check_data_parallel(checked, is_classification(checked), "retraining")  # before anything is written
-    if is_classification(checked) and checked.nan_policy == "reload_best":
+    task = make_task(checked)
+    check_data_parallel(checked, task.data_parallel, "retraining")  # before anything is written
+    if checked.nan_policy == "reload_best" and not task.reload_best:
         raise ConfigError("nan_policy=reload_best is the language-model retraining policy (DARTS rnn/train.py); "
-                          "sentence classification takes nan_policy=stop or rollback")
+                          f"task {task.name} takes nan_policy=stop or rollback")
     cfg, run_dir, resuming = open_run(cfg, run_dir, TrainConfig, "train.py")
     _check(cfg)
     # a resumed run retrains the genotype it saved (the arch path may be gone or relative to another dir)
@@ -95,65 +80,69 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
     space = build_space(cfg.space)
     try:
         space.check_genotype(genotype)
+        check_genotype_task(genotype, task)
     except GenotypeError as err:
         raise GenotypeError(f"arch={cfg.arch} ({arch_desc}): {err}") from None
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     if distributed.is_writer():
         genotype.save(os.path.join(run_dir, "genotype.json"))
-    if is_classification(cfg):
-        return train_classifier(cfg, genotype, arch_desc, run_dir, score_test, resuming)
+    task.check(cfg, space, "retraining")
     device = configure_runtime(cfg)
     np_rng = seed_everything(cfg.seed)
-    data = prepare_lm_data(cfg, device, alpha_split=None, test_batch_size=cfg.test_batch_size)
+    data = task.prepare(cfg, device, alpha_split=None, retrain=True)
+    model_args = task.model_args(data)
     try:
-        model = space.freeze(genotype, data.ntoken).to(device)
+        model = space.freeze(genotype, data.ntoken, **model_args).to(device)
     except GenotypeError as err:
         raise GenotypeError(f"arch={cfg.arch} ({arch_desc}): {err}") from None
     compile_model(model, cfg.compile)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("train: arch %s\n  genotype %s\n  %d parameters, %s, device %s, run dir %s",
-             arch_desc, genotype, n_params, cfg.dataset.name, device, run_dir)
+    log.info("train: arch %s\n  genotype %s\n  %d parameters, %s%s, device %s, run dir %s",
+             arch_desc, genotype, n_params, cfg.dataset.name, task.describe(data), device, run_dir)
     opt = {"optimizer": make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)}
-    eval_bptt = cfg.eval_bptt or cfg.bptt
-    state = {"step": 0, "tokens": 0, "train_seconds": 0.0, "history": [], "val_losses": [],
-             "best": {"loss": math.inf, "epoch": None, "ppl": math.inf},
+    metric = task.metric
+    state = {"step": 0, "tokens": 0, **{c: 0 for c in task.counters}, "train_seconds": 0.0, "history": [],
+             "val_losses": [],
+             "best": {metric: math.inf if task.direction == "minimize" else -math.inf, "loss": math.inf,
+                      "epoch": None},
              "asgd_epoch": 0 if cfg.optimizer == "asgd" else None, "reloads_since_best": 0}
     best_path = os.path.join(run_dir, BEST_CHECKPOINT)
-    loop = LMLoop()
+    pos = task.position(cfg, data, np_rng, search=False)
 
-    keeper = retrain_keeper(cfg, run_dir, "train_lm", state, model, opt, _Position(loop, np_rng), device)
-    keeper.reload_best = lambda err: _reload_best(cfg, best_path, model, opt, loop, state, device, err)
-    writer = start_run(keeper, resuming, cfg_yaml, genotype)
+    keeper = retrain_keeper(cfg, run_dir, f"train_{task.kind}", state, model, opt, pos, device)
+    if task.reload_best:
+        keeper.reload_best = lambda err: _reload_best(cfg, best_path, model, opt, pos, state, device, err)
+    writer = start_run(keeper, resuming, cfg_yaml, genotype, tags=task.scalar_tags)
     if distributed.is_writer():
         log_genotype_figure(writer, genotype, 0, os.path.join(run_dir, "genotype.png"))
-    bar = token_progress_bar(cfg, data.train, "train")
-    bar.update(state["tokens"])
+    bar = task.progress_bar(cfg, data, "train", state)
     valid = None
     try:
         with stop_signals():
-            while loop.epoch <= cfg.epochs:
-                epoch, t0 = loop.epoch, time.time()
+            while pos.epoch <= cfg.epochs:
+                epoch, t0 = pos.epoch, time.time()
                 try:
-                    train_ppl = _train_epoch(cfg, model, opt["optimizer"], data.train, np_rng, writer, bar, state,
-                                             loop, keeper)
+                    meter = _train_epoch(cfg, task, model, opt["optimizer"], data, np_rng, writer, bar, state, pos,
+                                         keeper)
                 except NonFiniteLossError as err:
                     state["train_seconds"] += time.time() - t0
-                    keeper.on_non_finite(err, writer, bar)
+                    keeper.on_non_finite(err, writer, bar, task.bar_counter)
                     continue
                 state["train_seconds"] += time.time() - t0
                 optimizer = opt["optimizer"]
                 averaged = is_averaging(optimizer)
-                valid = evaluate_lm(model, data.valid, eval_bptt, optimizer, cfg.limit_eval_batches,
-                                    over_ranks=data.over_ranks("valid"))
+                with averaged_weights(model, optimizer):
+                    valid = task.evaluate(model, data, "valid", cfg, max_batches=cfg.limit_eval_batches)
+                value = task.value(valid)
                 loss = valid.loss if math.isfinite(valid.loss) else math.inf
-                best = state["best"]
-                if loss < best["loss"] or best["epoch"] is None:
-                    state["best"] = best = {"loss": loss, "epoch": epoch, "ppl": valid.ppl}
+                figures, best = task.best_state(valid), state["best"]
+                if best["epoch"] is None or task.selection_key(figures) > task.selection_key(best):
+                    state["best"] = best = {**figures, "epoch": epoch}
                     state["reloads_since_best"] = 0
                     if distributed.is_writer():
                         with averaged_weights(model, optimizer):
-                            _save_best(best_path, model, optimizer, genotype, cfg, data.ntoken, n_params, epoch,
-                                       valid, averaged)
+                            _save_best(best_path, model, optimizer, genotype, cfg, data.ntoken, model_args, n_params,
+                                       epoch, task.best_figures(valid), averaged)
                 switched = False
                 if cfg.optimizer == "ntasgd" and not averaged and nonmono_trigger(state["val_losses"], loss,
                                                                                   cfg.nonmono):
@@ -161,29 +150,31 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
                     state["asgd_epoch"], switched = epoch, True
                 if not averaged:
                     state["val_losses"].append(loss)  # the trigger compares SGD-phase losses, as AWD-LSTM / DARTS
-                state["history"].append({"epoch": epoch, "train_ppl": train_ppl, "valid_ppl": valid.ppl,
-                                         "valid_loss": valid.loss, "averaged": averaged,
-                                         "seconds": time.time() - t0})
+                state["history"].append({"epoch": epoch, **meter.figures(), **task.valid_figures(valid),
+                                         "averaged": averaged, "seconds": time.time() - t0})
                 # on the step axis, as every training tag (reload_best runs an epoch number again; the step goes on)
-                writer.add_scalar("valid/ppl", valid.ppl, state["step"])
+                writer.add_scalar(f"valid/{metric}", value, state["step"])
                 writer.add_scalar("valid/loss", valid.loss, state["step"])
-                writer.add_scalar("train/epoch_ppl", train_ppl, state["step"])
+                writer.add_scalar(f"train/epoch_{metric}", meter.value, state["step"])
                 writer.add_scalar("optim/averaged", float(averaged), state["step"])
                 writer.flush()
-                loop.next_epoch()
+                pos.next_epoch()
                 keeper.save()
-                log.info("epoch %d: train ppl %.2f, valid ppl %.2f%s (best %.2f at epoch %d)%s", epoch, train_ppl,
-                         valid.ppl, " [averaged weights]" if averaged else "", best["ppl"], best["epoch"],
+                log.info("epoch %d: train %s %s, valid %s %s (loss %.4f)%s (best %s at epoch %d)%s", epoch, metric,
+                         task.fmt(meter.value), metric, task.fmt(value), valid.loss,
+                         " [averaged weights]" if averaged else "", task.fmt(best[metric]), best["epoch"],
                          "; switching to averaged SGD (non-monotone trigger)" if switched else "")
-                bar.set_postfix(valid_ppl=f"{valid.ppl:.1f}")
+                bar.set_postfix({f"valid_{metric}": task.fmt(value)})
                 if epoch < cfg.epochs:
                     keeper.check_stop(f"after epoch {epoch}")
         bar.close()
         t0, test = time.time(), None
         if score_test:
             distributed.barrier()  # torchrun: best.pt is rank 0's file
-            test = _test_best(cfg, model, best_path, data.test, eval_bptt, device, data.over_ranks("test"))
-            writer.add_scalar("test/ppl", test.ppl, state["step"])
+            # the best checkpoint reloaded from disk, so the file is what is reported
+            model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
+            test = task.test(model, data, cfg)
+            writer.add_scalar(f"test/{metric}", task.value(test), state["step"])
             writer.add_scalar("test/loss", test.loss, state["step"])
         writer.commit()  # the test figures (no checkpoint after them)
         test_seconds = time.time() - t0
@@ -191,99 +182,65 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
         bar.close()
         writer.close()
     wall, best = keeper.clock.now(), state["best"]
-    if valid is None:  # resumed after the last epoch had finished: the best checkpoint holds its figures
-        distributed.barrier()
-        best_ckpt = load_checkpoint(best_path)
-        valid = EvalResult(best_ckpt["valid_nll"], best_ckpt["valid_tokens"])
     metrics = {
-        "arch": cfg.arch, "best_valid_ppl": best["ppl"], "best_epoch": best["epoch"], "test_ppl": test and test.ppl,
-        "test_loss": test and test.loss, "test_tokens": test and test.tokens, "valid_tokens": valid.tokens,
-        "exact_eval": (_whole(valid, data.valid, data.over_ranks("valid"))
-                       and (test is None or _whole(test, data.test, data.over_ranks("test")))), "params": n_params,
-        "epochs": cfg.epochs, "steps": state["step"], "train_tokens": state["tokens"],
-        "asgd_epoch": state["asgd_epoch"], "tokens_per_second": state["tokens"] / max(state["train_seconds"], 1e-9),
+        "task": task.name, "arch": cfg.arch, f"best_valid_{metric}": best[metric], "best_epoch": best["epoch"],
+        f"test_{metric}": None if test is None else task.value(test), "test_loss": None if test is None else test.loss,
+        **task.test_metrics(cfg, data, valid, test, best_path), "params": n_params,
+        "epochs": cfg.epochs, "steps": state["step"], **{f"train_{c}": state[c] for c in task.counters},
+        "train_tokens": state["tokens"], "asgd_epoch": state["asgd_epoch"],
+        "tokens_per_second": state["tokens"] / max(state["train_seconds"], 1e-9),
         "train_seconds": state["train_seconds"], "test_seconds": test_seconds, "wall_seconds": wall,
-        "test_batch_size": cfg.test_batch_size, "eval_batch_size": cfg.eval_batch_size, "device": str(device),
-        "rollbacks": state["rollbacks"], "processes": distributed.size(), "genotype": genotype.to_dict(),
-        "history": state["history"],
+        "device": str(device), "rollbacks": state["rollbacks"], "processes": distributed.size(),
+        "genotype": genotype.to_dict(), "history": state["history"],
     }
     if not distributed.is_writer():
         return metrics
     atomic_write_text(os.path.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
-    tested = (f"test ppl {test.ppl:.2f} ({test.tokens} tokens, batch {cfg.test_batch_size}, {test_seconds:.1f} s)"
-              if test is not None else "test split not scored")
-    log.info("done in %.1f s: best valid ppl %.2f (epoch %d), %s; %d params; %s", wall, best["ppl"], best["epoch"],
-             tested, n_params, os.path.join(run_dir, "metrics.json"))
+    tested = (f"test {metric} {task.fmt(task.value(test))} ({test_seconds:.1f} s)" if test is not None
+              else "test split not scored")
+    log.info("done in %.1f s: best valid %s %s (epoch %d), %s; %d params; %s", wall, metric, task.fmt(best[metric]),
+             best["epoch"], tested, n_params, os.path.join(run_dir, "metrics.json"))
     return metrics
 
 
-class _Position(NamedTuple):
-    """The LM loop's position for :func:`nas.engine.resume.retrain_keeper`."""
-
-    loop: LMLoop
-    np_rng: object
-
-    def snapshot(self) -> dict:
-        return self.loop.snapshot(self.np_rng)
-
-    def restore(self, ckpt: dict) -> None:
-        self.loop.restore(ckpt, self.np_rng)
+def check_genotype_task(genotype: Genotype, task: Task) -> None:
+    """GenotypeError when ``genotype`` records another task than ``task`` (a genotype without one fits any)."""
+    if genotype.task is not None and genotype.task != task.name:
+        where = f" on {genotype.dataset}" if genotype.dataset else ""
+        raise GenotypeError(f"the genotype was searched for task {genotype.task}{where}, but this run's dataset is "
+                            f"for task {task.name}; drop the dataset= override (train.py takes it from the genotype) "
+                            "or give a dataset of that task")
 
 
-def _train_epoch(cfg, model, optimizer, source, np_rng, writer, bar, state, loop: LMLoop, keeper) -> float:
-    """The rest of the current epoch over the training split [T, B] from ``loop``'s position; returns the
-    epoch's perplexity (raw NLL, without AR/TAR).  Checkpoints and stop requests go through ``keeper``."""
+def _train_epoch(cfg, task: Task, model, optimizer, data, np_rng, writer, bar, state, pos, keeper):
+    """The rest of the current epoch from position ``pos``; returns the epoch's meter (its training figures: raw
+    loss, without AR/TAR).  Checkpoints and stop requests go through ``keeper``."""
     model.train()
-    hidden = loop.hidden if loop.hidden is not None else model.init_hidden(source.size(1))
-    meter = EpochMeter(state, writer, bar, cfg.log_every, loop.partial)
-    segments = bptt_segments(source, cfg.bptt, variable=True, rng=np_rng, max_len=cfg.bptt + cfg.max_seq_len_delta,
-                             start=loop.row, sampler=cfg.seq_len_sampler)
-    for n, (i, seq_len) in enumerate(segments, loop.batch):
-        if cfg.limit_train_batches and n >= cfg.limit_train_batches:
-            break
-        data, targets = get_batch(source, i, seq_len)
-        lr = cfg.lr * state["lr_scale"] * data.size(0) / cfg.bptt  # AWD-LSTM: longer segments, larger steps
+    meter = task.meter(state, writer, bar, cfg.log_every, pos.partial)
+    for step in task.batches(cfg, data, model, pos, np_rng, search=False):
+        lr = cfg.lr * state["lr_scale"] * step.lr_factor  # AWD-LSTM: longer segments, larger steps
         set_lr(optimizer, lr)
         try:
-            raw_value, hidden = weight_step(model, optimizer, data, targets, hidden, cfg.clip, cfg.ar_alpha,
-                                            cfg.tar_beta)
+            result = task.weight_step(model, optimizer, step.train, cfg)
         except NonFiniteLossError as err:
             raise NonFiniteLossError(f"step {state['step'] + 1}: {err}") from None
-        meter.record(raw_value, targets.numel() * distributed.size(), {"lr": lr})
-        loop.advance(seq_len, hidden, None, meter.partial)
-        keeper.step_done(f"at step {state['step']} (epoch {loop.epoch})")
+        meter.record_step(result, {"lr": lr})
+        pos.advance(step, result, None, meter.partial)
+        keeper.step_done(f"at step {state['step']} (epoch {pos.epoch})")
     set_lr(optimizer, cfg.lr)
-    return meter.ppl
+    return meter
 
 
-def _test_best(cfg, model, best_path: str, source: torch.Tensor, bptt: int, device,
-               over_ranks: bool = False) -> EvalResult:
-    """Test perplexity of the best-valid checkpoint, reloaded from disk (so the file is what is reported)."""
-    model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
-    segments = len(range(0, source.size(0) - 1, bptt))
-    total = min(segments, cfg.limit_eval_batches or segments)
-    with tqdm(total=total, desc="test", unit="seg", disable=not cfg.progress or not distributed.is_writer(),
-              dynamic_ncols=True) as bar:
-        return evaluate_lm(model, source, bptt, None, cfg.limit_eval_batches, lambda n: bar.update(1), over_ranks)
-
-
-def _whole(result: EvalResult, source: torch.Tensor, over_ranks: bool = False) -> bool:
-    """True when ``result`` scored every target of ``source`` [T, B] (no ``limit_eval_batches`` cut); with
-    ``over_ranks``, ``source`` is one of the torchrun ranks' equal shards."""
-    return result.tokens == (source.size(0) - 1) * source.size(1) * (distributed.size() if over_ranks else 1)
-
-
-def _save_best(path, model, optimizer, genotype: Genotype, cfg, ntoken: int, n_params: int, epoch: int,
-               valid: EvalResult, averaged: bool) -> None:
+def _save_best(path, model, optimizer, genotype: Genotype, cfg, ntoken: int, model_args: dict, n_params: int,
+               epoch: int, figures: dict, averaged: bool) -> None:
     # the optimizer state beside the weights, as DARTS rnn/train.py saves optimizer.pt with model.pt:
     # nan_policy=reload_best goes back to both
     atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "genotype": genotype.to_dict(),
-                       "config": OmegaConf.to_container(cfg, resolve=True), "ntoken": ntoken, "params": n_params,
-                       "epoch": epoch, "valid_nll": valid.nll, "valid_tokens": valid.tokens, "valid_ppl": valid.ppl,
-                       "averaged": averaged}, path)
+                       "config": OmegaConf.to_container(cfg, resolve=True), "ntoken": ntoken, **model_args,
+                       "params": n_params, "epoch": epoch, **figures, "averaged": averaged}, path)
 
 
-def _reload_best(cfg, best_path: str, model, opt: dict, loop: LMLoop, state: dict, device, err: Exception) -> int:
+def _reload_best(cfg, best_path: str, model, opt: dict, pos, state: dict, device, err: Exception) -> int:
     """``nan_policy=reload_best`` (DARTS ``rnn/train.py``, its ``except`` around ``train()``): put back the weights
     of ``best.pt`` (the averaged ones if ASGD was on then) and the optimizer of that moment -- ASGD with its
     averages if it had switched by then, else SGD --, keep the configured learning rate, and go on from the start
@@ -308,9 +265,9 @@ def _reload_best(cfg, best_path: str, model, opt: dict, loop: LMLoop, state: dic
     if restore_weights_and_optimizer(cfg, best_path, model, opt, ckpt["averaged"], ckpt["model"], ckpt["optimizer"]):
         state["asgd_epoch"] = state["asgd_epoch"] if ckpt["averaged"] else None
     set_lr(opt["optimizer"], cfg.lr)
-    loop.epoch = ckpt["epoch"]
-    loop.next_epoch()
-    return loop.epoch
+    pos.epoch = ckpt["epoch"]
+    pos.next_epoch()
+    return pos.epoch
 
 
 class Trained(NamedTuple):

@@ -23,7 +23,7 @@ from nas.distributed import global_batch_norm
 from nas.genotype import Genotype, GenotypeError, dag_decisions, derive, edge_count, genotype_from_decisions
 from nas.layers import dropout_mask
 from nas.ops import DARTS_RNN_OPS, cell_activation, check_cell_ops
-from nas.spaces import SPACES, check_space_genotype
+from nas.spaces.base import SPACES, check_space_genotype
 from nas.spaces.lm import RNNLanguageModel
 from nas.errors import ConfigError
 

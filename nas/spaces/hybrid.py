@@ -27,7 +27,7 @@ from nas.errors import ConfigError
 from nas.genotype import ZERO_OPS, Genotype, dag_decisions, derive, edge_count, genotype_from_decisions
 from nas.layers import LockedDropout, dropout, embedded_dropout
 from nas.sequence_ops import HYBRID_OPS, build_sequence_op, check_sequence_ops, padding_mask
-from nas.spaces import SPACES, check_space_genotype
+from nas.spaces.base import SPACES, check_space_genotype
 from nas.spaces.lm import RNNLanguageModel
 
 OUTPUTS = ("last", "mean")

@@ -37,7 +37,7 @@ import numpy as np
 
 from nas.errors import ConfigError
 from nas.genotype import Genotype, genotype_count
-from nas.strategies import STRATEGIES
+from nas.strategies.base import STRATEGIES
 from nas.strategies import shared_study
 
 log = logging.getLogger(__name__)

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from collections import Counter
-from typing import Callable, Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -51,7 +51,8 @@ from nas import distributed
 from nas.genotype import Genotype
 from nas.losses import lm_nll
 from nas.mixed import edge_weights
-from nas.strategies import STRATEGIES
+from nas.strategies.base import STRATEGIES
+from nas.tasks.base import Batch, SentenceInputs  # noqa: F401  (the batch types step() takes)
 from nas.errors import ConfigError
 
 ALPHA_SPLITS = ("valid", "train_half")
@@ -80,30 +81,6 @@ class DartsConfig:
     #: (the training split's second half; w then trains on the first half only)
     alpha_split: str = "valid"
     alpha_init_std: float = 1e-3
-
-
-class Batch(NamedTuple):
-    """One BPTT segment: tokens [T, B], targets [T, B], the incoming (detached) hidden state [B, H]."""
-
-    data: torch.Tensor
-    targets: torch.Tensor
-    hidden: torch.Tensor
-
-    def inputs(self) -> tuple:
-        """The model's positional inputs: ``model(data, hidden, weights=..., targets=...)``."""
-        return (self.data, self.hidden)
-
-
-class SentenceInputs(NamedTuple):
-    """One classification batch: tokens [T, B] right-padded, targets (labels) [B], lengths [B]."""
-
-    data: torch.Tensor
-    targets: torch.Tensor
-    lengths: torch.Tensor
-
-    def inputs(self) -> tuple:
-        """The model's positional inputs: ``model(data, lengths, weights=..., targets=...)``."""
-        return (self.data, self.lengths)
 
 
 def _detached(hidden):
@@ -180,12 +157,12 @@ class DartsStrategy:
         Returns the held-out hidden state after ``valid`` [B, H], detached, to carry to the next segment
         (None for a classifier).
         Raises:
-            nas.engine.lm.NonFiniteLossError: the hypergradient is NaN/inf (α is left unchanged).
+            nas.errors.NonFiniteLossError: the hypergradient is NaN/inf (α is left unchanged).
         """
         self.optimizer.zero_grad(set_to_none=True)
         grad, hidden = self.arch_gradient(train, valid, eta)
         if not bool(torch.isfinite(grad).all()):
-            from nas.engine.lm import NonFiniteLossError
+            from nas.errors import NonFiniteLossError
 
             raise NonFiniteLossError("the α gradient became non-finite (α was not updated); lower lr or arch_lr")
         self.alphas.grad = grad

@@ -23,7 +23,7 @@ import torch
 
 from nas.errors import ConfigError
 from nas.genotype import Genotype, genotype_count, path_weights
-from nas.strategies import STRATEGIES
+from nas.strategies.base import STRATEGIES
 
 
 SELECTIONS = ("every_epoch", "end")

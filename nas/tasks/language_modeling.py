@@ -1,8 +1,16 @@
-"""Language-model objective, exact perplexity, and data preparation shared by search and retraining."""
+"""The language-modelling task (PTB, WikiText-2): batchified corpora, variable-length BPTT segments with carried
+hidden states, the AWD-LSTM objective (cross-entropy + AR + TAR), exact perplexity.
+
+Splits: the weights train on ``train`` (or its first half, ``strategy.alpha_split=train_half``); α trains on
+``valid`` (DARTS RNN, Liu et al. 2019 sec. 3.2) or on the second half of train; model selection uses ``valid`` and
+the reported figure is the ``test`` perplexity (test batch size 1 in the paper protocol).  Cost unit: training
+target tokens.
+"""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -12,11 +20,9 @@ from tqdm import tqdm
 from nas import distributed
 from nas.data import batchify, bptt_segments, check_min_size, get_batch, load_corpus
 from nas.engine.common import absolute_path
+from nas.errors import NonFiniteLossError
 from nas.losses import lm_nll
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss or gradient became NaN/inf."""
+from nas.tasks.base import TASKS, Batch, Step, StepResult, Task
 
 
 def perplexity(total_nll: float, tokens: int) -> float:
@@ -144,22 +150,34 @@ class EpochMeter:
         """Perplexity of the epoch so far (raw NLL, without AR/TAR)."""
         return perplexity(self.nll, max(self.tokens, 1))
 
+    value = ppl
+
+    def record_step(self, result: StepResult, scalars: dict) -> None:
+        """:meth:`record` for the engine's :class:`~nas.tasks.base.StepResult`."""
+        self.record(result.loss, result.tokens, scalars)
+
+    def figures(self) -> dict:
+        """The epoch's training figures for its history record."""
+        return {"train_ppl": self.ppl}
+
 
 class LMLoop:
-    """Where a language-model training loop is (shared by search and retraining): the epoch, the segment
-    number in it and the next BPTT row, the hidden states carried across segments, and the epoch's partial
-    NLL -- what a resume checkpoint needs besides weights and optimizers."""
+    """Where a language-model training loop is (search and retraining): the epoch, the segment number in it and
+    the next BPTT row, the hidden states carried across segments, the epoch's partial NLL, and the data sampler
+    ``np_rng`` (variable BPTT lengths) -- what a resume checkpoint needs besides weights and optimizers."""
 
-    def __init__(self):
+    def __init__(self, np_rng=None):
+        self.np_rng = np_rng
         self.epoch, self.batch, self.row = 1, 0, 0
         self.hidden = self.hidden_valid = None
         self.partial = (0.0, 0)
 
-    def advance(self, seq_len: int, hidden, hidden_valid, partial: tuple) -> None:
-        """A segment of ``seq_len`` rows is done: the hidden states [B, H] after it, the epoch's (NLL, tokens)."""
+    def advance(self, step: Step, result: StepResult, alpha_carry, partial: tuple) -> None:
+        """A segment of ``step.size`` rows is done: the hidden states [B, H] after it (``result.carry``; the α
+        batch's ``alpha_carry``, None when retraining), the epoch's (NLL, tokens)."""
         self.batch += 1
-        self.row += seq_len
-        self.hidden, self.hidden_valid, self.partial = hidden, hidden_valid, partial
+        self.row += step.size
+        self.hidden, self.hidden_valid, self.partial = result.carry, alpha_carry, partial
 
     def next_epoch(self) -> None:
         """The epoch is done: the next one starts at row 0 with fresh hidden states."""
@@ -167,21 +185,21 @@ class LMLoop:
         self.hidden = self.hidden_valid = None
         self.partial = (0.0, 0)
 
-    def snapshot(self, np_rng) -> dict:
-        """The checkpoint part: position, hidden states, partial NLL, and the data sampler ``np_rng``'s state."""
+    def snapshot(self) -> dict:
+        """The checkpoint part: position, hidden states, partial NLL, and the data sampler's state."""
         # under torchrun the hidden states of the global batch (a collective), so any world size can resume
         return {"position": {"epoch": self.epoch, "batch": self.batch, "row": self.row},
                 "hidden": distributed.gather_columns(self.hidden),
                 "hidden_valid": distributed.gather_columns(self.hidden_valid), "partial": self.partial,
-                "np_rng": np_rng.bit_generator.state}
+                "np_rng": self.np_rng.bit_generator.state}
 
-    def restore(self, ckpt: dict, np_rng) -> None:
-        """Back to what :meth:`snapshot` saved (``np_rng`` is set to the saved state in place)."""
+    def restore(self, ckpt: dict) -> None:
+        """Back to what :meth:`snapshot` saved (the sampler is set to the saved state in place)."""
         pos = ckpt["position"]
         self.epoch, self.batch, self.row = pos["epoch"], pos["batch"], pos["row"]
         self.hidden, self.hidden_valid = distributed.shard_rows(ckpt["hidden"]), distributed.shard_rows(ckpt["hidden_valid"])
         self.partial = tuple(ckpt["partial"])
-        np_rng.bit_generator.state = ckpt["np_rng"]
+        self.np_rng.bit_generator.state = ckpt["np_rng"]
 
 
 @dataclass(frozen=True)
@@ -242,6 +260,20 @@ def evaluate(model: nn.Module, source: torch.Tensor, bptt: int, weights: Optiona
         return EvalResult(total, count)
     finally:
         model.train(was_training)
+
+
+def evaluate_lm(model, source: torch.Tensor, bptt: int, optimizer: Optional[torch.optim.Optimizer] = None,
+                max_batches: Optional[int] = None, progress=None, over_ranks: bool = False) -> EvalResult:
+    """Exact perplexity of ``model`` on ``source`` [T, B], with ASGD's averaged weights if ``optimizer`` averages.
+
+    Leaves the model's ``training`` flag, its parameters and the optimizer state exactly as they were
+    (the averaged weights are copied in and the raw ones back, see :func:`nas.engine.asgd.averaged_weights`).
+    An overflowing loss gives ``ppl == inf``, not an exception.  ``over_ranks``: see :func:`evaluate`.
+    """
+    from nas.engine.asgd import averaged_weights
+
+    with averaged_weights(model, optimizer):
+        return evaluate(model, source, bptt, max_batches=max_batches, progress=progress, over_ranks=over_ranks)
 
 
 @dataclass
@@ -313,3 +345,112 @@ def prepare_lm_data(cfg, device: torch.device, alpha_split: Optional[str] = None
     if score is not None and sharded["score"]:
         score = distributed.shard_columns(score)
     return LMData(len(corpus.vocab), train, search, valid, test, sharded, score)
+
+
+@TASKS.register("language_modeling")
+class LanguageModelingTask(Task):
+    """Word-level language modelling (PTB, WikiText-2): metric perplexity (minimize), cost unit target tokens.
+
+    Training segments: variable-length BPTT (AWD-LSTM sec. 4.1; the step's learning rate scaled by ``seq_len /
+    bptt``), hidden states carried across segments and detached; the α segment of a search is read at the same row
+    of the α split with the nominal bptt (DARTS reference ``train_search.py``).  Objective: cross-entropy + AR + TAR
+    (:func:`lm_objective`).  Evaluation: exact perplexity (:func:`evaluate`) with ``eval_bptt`` (default ``bptt``);
+    test at ``test_batch_size``.
+    """
+
+    name, kind, metric, direction = "language_modeling", "lm", "ppl", "minimize"
+    bar_counter, data_parallel, reload_best, compiles = "tokens", True, True, True
+
+    def prepare(self, cfg, device, alpha_split=None, retrain=False) -> LMData:
+        strategy = cfg.get("strategy")
+        return prepare_lm_data(cfg, device, alpha_split=alpha_split,
+                               test_batch_size=cfg.test_batch_size if retrain else None,
+                               score_batch_size=strategy.get("score_batch_size") if strategy is not None else None)
+
+    def model_args(self, data) -> dict:
+        return {}
+
+    def objective(self, cfg):
+        return functools.partial(lm_objective, ar_alpha=cfg.ar_alpha, tar_beta=cfg.tar_beta)
+
+    def position(self, cfg, data, np_rng, search: bool) -> LMLoop:
+        return LMLoop(np_rng)
+
+    def batches(self, cfg, data, model, position: LMLoop, np_rng, search: bool):
+        source = data.train
+        segments = bptt_segments(source, cfg.bptt, variable=True, rng=np_rng,
+                                 max_len=cfg.bptt + cfg.max_seq_len_delta, start=position.row,
+                                 sampler=cfg.seq_len_sampler)
+        for n, (i, seq_len) in enumerate(segments, position.batch):
+            if cfg.limit_train_batches and n >= cfg.limit_train_batches:
+                break
+            data_t, targets_t = get_batch(source, i, seq_len)
+            hidden = position.hidden if position.hidden is not None else model.init_hidden(source.size(1))
+            alpha = None
+            if search:
+                # DARTS reads the held-out segment at the same row (wrapped), with the nominal bptt
+                data_v, targets_v = get_batch(data.search, i % (data.search.size(0) - 1), cfg.bptt)
+                hidden_v = (position.hidden_valid if position.hidden_valid is not None
+                            else model.init_hidden(source.size(1)))
+                alpha = Batch(data_v, targets_v, hidden_v)
+            yield Step(Batch(data_t, targets_t, hidden), alpha, data_t.size(0) / cfg.bptt, seq_len)
+
+    def weight_step(self, model, optimizer, batch: Batch, cfg, weights=None) -> StepResult:
+        raw, hidden = weight_step(model, optimizer, batch.data, batch.targets, batch.hidden, cfg.clip,
+                                  cfg.ar_alpha, cfg.tar_beta, weights)
+        return StepResult(raw, hidden, tokens=batch.targets.numel() * distributed.size())
+
+    def meter(self, state, writer, bar, log_every, partial) -> EpochMeter:
+        return EpochMeter(state, writer, bar, log_every, partial)
+
+    def progress_bar(self, cfg, data, desc, state):
+        bar = token_progress_bar(cfg, data.train, desc)
+        bar.update(state["tokens"])
+        return bar
+
+    def evaluate(self, model, data: LMData, split, cfg, weights=None, max_batches=None) -> EvalResult:
+        if split == "score" and data.score is not None:
+            source, over = data.score, "score"
+        else:
+            source, over = data.valid, "valid"
+        return evaluate(model, source, cfg.get("eval_bptt") or cfg.bptt, weights, max_batches,
+                        over_ranks=data.over_ranks(over))
+
+    def test(self, model, data: LMData, cfg) -> EvalResult:
+        source, bptt = data.test, cfg.get("eval_bptt") or cfg.bptt
+        segments = len(range(0, source.size(0) - 1, bptt))
+        total = min(segments, cfg.limit_eval_batches or segments)
+        with tqdm(total=total, desc="test", unit="seg", disable=not cfg.progress or not distributed.is_writer(),
+                  dynamic_ncols=True) as bar:
+            return evaluate(model, source, bptt, None, cfg.limit_eval_batches, lambda n: bar.update(1),
+                            data.over_ranks("test"))
+
+    def best_state(self, result: EvalResult) -> dict:
+        return {"loss": result.loss if math.isfinite(result.loss) else math.inf, "ppl": result.ppl}
+
+    def selection_key(self, figures: dict) -> tuple:
+        return (-figures["loss"],)
+
+    def best_figures(self, result: EvalResult) -> dict:
+        return {"valid_nll": result.nll, "valid_tokens": result.tokens, "valid_ppl": result.ppl}
+
+    def test_metrics(self, cfg, data: LMData, valid, test, best_checkpoint: str) -> dict:
+        if valid is None:  # resumed after the last epoch had finished: the best checkpoint holds its figures
+            from nas.engine.common import load_checkpoint
+
+            distributed.barrier()
+            best = load_checkpoint(best_checkpoint)
+            valid = EvalResult(best["valid_nll"], best["valid_tokens"])
+        exact = _whole(valid, data.valid, data.over_ranks("valid")) and (
+            test is None or _whole(test, data.test, data.over_ranks("test")))
+        return {"test_tokens": test and test.tokens, "valid_tokens": valid.tokens, "exact_eval": exact,
+                "test_batch_size": cfg.test_batch_size, "eval_batch_size": cfg.eval_batch_size}
+
+    def fmt(self, value: float) -> str:
+        return f"{value:.2f}"
+
+
+def _whole(result: EvalResult, source: torch.Tensor, over_ranks: bool = False) -> bool:
+    """True when ``result`` scored every target of ``source`` [T, B] (no ``limit_eval_batches`` cut); with
+    ``over_ranks``, ``source`` is one of the torchrun ranks' equal shards."""
+    return result.tokens == (source.size(0) - 1) * source.size(1) * (distributed.size() if over_ranks else 1)

@@ -1,0 +1,110 @@
+"""The trial record every strategy writes: ``trials.jsonl`` and the best-so-far against cost in TensorBoard.
+
+``trials.jsonl`` (one JSON object per line, appended and flushed after each candidate, by every strategy):
+``{"strategy", "trial", "genotype", "metric", "value", "wall_seconds", "train_tokens", "cum_wall_seconds",
+"cum_train_tokens", "seed", "best_value"}`` -- ``train_tokens`` counts the task's cost unit (language models:
+training target tokens; sentence classification: the words of the training sentences), the one cost currency of
+all strategies.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Callable, Optional
+
+from nas.atomic import atomic_write_text
+from nas.genotype import Genotype
+
+TRIALS_FILE = "trials.jsonl"
+
+
+def better(a: Optional[float], b: Optional[float], direction: str) -> bool:
+    """True when value ``a`` beats ``b`` (None never beats anything; anything beats None)."""
+    if a is None or not math.isfinite(a):
+        return False
+    if b is None:
+        return True
+    return a < b if direction == "minimize" else a > b
+
+
+class TrialLog:
+    """Appends the common per-candidate record to ``trials.jsonl`` and logs best-so-far against cost to
+    TensorBoard (``search/best_vs_tokens`` with step = cumulative training tokens, ``search/best_vs_seconds``
+    with step = cumulative wall seconds rounded down, ``search/value`` per trial).  TensorBoard keeps one point per
+    step, so a record whose cost did not move a step on (a reused result costs nothing; several quick trials in
+    one second) is drawn one step after the previous point: every tag's steps increase strictly."""
+
+    def __init__(self, run_dir: str, strategy: str, metric: str, direction: str, seed: int, writer=None):
+        self.path = os.path.join(run_dir, TRIALS_FILE)
+        self.strategy, self.metric, self.direction, self.seed = strategy, metric, direction, seed
+        self.writer = writer
+        self.n, self.cum_wall, self.cum_tokens, self.best, self.best_genotype = 0, 0.0, 0, None, None
+        self.genotypes: list = []
+        self.study_trials: set = set()  # the shared study's trial numbers recorded here
+        self._steps = {"tokens": -1, "seconds": -1}  # the last step of search/best_vs_tokens and _vs_seconds
+
+    def resume(self, keep: Optional[Callable[[dict], bool]] = None) -> int:
+        """Continue an existing ``trials.jsonl`` of this run dir (a resumed run): trial numbers, cumulative
+        cost and the best so far carry on.  ``keep(record)``: drop the records it rejects (written after the
+        checkpoint being resumed from; the file is rewritten atomically).  Returns the number of records kept.
+        A torn last line (the process was killed while appending it) is dropped."""
+        if not os.path.isfile(self.path):
+            return 0
+        records = []
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    if line.endswith("\n"):  # damage inside the file, not a torn last line
+                        raise
+        kept = [r for r in records if keep is None or keep(r)]
+        if len(kept) != len(records) or (records and not open(self.path, "rb").read().endswith(b"\n")):
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        records = kept
+        for r in records:
+            self.n, self.cum_wall, self.cum_tokens = r["trial"], r["cum_wall_seconds"], r["cum_train_tokens"]
+            genotype = Genotype.from_dict(r["genotype"])
+            self.genotypes.append(genotype)
+            if r.get("study_trial") is not None:
+                self.study_trials.add(r["study_trial"])
+            if better(r["value"], self.best, self.direction):
+                self.best, self.best_genotype = r["value"], genotype
+            if self.best is not None:
+                self._cost_steps()
+        return len(records)
+
+    def _cost_steps(self) -> tuple:
+        """The steps of the next best-vs-cost points: the cumulative tokens and whole seconds, at least one past the
+        last ones written (TensorBoard shows one point per step)."""
+        tokens = self._steps["tokens"] = max(self.cum_tokens, self._steps["tokens"] + 1)
+        seconds = self._steps["seconds"] = max(int(self.cum_wall), self._steps["seconds"] + 1)
+        return tokens, seconds
+
+    def add(self, genotype: Genotype, value: Optional[float], wall_seconds: float, train_tokens: int,
+            **extra) -> dict:
+        self.n += 1
+        self.cum_wall += wall_seconds
+        self.cum_tokens += int(train_tokens)
+        if better(value, self.best, self.direction):
+            self.best, self.best_genotype = value, genotype
+        record = {"strategy": self.strategy, "trial": self.n, "genotype": genotype.to_dict(), "metric": self.metric,
+                  "value": value, "wall_seconds": wall_seconds, "train_tokens": int(train_tokens),
+                  "cum_wall_seconds": self.cum_wall, "cum_train_tokens": self.cum_tokens, "seed": self.seed,
+                  "best_value": self.best, **extra}
+        if extra.get("study_trial") is not None:
+            self.study_trials.add(extra["study_trial"])
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.best is not None:
+            tokens_step, seconds_step = self._cost_steps()
+        if self.writer is not None and self.best is not None:
+            self.writer.add_scalar("search/best_vs_tokens", self.best, tokens_step)
+            self.writer.add_scalar("search/best_vs_seconds", self.best, seconds_step)
+            if value is not None:
+                self.writer.add_scalar("search/value", value, self.n)
+            self.writer.flush()
+        return record

@@ -1,0 +1,212 @@
+"""The Task interface: what the engine's loops need to know about a learning problem, and the task registry.
+
+A *task* (language modelling, sentence classification, ...) owns everything that depends on the kind of data:
+its splits (including the one α is trained on), the training batches and the α batches with a resumable
+position, one weight update, evaluation (the metric, its direction, the loss beside it), the cost unit (training
+tokens), the epoch figures and what a run reports.  The engine (:mod:`nas.engine.search`, :mod:`nas.engine.train`,
+:mod:`nas.engine.blackbox`) writes each loop once against this interface and the strategy interface; it never
+asks which task it runs.  The pattern follows fairseq's task registry (a task builds its datasets and criterion
+and is looked up by name).
+
+A run config names its task through its dataset: ``dataset.task`` (``conf/dataset/<name>.yaml``).  Adding a task
+is one module that registers a :class:`Task` subclass in :data:`TASKS` plus one ``conf/dataset`` yaml.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, NamedTuple, Optional
+
+import torch
+
+from nas.errors import ConfigError
+from nas.registry import Registry
+
+#: task name -> :class:`Task` subclass (``dataset.task`` in a run config)
+TASKS = Registry("task")
+
+
+class Batch(NamedTuple):
+    """One BPTT segment: tokens [T, B], targets [T, B], the incoming (detached) hidden state [B, H]."""
+
+    data: torch.Tensor
+    targets: torch.Tensor
+    hidden: torch.Tensor
+
+    def inputs(self) -> tuple:
+        """The model's positional inputs: ``model(data, hidden, weights=..., targets=...)``."""
+        return (self.data, self.hidden)
+
+
+class SentenceInputs(NamedTuple):
+    """One classification batch: tokens [T, B] right-padded, targets (labels) [B], lengths [B]."""
+
+    data: torch.Tensor
+    targets: torch.Tensor
+    lengths: torch.Tensor
+
+    def inputs(self) -> tuple:
+        """The model's positional inputs: ``model(data, lengths, weights=..., targets=...)``."""
+        return (self.data, self.lengths)
+
+
+class Step(NamedTuple):
+    """One training step's data: the weights' batch, the α batch (None when retraining), and the factor the
+    configured learning rate is scaled by for this step (language models: ``seq_len / bptt``, AWD-LSTM sec. 4.1)."""
+
+    train: Any
+    alpha: Any = None
+    lr_factor: float = 1.0
+    size: int = 0
+
+
+class StepResult(NamedTuple):
+    """What one weight update returns: the raw training loss (nats per target), what the loop carries to the next
+    step (a language model's hidden state [B, H]; None otherwise), and the step's counts for the epoch figures."""
+
+    loss: float
+    carry: Any = None
+    tokens: int = 0
+    correct: int = 0
+    count: int = 0
+
+
+class Task:
+    """A learning problem the engine searches and retrains on (subclass and register in :data:`TASKS`).
+
+    Class attributes:
+        name: the registry name, recorded in genotypes and in ``metrics.json`` (``task``).
+        kind: the suffix of the resume checkpoint's kind (``search_<kind>``, ``train_<kind>``).
+        metric: the model-selection metric (``ppl``, ``accuracy``); reported as ``valid_<metric>`` etc.
+        direction: ``minimize`` or ``maximize`` the metric.
+        bar_counter: the ``state`` counter the progress bar counts (``tokens`` or ``step``).
+        data_parallel: runs under torchrun (data parallel); reload_best: supports ``nan_policy=reload_best``;
+        compiles: supports ``compile=true``.
+        scalar_tags: TensorBoard scalar tags this task writes beyond :data:`nas.engine.tb.SCALAR_TAGS`.
+        model_kinds: the space factories' keyword this task needs (e.g. ``num_classes``), checked at start.
+    """
+
+    name: str = ""
+    kind: str = ""
+    metric: str = ""
+    direction: str = "minimize"
+    bar_counter: str = "step"
+    data_parallel: bool = False
+    reload_best: bool = False
+    compiles: bool = False
+    scalar_tags: tuple = ()
+    model_kwargs: tuple = ()
+    #: counters this task adds to a run's ``state`` (reported in ``metrics.json`` as ``train_<name>``)
+    counters: tuple = ()
+
+    # -- configuration ----------------------------------------------------------------------------------------
+    def check(self, cfg, space, job: str) -> None:
+        """Refuse (ConfigError) what this task cannot run; ``job``: ``search`` or ``retraining``."""
+        import inspect
+
+        factory = space.build_supernet if job == "search" else space.freeze
+        params = inspect.signature(factory).parameters
+        for key in self.model_kwargs:
+            if key not in params:
+                raise ConfigError(f"space={cfg.space.name} cannot build a model for dataset={cfg.dataset.name} "
+                                  f"(task {self.name}: its models take {key}); choose a space that can, e.g. "
+                                  "space=hybrid")
+        if cfg.compile and not self.compiles:
+            raise ConfigError(f"compile=true: the {self.name} models have no compiled path; set compile=false")
+
+    # -- data ------------------------------------------------------------------------------------------------
+    def prepare(self, cfg, device, alpha_split: Optional[str] = None, retrain: bool = False):
+        """Load and check the splits; ``alpha_split`` names the one α is trained on (None when retraining).
+        Raises nas.data.DataError for missing, malformed or too small data."""
+        raise NotImplementedError
+
+    def model_args(self, data) -> dict:
+        """Keyword arguments of ``space.build_supernet`` / ``space.freeze`` (vocabulary size, classes...)."""
+        raise NotImplementedError
+
+    def describe(self, data) -> str:
+        """A few words on the data for the start-of-run log line."""
+        return ""
+
+    # -- training --------------------------------------------------------------------------------------------
+    def objective(self, cfg):
+        """The training objective ``f(model output, targets) -> loss`` the strategies train with."""
+        raise NotImplementedError
+
+    def position(self, cfg, data, np_rng, search: bool):
+        """A new loop position (epoch 1, batch 0), with ``epoch``, ``batch``, ``partial``, ``advance(step,
+        result, alpha_carry, partial)``, ``next_epoch()``, ``snapshot()`` and ``restore(ckpt)``."""
+        raise NotImplementedError
+
+    def batches(self, cfg, data, model, position, np_rng, search: bool) -> Iterator[Step]:
+        """The rest of the current epoch's steps from ``position``."""
+        raise NotImplementedError
+
+    def weight_step(self, model, optimizer, batch, cfg, weights=None) -> StepResult:
+        """One weight update on ``batch`` (gradient clipped to ``cfg.clip``).
+        Raises nas.errors.NonFiniteLossError when the loss or the gradient is NaN/inf (nothing updated then)."""
+        raise NotImplementedError
+
+    def meter(self, state: dict, writer, bar, log_every: int, partial):
+        """The training-epoch meter: ``record(result, scalars)``, ``partial``, ``value`` (the epoch's metric),
+        ``figures()`` (history entries)."""
+        raise NotImplementedError
+
+    def progress_bar(self, cfg, data, desc: str, state: dict):
+        """A tqdm bar over the whole run, advanced to ``state`` (a resumed run)."""
+        raise NotImplementedError
+
+    # -- evaluation ------------------------------------------------------------------------------------------
+    def evaluate(self, model, data, split: str, cfg, weights=None, max_batches: Optional[int] = None):
+        """Score ``split`` (``valid``, or ``score``: the split random_ws ranks paths on).  The result has the
+        attribute :attr:`metric` and ``loss`` (nats)."""
+        raise NotImplementedError
+
+    def test(self, model, data, cfg):
+        """Score the test split (the final report of a retraining)."""
+        raise NotImplementedError
+
+    def value(self, result) -> float:
+        """The metric's value in an evaluation result."""
+        return getattr(result, self.metric)
+
+    def best_state(self, result) -> dict:
+        """An epoch's validation figures as a retraining's ``state["best"]`` keeps them (with ``epoch``)."""
+        return {self.metric: self.value(result), "loss": result.loss}
+
+    def selection_key(self, figures: dict) -> tuple:
+        """Retraining keeps the epoch whose :meth:`best_state` has the largest key (default: the better metric,
+        then the lower loss)."""
+        value = figures[self.metric]
+        return (value if self.direction == "maximize" else -value, -figures["loss"])
+
+    def valid_figures(self, result) -> dict:
+        """The validation figures of an epoch's history record."""
+        return {f"valid_{self.metric}": self.value(result), "valid_loss": result.loss}
+
+    def best_figures(self, result) -> dict:
+        """What ``best.pt`` records of its validation result."""
+        return {f"valid_{self.metric}": self.value(result), "valid_loss": result.loss}
+
+    def test_metrics(self, cfg, data, valid, test, best_checkpoint: str) -> dict:
+        """The task's own entries of a retraining's ``metrics.json`` besides ``test_<metric>`` and ``test_loss``."""
+        return {}
+
+    def fmt(self, value: float) -> str:
+        """The metric's value for the log."""
+        return f"{value:.4g}"
+
+
+#: the task of a dataset whose config does not name one (a run config saved before ``dataset.task`` existed)
+LEGACY_TASKS = {"sst2": "classification"}
+
+
+def task_name(cfg) -> str:
+    """The task a run config names: ``dataset.task``, else the one its dataset had before that key existed."""
+    return cfg.dataset.get("task") or LEGACY_TASKS.get(cfg.dataset.name, "language_modeling")
+
+
+def make_task(cfg) -> Task:
+    """The task of a run config.  Raises ConfigError for an unknown ``dataset.task``."""
+    name = task_name(cfg)
+    if name not in TASKS:
+        raise ConfigError(f"dataset.task={name!r}; valid: {', '.join(TASKS.names())}")
+    return TASKS.get(name)()
