@@ -64,7 +64,7 @@ def prepare_argv(argv: list, script: str) -> list:
         else:
             try:
                 argv0 = _prepare_argv(argv, script)
-                decision = ("run", _resolved_run_dir(argv0, script))
+                decision = ("run", _resolved_run_dir(argv0, script), argv0)
             except SystemExit as err:
                 decision = ("exit", None if err.code in (0, 1) else str(err.code))
     decision = distributed.broadcast_object(decision)
@@ -73,7 +73,8 @@ def prepare_argv(argv: list, script: str) -> list:
             print(f"UsageError: {decision[1]}", file=sys.stderr)
         sys.exit(1)
     run_dir = decision[1]
-    base = [a for a in (argv0 if world.rank == 0 else argv) if not a.startswith("hydra.run.dir=")]
+    # rank 0's command line: with what its checks added (train.py: the space and dataset of the genotype)
+    base = [a for a in decision[2] if not a.startswith("hydra.run.dir=")]
     extra = [f"hydra.run.dir={run_dir}"]
     if world.rank != 0:
         extra += ["hydra.output_subdir=null", "hydra.job_logging.root.handlers=[console]"]
@@ -250,6 +251,12 @@ def _prepare_argv(argv: list, script: str) -> list:
                 overrides = overrides + [f"hydra.run.dir={os.path.join(resume, 'resumes', '${now:%Y-%m-%d_%H-%M-%S_%f}')}"]
                 argv = argv + [overrides[-1]]
         cfg = _compose(argv, script, overrides)
+        conf_dir = os.path.join(os.path.dirname(os.path.abspath(argv[0])), "conf")
+        taken = arch_origin_overrides(cfg, args, conf_dir) if script == "train.py" and not resume else []
+        if taken:
+            overrides, argv = overrides + taken, argv + taken
+            cfg = _compose(argv, script, overrides)
+            print(f"{script}: {' '.join(taken)} taken from the genotype of arch={args['arch']}", file=sys.stderr)
         if any(a in ("--cfg", "-c") for a in argv[1:]):
             return argv  # prints the config; runs nothing
         run_dir = os.path.abspath(str(cfg.hydra.run.dir))
@@ -264,6 +271,55 @@ def _prepare_argv(argv: list, script: str) -> list:
         print(f"{type(err).__name__}: {err}", file=sys.stderr)
         sys.exit(1)
     return [a for a in argv if not a.startswith("hydra.run.dir=")] + [f"hydra.run.dir={run_dir}"]
+
+
+def arch_origin_overrides(cfg, args: dict, conf_dir: str) -> list:
+    """``train.py arch=<genotype file or run dir>``: the overrides that take the space and the dataset the genotype
+    was searched with (``Genotype.space``, ``.dataset``), for the keys the command line (or a preset) leaves at their
+    defaults (``conf_dir``: the script's ``conf/``).  An ``arch`` that does not resolve here gives none (``train``
+    reports it).
+
+    Raises:
+        UsageError: an explicit ``space=`` other than the genotype's, or an explicit dataset of another task than the
+            genotype's (a dataset of the same task is fine: a PTB cell retrained on WikiText-2).
+    """
+    from nas.genotype import GenotypeError
+    from nas.published import resolve_arch
+    from nas.tasks.base import task_name
+
+    arch = args.get("arch")
+    if not arch:
+        return []
+    try:
+        genotype, where = resolve_arch(arch, base_dir=os.getcwd())
+    except GenotypeError:
+        return []
+    choices, out = cfg.hydra.runtime.choices, []
+    origin = f"arch={arch} is a genotype of space {genotype.space}" + (
+        f", searched for {genotype.task} on {genotype.dataset}" if genotype.task else "")
+    if cfg.space.name != genotype.space:
+        if "space" in args:
+            raise UsageError(f"{origin}; space={args['space']} contradicts it: drop space= (train.py takes the space "
+                             "from the genotype)")
+        if genotype.space in _options(conf_dir, "space"):
+            out.append(f"space={genotype.space}")
+    if genotype.dataset is None or cfg.dataset.name == genotype.dataset:
+        return out
+    explicit = "dataset" in args or "dataset.name" in args or cfg.dataset.name != choices.get("dataset")
+    if explicit:
+        if genotype.task is not None and task_name(cfg) != genotype.task:
+            given = args.get("dataset") or args.get("dataset.name") or cfg.dataset.name
+            raise UsageError(f"{origin}; dataset={given} is for task {task_name(cfg)}: drop dataset= (train.py takes "
+                             f"dataset={genotype.dataset} from the genotype) or give a dataset of task {genotype.task}")
+    elif genotype.dataset in _options(conf_dir, "dataset"):
+        out.append(f"dataset={genotype.dataset}")
+    return out
+
+
+def _options(conf_dir: str, group: str) -> list:
+    """The options of a config group (``<conf_dir>/<group>/*.yaml``)."""
+    folder = os.path.join(conf_dir, group)
+    return [os.path.splitext(f)[0] for f in os.listdir(folder) if f.endswith(".yaml")] if os.path.isdir(folder) else []
 
 
 def _remember_created(run_dir: str) -> None:

@@ -194,6 +194,13 @@ class Task:
         """The metric's value for the log."""
         return f"{value:.4g}"
 
+    # -- a tiny example, for tests and first tries ---------------------------------------------------------------
+    def example(self, folder: str) -> list:
+        """Write a tiny synthetic dataset of this task into ``folder`` and return the config overrides that run on it
+        (dataset, its root, a space that builds this task's models); the registry-parametrized tests run every task's
+        example through search, retraining and a black-box strategy."""
+        raise NotImplementedError
+
 
 #: the task of a dataset whose config does not name one (a run config saved before ``dataset.task`` existed)
 LEGACY_TASKS = {"sst2": "classification"}

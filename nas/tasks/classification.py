@@ -337,3 +337,18 @@ class ClassificationTask(Task):
 
     def fmt(self, value: float) -> str:
         return f"{value:.4f}"
+
+    def example(self, folder: str) -> list:
+        """A synthetic SST-2 layout (``train.tsv``: 400 sentences of a 30-word vocabulary, ``dev.tsv``: 60), labels
+        drawn at random, read as sst2."""
+        import os
+        import random
+
+        rng = random.Random(0)
+        for split, n in (("train", 400), ("dev", 60)):
+            with open(os.path.join(folder, f"{split}.tsv"), "w", encoding="utf-8") as f:
+                f.write("sentence\tlabel\n")
+                for _ in range(n):
+                    words = " ".join(f"w{rng.randrange(30)}" for _ in range(rng.randint(2, 9)))
+                    f.write(f"{words}\t{rng.randint(0, 1)}\n")
+        return ["dataset=sst2", f"dataset.root={folder}", "space=hybrid"]

@@ -449,6 +449,18 @@ class LanguageModelingTask(Task):
     def fmt(self, value: float) -> str:
         return f"{value:.2f}"
 
+    def example(self, folder: str) -> list:
+        """A 40-word synthetic corpus (``train.txt``, ``valid.txt``, ``test.txt``; 300 / 60 / 60 lines) read as ptb."""
+        import os
+        import random
+
+        rng = random.Random(0)
+        for split, lines in (("train", 300), ("valid", 60), ("test", 60)):
+            with open(os.path.join(folder, f"{split}.txt"), "w", encoding="utf-8") as f:
+                for _ in range(lines):
+                    f.write(" " + " ".join(f"w{rng.randrange(40)}" for _ in range(rng.randint(3, 11))) + " \n")
+        return ["dataset=ptb", f"dataset.root={folder}", "space=darts_rnn"]
+
 
 def _whole(result: EvalResult, source: torch.Tensor, over_ranks: bool = False) -> bool:
     """True when ``result`` scored every target of ``source`` [T, B] (no ``limit_eval_batches`` cut); with
