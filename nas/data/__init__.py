@@ -30,16 +30,14 @@ def find_data_folder(name: str, root=None, cache_dir=None):
     import os
 
     if name in CLASSIFICATION_DATASETS:
-        from .sentences import _candidates as sentence_folders
-        from .sentences import _has_all as has_sentences
+        from .sentences import sentences_folder
 
-        found = [d for d in sentence_folders(root) if has_sentences(d)]
+        found = sentences_folder(root)
     else:
-        from .corpus import _candidates, _has_all, _spec
+        from .corpus import corpus_folder
 
-        spec = _spec(name)
-        found = [d for d in _candidates(spec, root, cache_dir) if _has_all(d, spec)]
-    return os.path.abspath(found[0]) if found else None
+        found = corpus_folder(name, root, cache_dir)
+    return os.path.abspath(found) if found is not None else None
 
 
 __all__ = [

@@ -23,7 +23,7 @@ import zipfile
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Optional
 
 import torch
 
@@ -190,7 +190,7 @@ def _spec(name: str) -> DatasetSpec:
 # ---------------------------------------------------------------- reading / tokenizing
 
 
-def _bad_utf8_line(path: Path) -> tuple[int, UnicodeDecodeError]:
+def bad_utf8_line(path: Path) -> tuple[int, UnicodeDecodeError]:
     """Locate the first line that is not valid UTF-8 (error path only, speed irrelevant)."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -221,7 +221,7 @@ def read_tokens(path: str | os.PathLike) -> list[str]:
                 extend(line.split())
                 append(EOS)
     except UnicodeDecodeError:
-        lineno, err = _bad_utf8_line(path)
+        lineno, err = bad_utf8_line(path)
         raise DataError(
             f"{path}: line {lineno} is not valid UTF-8 ({err.reason} at byte {err.start} of the line); "
             f"the file is corrupt or in another encoding - re-download it (download=true) "
@@ -427,3 +427,11 @@ def load_corpus(
         tensors[split] = torch.tensor(vocab.encode(tokens, source=str(path)), dtype=torch.long)
     assert vocab is not None
     return Corpus(name=spec.name, vocab=vocab, **tensors)
+
+
+def corpus_folder(name: str, root=None, cache_dir=None) -> Optional[Path]:
+    """The first folder holding every file of corpus ``name`` (``root``, ``root/<folder>``, ``$NAS_DATA/<folder>``, the
+    download cache), or None.  Raises DataError for an unknown name."""
+    spec = _spec(name)
+    found = [d for d in _candidates(spec, root, cache_dir) if _has_all(d, spec)]
+    return found[0] if found else None

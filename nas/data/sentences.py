@@ -29,14 +29,14 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from ..errors import ConfigError
-from .corpus import DataError, _bad_utf8_line
+from .corpus import DataError, bad_utf8_line
 
 PAD = "<pad>"  # index 0 always
 UNK = "<unk>"  # index 1 always
@@ -187,7 +187,7 @@ def read_labelled_tsv(path: str | os.PathLike, num_classes: int) -> tuple[list[l
                 sentences.append(words)
                 labels.append(value)
     except UnicodeDecodeError:
-        lineno, err = _bad_utf8_line(path)
+        lineno, err = bad_utf8_line(path)
         raise DataError(
             f"{path}: line {lineno} is not valid UTF-8 ({err.reason} at byte {err.start} of the line); "
             f"the file is corrupt or in another encoding - fetch it again from the GLUE site or "
@@ -447,3 +447,9 @@ def check_batchable(split: Sentences, batch_size: int, what: str) -> None:
             f"{what} split has {n} sentence(s), fewer than one batch of {batch_size}; use a smaller "
             f"batch_size (at most {max(1, n)}) or a larger split."
         )
+
+
+def sentences_folder(root=None) -> Optional[Path]:
+    """The first folder holding SST-2's files (``root``, ``root/SST-2``..., ``$NAS_DATA/...``), or None."""
+    found = [d for d in _candidates(root) if _has_all(d)]
+    return found[0] if found else None
