@@ -362,3 +362,53 @@ def test_out_of_range_settings_are_refused_naming_the_key_and_range(override, na
     check_ranges(ok)  # the presets' values are in range
     with pytest.raises(ConfigError, match=re.escape(named)):
         check_ranges(bad)
+
+
+def _genotype_file(tmp_path, space, task, dataset, name="g.json"):
+    """A genotype of ``space`` (its config's ops, one edge per node) recording ``task`` / ``dataset`` (None: an old
+    file without them)."""
+    from nas.genotype import Edge, Genotype
+
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
+        ops = list(compose("train", ["arch=darts_v2", f"space={space}"]).space.ops)
+    real = [o for o in ops if o not in ("none", "zero")]
+    genotype = Genotype(space=space, ops=tuple(ops), nodes=((Edge(real[0], 0),), (Edge(real[-1], 1),)), concat=(2,),
+                        task=task, dataset=dataset)
+    path = tmp_path / name
+    genotype.save(str(path))
+    return str(path)
+
+
+def test_train_takes_space_and_dataset_from_the_genotype_unless_given(tmp_path, monkeypatch, capsys):
+    """u01.1: a hybrid SST-2 genotype retrains as an SST-2 classifier without space= / dataset=; a PTB genotype keeps
+    a given dataset of its task (WikiText-2); an old genotype file (no task, no dataset) gives only its space."""
+    from nas.engine.rundir import release_run_dir
+
+    sst = _genotype_file(tmp_path, "hybrid", "classification", "sst2", "sst.json")
+    ptb = _genotype_file(tmp_path, "darts_rnn", "language_modeling", "ptb", "ptb.json")
+    old = _genotype_file(tmp_path, "hybrid", None, None, "old.json")
+    monkeypatch.chdir(tmp_path)
+    for arch, given, taken in ((sst, [], ["space=hybrid", "dataset=sst2"]),
+                               (ptb, ["dataset=wikitext2"], []),
+                               (ptb, [], []),
+                               (sst, ["experiment=smoke", "space=hybrid", "dataset=sst2"], []),
+                               (old, [], ["space=hybrid"])):
+        run_dir = str(tmp_path / f"run{len(os.listdir(tmp_path))}")
+        argv = _prepare_argv([os.path.join(ROOT, "train.py"), f"arch={arch}", *given, f"hydra.run.dir={run_dir}"],
+                             "train.py")
+        release_run_dir(run_dir)
+        chosen = [a for a in argv[1:] if a.startswith(("space=", "dataset="))]
+        assert chosen == [g for g in given if g.startswith(("space=", "dataset="))] + taken, (arch, given, argv)
+        err = capsys.readouterr().err
+        assert (f"train.py: {' '.join(taken)} taken from the genotype" in err) == bool(taken), err
+
+
+def test_an_explicit_space_or_dataset_of_another_task_than_the_genotypes_is_one_line(tmp_path, monkeypatch, capsys):
+    sst = _genotype_file(tmp_path / "..", "hybrid", "classification", "sst2", "sst_cli.json")
+    line = refusal("train.py", [f"arch={sst}", "dataset=ptb"], tmp_path, monkeypatch, capsys)
+    assert line == (f"UsageError: arch={sst} is a genotype of space hybrid, searched for classification on sst2; "
+                    "dataset=ptb is for task language_modeling: drop dataset= (train.py takes dataset=sst2 from the "
+                    "genotype) or give a dataset of task classification")
+    line = refusal("train.py", [f"arch={sst}", "space=darts_rnn"], tmp_path, monkeypatch, capsys)
+    assert line == (f"UsageError: arch={sst} is a genotype of space hybrid, searched for classification on sst2; "
+                    "space=darts_rnn contradicts it: drop space= (train.py takes the space from the genotype)")

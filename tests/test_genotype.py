@@ -137,3 +137,40 @@ def test_saved_files_have_ordinary_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
+
+
+def test_the_origin_task_and_dataset_round_trip_and_do_not_change_the_architecture(tmp_path):
+    """A genotype records the task and dataset it was searched for (u01.1); they are not part of the architecture:
+    equality and hashing ignore them, and a file without them (older versions, published genotypes) loads with None."""
+    plain = Genotype(space="darts_rnn", ops=tuple(DARTS_RNN_OPS), nodes=((Edge("tanh", 0),), (Edge("relu", 1),)),
+                     concat=(1, 2))
+    searched = plain.with_origin("language_modeling", "ptb")
+    assert (searched.task, searched.dataset) == ("language_modeling", "ptb") and plain.task is None
+    d = searched.to_dict()
+    assert (d["task"], d["dataset"]) == ("language_modeling", "ptb") and "task" not in plain.to_dict()
+    path = tmp_path / "g.json"
+    searched.save(str(path))
+    back = Genotype.load(str(path))
+    assert (back.task, back.dataset) == ("language_modeling", "ptb")
+    assert back == plain and hash(back) == hash(plain) and len({back, plain}) == 1
+    old = json.loads(path.read_text())
+    del old["task"], old["dataset"]
+    path.write_text(json.dumps(old))
+    assert Genotype.load(str(path)).task is None and Genotype.load(str(path)).dataset is None
+    with pytest.raises(GenotypeError, match="'task' must be a name, got 3"):
+        Genotype.from_dict({**d, "task": 3}, where="x")
+
+
+def test_retraining_refuses_a_genotype_of_another_task(tmp_path):
+    """The engine itself (not only the command line) refuses an SST-2 classifier genotype on a language-model dataset
+    (u01.1: it used to retrain silently as a PTB language model); one of the same task on another dataset is fine."""
+    from nas.engine.train import check_genotype_task
+    from nas.tasks import TASKS
+
+    genotype = Genotype(space="hybrid", ops=("none", "identity", "rnn"), nodes=((Edge("rnn", 0),),), concat=(1,),
+                        task="classification", dataset="sst2")
+    with pytest.raises(GenotypeError, match="searched for task classification on sst2, but this run's dataset is for "
+                                            "task language_modeling"):
+        check_genotype_task(genotype, TASKS.get("language_modeling")())
+    check_genotype_task(genotype, TASKS.get("classification")())
+    check_genotype_task(genotype.with_origin(None, None), TASKS.get("language_modeling")())  # an old file: any task
