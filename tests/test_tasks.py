@@ -100,6 +100,9 @@ def test_retraining_runs_every_task(searched, tmp_path):
     values = [h[f"valid_{metric}"] for h in m["history"]]
     assert len(values) == EPOCHS and m["steps"] == EPOCHS * STEPS_PER_EPOCH
     assert m[f"best_valid_{metric}"] == values[m["best_epoch"] - 1] == best_of(values, task)
+    # the kept epoch is the first with the largest selection key of the task (ties on the metric: the lower loss)
+    keys = [task.selection_key({metric: h[f"valid_{metric}"], "loss": h["valid_loss"]}) for h in m["history"]]
+    assert m["best_epoch"] == 1 + keys.index(max(keys))
     assert math.isfinite(m[f"test_{metric}"]) and math.isfinite(m["test_loss"])
     # the test figure is the one of best.pt, rebuilt from the file alone
     trained = load_trained(str(tmp_path / "train"))
@@ -153,3 +156,24 @@ def test_interrupted_search_resumes_to_the_same_result(name, stop_at, tmp_path, 
 
     assert untimed(resumed) == untimed(whole)
     assert read_json(tmp_path / "cut" / "genotype.json") == read_json(tmp_path / "whole" / "genotype.json")
+
+
+def test_toy_task_learns(tmp_path):
+    """Retrained for 2 epochs, a one-edge identity genotype predicts the majority bit of the test sequences far
+    better than the majority-class constant does (the error an untrained model is near)."""
+    task = toy_task.ToyMajorityTask()
+    (tmp_path / "data").mkdir()
+    overrides = task.example(str(tmp_path / "data"))
+    with open(tmp_path / "data" / "test.txt", encoding="utf-8") as f:
+        labels = [int(line.split()[1]) for line in f]
+    constant_error = min(labels.count(0), labels.count(1)) / len(labels)
+    assert constant_error > 0.3
+    ops = list(compose_cfg("train", ["space=hybrid"]).space.ops)
+    Genotype.from_dict({"space": "hybrid", "ops": ops, "k": 1, "concat": [3],
+                        "nodes": [[{"op": "identity", "input": i}] for i in range(3)]}).save(str(tmp_path / "g.json"))
+    cfg = compose_cfg("train", ["experiment=smoke", "batch_size=8", "eval_batch_size=64", "epochs=2",
+                                "limit_train_batches=null", "limit_eval_batches=null", "num_threads=1",
+                                "progress=false", "space.nodes=4", "space.k=1"] + overrides + [f"arch={tmp_path / 'g.json'}"])
+    m = train(cfg, run_dir=str(tmp_path / "train"))
+    assert m["steps"] == 2 * toy_task.EXAMPLE_SIZES["train"] // 8
+    assert m["test_error"] <= 0.1
