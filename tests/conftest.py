@@ -7,6 +7,10 @@ import torch
 # tests import small helpers (reference_cell.py) that live beside them
 sys.path.insert(0, os.path.dirname(__file__))
 
+# a task defined only in the tests (registers itself in nas.tasks.TASKS): the registry-parametrized tests run it
+# beside the built-in tasks, which shows that a task is one module (tests/test_tasks.py)
+import toy_task  # noqa: E402,F401
+
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
