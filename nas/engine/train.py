@@ -237,6 +237,7 @@ def _save_best(path, model, optimizer, genotype: Genotype, cfg, ntoken: int, mod
     # nan_policy=reload_best goes back to both
     atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "genotype": genotype.to_dict(),
                        "config": OmegaConf.to_container(cfg, resolve=True), "ntoken": ntoken, **model_args,
+                       "model_args": sorted(model_args),
                        "params": n_params, "epoch": epoch, **figures, "averaged": averaged}, path)
 
 
@@ -298,7 +299,7 @@ def load_trained(path: str, device: Optional[torch.device] = None) -> Trained:
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), ckpt["config"])
         genotype = Genotype.from_dict(ckpt["genotype"], where=f"genotype in {path}")
-        extra = {"num_classes": ckpt["num_classes"]} if "num_classes" in ckpt else {}  # a classifier
+        extra = {key: ckpt[key] for key in ckpt.get("model_args", ("num_classes",)) if key in ckpt}  # the task's
         model = build_space(cfg.space).freeze(genotype, ckpt["ntoken"], **extra)
         model.load_state_dict(ckpt["model"])
     except (GenotypeError, OmegaConfBaseException, RuntimeError, KeyError, ValueError) as err:

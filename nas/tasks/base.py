@@ -9,7 +9,9 @@ asks which task it runs.  The pattern follows fairseq's task registry (a task bu
 and is looked up by name).
 
 A run config names its task through its dataset: ``dataset.task`` (``conf/dataset/<name>.yaml``).  Adding a task
-is one module that registers a :class:`Task` subclass in :data:`TASKS` plus one ``conf/dataset`` yaml.
+is one module that registers a :class:`Task` subclass in :data:`TASKS` plus one ``conf/dataset`` yaml (the CPU-sized
+settings in ``conf/tuning/`` are chosen by the dataset *group*: a dataset given only as ``dataset.name=...`` keeps the
+default group's, ptb's).
 """
 from __future__ import annotations
 
@@ -119,7 +121,8 @@ class Task:
         raise NotImplementedError
 
     def model_args(self, data) -> dict:
-        """Keyword arguments of ``space.build_supernet`` / ``space.freeze`` (vocabulary size, classes...)."""
+        """Keyword arguments of ``space.build_supernet`` / ``space.freeze`` besides the vocabulary size ``ntoken``
+        (e.g. ``num_classes``); ``best.pt`` stores them, :func:`nas.engine.train.load_trained` passes them back."""
         raise NotImplementedError
 
     def describe(self, data) -> str:
@@ -128,7 +131,9 @@ class Task:
 
     # -- training --------------------------------------------------------------------------------------------
     def objective(self, cfg):
-        """The training objective ``f(model output, targets) -> loss`` the strategies train with."""
+        """The weights' training objective ``f(model output, targets) -> loss`` (language models: cross-entropy +
+        AR + TAR); the strategies use it for the weights (the virtual step of second-order DARTS), α is trained on the
+        output's ``loss``."""
         raise NotImplementedError
 
     def position(self, cfg, data, np_rng, search: bool):
@@ -137,7 +142,12 @@ class Task:
         raise NotImplementedError
 
     def batches(self, cfg, data, model, position, np_rng, search: bool) -> Iterator[Step]:
-        """The rest of the current epoch's steps from ``position``."""
+        """The rest of the current epoch's steps from ``position`` (the engine advances it after each step, before
+        asking for the next).  A step's ``train`` and ``alpha`` batches are what the strategies take: they have
+        ``inputs()`` (the model's positional inputs) and ``targets``; the model is called
+        ``model(*batch.inputs(), weights, targets)`` and returns an output whose ``loss`` is the mean loss of the
+        batch (α is trained on that loss, DARTS eq. 3-4) and, for a model that carries state across steps, ``hidden``
+        (:class:`Batch`, :class:`SentenceInputs`)."""
         raise NotImplementedError
 
     def weight_step(self, model, optimizer, batch, cfg, weights=None) -> StepResult:
@@ -146,8 +156,12 @@ class Task:
         raise NotImplementedError
 
     def meter(self, state: dict, writer, bar, log_every: int, partial):
-        """The training-epoch meter: ``record(result, scalars)``, ``partial``, ``value`` (the epoch's metric),
-        ``figures()`` (history entries)."""
+        """The training-epoch meter, starting from ``partial`` (a resumed epoch).  The engine calls
+        ``record_step(result, scalars)`` after each step; the meter must add 1 to ``state["step"]``, the step's cost to
+        ``state["tokens"]`` and to each of :attr:`counters`, log the step's figures and ``scalars`` ({tag: value}) to
+        TensorBoard (every ``log_every`` steps) and advance the progress ``bar``.  It also gives ``partial`` (the
+        epoch so far, for the checkpoint), ``value`` (the epoch's training metric) and ``figures()`` (its history
+        entries, e.g. ``{"train_ppl": ...}``)."""
         raise NotImplementedError
 
     def progress_bar(self, cfg, data, desc: str, state: dict):
