@@ -68,3 +68,14 @@ class Registry:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def import_modules(package: str, path) -> None:
+    """Import every module of ``package`` (its ``__path__``), so that each one that registers an entry does: adding
+    a space, strategy or task is adding its file (plus its ``conf/`` yaml), with no list to edit.  Sorted by name, so
+    the registries fill in the same order everywhere."""
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(path), key=lambda m: m.name):
+        importlib.import_module(f"{package}.{info.name}")

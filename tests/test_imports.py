@@ -97,3 +97,25 @@ def test_the_checker_sees_cycles_and_private_imports(tmp_path):
     (pkg / "sub" / "c.py").write_text("from . import b\nfrom .. import a\n")  # relative imports resolve too
     graph, _ = import_graph(str(pkg))
     assert graph["nas.sub.c"] == {"nas.sub.b", "nas.a"}
+
+
+def test_a_module_dropped_into_a_registry_package_registers_itself(tmp_path, monkeypatch):
+    """Adding a space, strategy or task is adding its file: the package imports every module it holds."""
+    import sys
+
+    from nas.registry import Registry, import_modules
+
+    pkg = tmp_path / "plugins_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "base.py").write_text("from nas.registry import Registry\nTHINGS = Registry('thing')\n")
+    for name in ("alpha", "beta"):
+        (pkg / f"{name}.py").write_text(f"from plugins_pkg.base import THINGS\nTHINGS.register('{name}')(object)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import plugins_pkg
+
+    import_modules("plugins_pkg", plugins_pkg.__path__)
+    assert isinstance(sys.modules["plugins_pkg.base"].THINGS, Registry)
+    assert sys.modules["plugins_pkg.base"].THINGS.names() == ["alpha", "beta"]
+    for name in ("plugins_pkg", "plugins_pkg.base", "plugins_pkg.alpha", "plugins_pkg.beta"):
+        monkeypatch.delitem(sys.modules, name)

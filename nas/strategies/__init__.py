@@ -3,6 +3,7 @@
 A one-shot strategy (``kind = "one_shot"``: darts) owns α and its optimizer over a supernet and exposes
 ``edge_weights`` / ``step`` / ``export`` / ``state_dict``.
 """
+from nas.registry import import_modules
 from nas.strategies.base import STRATEGIES  # noqa: F401
 
-from nas.strategies import blackbox, darts, random_ws  # noqa: E402,F401  (register themselves)
+import_modules(__name__, __path__)  # every module of the package registers itself: adding one is adding its file
