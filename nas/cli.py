@@ -313,6 +313,9 @@ def arch_origin_overrides(cfg, args: dict, conf_dir: str) -> list:
                              f"dataset={genotype.dataset} from the genotype) or give a dataset of task {genotype.task}")
     elif genotype.dataset in _options(conf_dir, "dataset"):
         out.append(f"dataset={genotype.dataset}")
+    elif genotype.task is not None and task_name(cfg) != genotype.task:
+        raise UsageError(f"{origin}; there is no conf/dataset/{genotype.dataset}.yaml to take it from: give a dataset "
+                         f"of task {genotype.task} (dataset options: {', '.join(sorted(_options(conf_dir, 'dataset')))})")
     return out
 
 

@@ -409,6 +409,11 @@ def test_an_explicit_space_or_dataset_of_another_task_than_the_genotypes_is_one_
     assert line == (f"UsageError: arch={sst} is a genotype of space hybrid, searched for classification on sst2; "
                     "dataset=ptb is for task language_modeling: drop dataset= (train.py takes dataset=sst2 from the "
                     "genotype) or give a dataset of task classification")
+    imdb = _genotype_file(tmp_path / "..", "hybrid", "classification", "imdb", "imdb_cli.json")  # no conf/dataset yaml
+    line = refusal("train.py", [f"arch={imdb}"], tmp_path, monkeypatch, capsys)
+    assert line == (f"UsageError: arch={imdb} is a genotype of space hybrid, searched for classification on imdb; "
+                    "there is no conf/dataset/imdb.yaml to take it from: give a dataset of task classification "
+                    "(dataset options: ptb, sst2, wikitext2)")
     line = refusal("train.py", [f"arch={sst}", "space=darts_rnn"], tmp_path, monkeypatch, capsys)
     assert line == (f"UsageError: arch={sst} is a genotype of space hybrid, searched for classification on sst2; "
                     "space=darts_rnn contradicts it: drop space= (train.py takes the space from the genotype)")

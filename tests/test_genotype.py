@@ -169,8 +169,8 @@ def test_retraining_refuses_a_genotype_of_another_task(tmp_path):
 
     genotype = Genotype(space="hybrid", ops=("none", "identity", "rnn"), nodes=((Edge("rnn", 0),),), concat=(1,),
                         task="classification", dataset="sst2")
-    with pytest.raises(GenotypeError, match="searched for task classification on sst2, but this run's dataset is for "
-                                            "task language_modeling"):
-        check_genotype_task(genotype, TASKS.get("language_modeling")())
-    check_genotype_task(genotype, TASKS.get("classification")())
-    check_genotype_task(genotype.with_origin(None, None), TASKS.get("language_modeling")())  # an old file: any task
+    with pytest.raises(GenotypeError, match="searched for task classification on sst2, but dataset=ptb is for task "
+                                            "language_modeling: retrain it on a dataset of task classification"):
+        check_genotype_task(genotype, TASKS.get("language_modeling")(), "ptb")
+    check_genotype_task(genotype, TASKS.get("classification")(), "sst2")
+    check_genotype_task(genotype.with_origin(None, None), TASKS.get("language_modeling")(), "ptb")  # an old file

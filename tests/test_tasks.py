@@ -125,6 +125,9 @@ def test_black_box_search_runs_every_task(name, tmp_path):
         trial = read_json(tmp_path / "bb" / "trials" / f"{n:04d}" / "metrics.json")
         assert trial["task"] == name and len(trial["history"]) == 1 and trial[f"test_{task.metric}"] is None
         assert r["value"] == trial[f"best_valid_{task.metric}"] and math.isfinite(r["value"])
+        # every candidate records where it was searched, so train.py arch=<trial> retrains it on the same task
+        candidate = Genotype.load(os.path.join(tmp_path / "bb", "trials", f"{n:04d}", "candidate.json"))
+        assert candidate.task == r["genotype"]["task"] == name
     assert m[f"best_valid_{task.metric}"] == best_of([r["value"] for r in records], task)
     assert Genotype.load(os.path.join(tmp_path / "bb", "genotype.json")).task == name
 

@@ -125,6 +125,7 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
     cfg, run_dir, _ = open_run(cfg, run_dir, SearchConfig, "search.py", continue_same=bool(cfg.strategy.get("storage")))
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     metric, direction = task_metric(cfg)
+    task = make_task(cfg)
     space = build_space(cfg.space)
     strategy = STRATEGIES.get(cfg.strategy.name)(cfg.strategy, space, seed=cfg.seed, direction=direction,
                                                  run_dir=run_dir)
@@ -162,6 +163,8 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
                         log.info("token budget reached (%d >= %d)", spent, cfg.strategy.budget_tokens)
                         break
                     proposal = strategy.ask()
+                if proposal is not None:  # the candidate records where it is searched (train.py arch= reads it)
+                    proposal = proposal._replace(genotype=proposal.genotype.with_origin(task.name, cfg.dataset.name))
                 if proposal is None:
                     log.info("the space is exhausted after %d genotypes", trials.n)
                     break
@@ -204,12 +207,12 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
         writer.close()
         raise SearchFailed(f"no trial of {cfg.strategy.name} succeeded (this worker's or, in a shared study, "
                            f"another's), so there is no genotype; see {trials.path} and the log")
-    best_genotype = best_genotype.with_origin(make_task(cfg).name, cfg.dataset.name)  # train.py arch= reads them
+    best_genotype = best_genotype.with_origin(task.name, cfg.dataset.name)  # train.py arch= reads them
     best_genotype.save(os.path.join(run_dir, "genotype.json"))
     log_genotype_figure(writer, best_genotype, trials.n, os.path.join(run_dir, "genotype.png"))
     writer.close()
     wall = time.time() - start
-    metrics = {"task": make_task(cfg).name, "metric": metric,
+    metrics = {"task": task.name, "metric": metric,
                "strategy": cfg.strategy.name, f"best_{metric}": best_value,
                "trials": trials.n, "train_tokens": trials.cum_tokens, "wall_seconds": wall,
                "genotype": best_genotype.to_dict()}

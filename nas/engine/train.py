@@ -80,7 +80,7 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
     space = build_space(cfg.space)
     try:
         space.check_genotype(genotype)
-        check_genotype_task(genotype, task)
+        check_genotype_task(genotype, task, cfg.dataset.name)
     except GenotypeError as err:
         raise GenotypeError(f"arch={cfg.arch} ({arch_desc}): {err}") from None
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
@@ -203,13 +203,13 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
     return metrics
 
 
-def check_genotype_task(genotype: Genotype, task: Task) -> None:
-    """GenotypeError when ``genotype`` records another task than ``task`` (a genotype without one fits any)."""
+def check_genotype_task(genotype: Genotype, task: Task, dataset: str) -> None:
+    """GenotypeError when ``genotype`` records another task than ``task``, the task of the run's ``dataset`` (a
+    genotype without one fits any)."""
     if genotype.task is not None and genotype.task != task.name:
         where = f" on {genotype.dataset}" if genotype.dataset else ""
-        raise GenotypeError(f"the genotype was searched for task {genotype.task}{where}, but this run's dataset is "
-                            f"for task {task.name}; drop the dataset= override (train.py takes it from the genotype) "
-                            "or give a dataset of that task")
+        raise GenotypeError(f"the genotype was searched for task {genotype.task}{where}, but dataset={dataset} is for "
+                            f"task {task.name}: retrain it on a dataset of task {genotype.task}")
 
 
 def _train_epoch(cfg, task: Task, model, optimizer, data, np_rng, writer, bar, state, pos, keeper):

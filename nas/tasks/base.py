@@ -51,8 +51,9 @@ class SentenceInputs(NamedTuple):
 
 
 class Step(NamedTuple):
-    """One training step's data: the weights' batch, the α batch (None when retraining), and the factor the
-    configured learning rate is scaled by for this step (language models: ``seq_len / bptt``, AWD-LSTM sec. 4.1)."""
+    """One training step's data: the weights' batch, the α batch (None when retraining), the factor the configured
+    learning rate is scaled by for this step (language models: ``seq_len / bptt``, AWD-LSTM sec. 4.1), and the
+    step's size in the task's own unit, for its position (language models: the segment's rows)."""
 
     train: Any
     alpha: Any = None
@@ -83,7 +84,7 @@ class Task:
         data_parallel: runs under torchrun (data parallel); reload_best: supports ``nan_policy=reload_best``;
         compiles: supports ``compile=true``.
         scalar_tags: TensorBoard scalar tags this task writes beyond :data:`nas.engine.tb.SCALAR_TAGS`.
-        model_kinds: the space factories' keyword this task needs (e.g. ``num_classes``), checked at start.
+        model_kwargs: the space factories' keywords this task's models need (e.g. ``num_classes``).
     """
 
     name: str = ""
@@ -137,8 +138,14 @@ class Task:
         raise NotImplementedError
 
     def position(self, cfg, data, np_rng, search: bool):
-        """A new loop position (epoch 1, batch 0), with ``epoch``, ``batch``, ``partial``, ``advance(step,
-        result, alpha_carry, partial)``, ``next_epoch()``, ``snapshot()`` and ``restore(ckpt)``."""
+        """A new loop position (epoch 1, batch 0): where the loop is, all that a resume needs besides the weights,
+        the optimizers and the random states.  It has ``epoch`` and ``batch`` (1-based epoch, steps done in it; the
+        engine sets ``epoch`` for ``nan_policy=reload_best``), ``partial`` (the meter's figures of the epoch so far),
+        ``advance(step, result, alpha_carry, partial)`` (after each step: the :class:`Step`, its :class:`StepResult`,
+        what ``strategy.step`` returned -- a language model's α-batch hidden state, None when retraining -- and the
+        meter's ``partial``), ``next_epoch()``, ``snapshot() -> dict`` (merged into the checkpoint) and
+        ``restore(ckpt)``.  ``np_rng`` is the run's numpy generator (seeded; its state is restored by the engine only
+        if the position snapshots it)."""
         raise NotImplementedError
 
     def batches(self, cfg, data, model, position, np_rng, search: bool) -> Iterator[Step]:
