@@ -10,6 +10,7 @@ from hydra.errors import ConfigCompositionException
 
 import nas.config  # noqa: F401  (stores the config schemas)
 import nas.engine.search as engine
+import nas.tasks.language_modeling as lm_task
 from nas.errors import ConfigError
 from nas.genotype import path_weights
 from nas.spaces import build_space
@@ -101,13 +102,13 @@ def test_search_scores_at_score_batch_size_and_selects_once_at_the_end(tmp_path,
     validation split batchified at strategy.score_batch_size (not eval_batch_size), quick ones on
     score_batches segments, rescored ones on limit_eval_batches; the search returns the selected genotype."""
     calls = []
-    real = engine.evaluate
+    real = lm_task.evaluate
 
     def spy(model, source, bptt, weights=None, max_batches=None, **kw):
         calls.append((source.size(1), max_batches))
         return real(model, source, bptt, weights, max_batches, **kw)
 
-    monkeypatch.setattr(engine, "evaluate", spy)
+    monkeypatch.setattr(lm_task, "evaluate", spy)
     cfg = cfg_for(["experiment=smoke", f"dataset.root={corpus}", "batch_size=4", "eval_batch_size=4", "bptt=8",
                    "limit_train_batches=3", "limit_eval_batches=3", "progress=false", "space.steps=3",
                    "epochs=2", "strategy=random_ws", "strategy.selection=end", "strategy.candidates=6",

@@ -63,7 +63,7 @@ def test_readme_table_lists_exactly_the_tags_each_script_writes():
 def test_search_rollback_writes_each_step_once_with_the_redone_values(tmp_path, corpus, monkeypatch):
     """The 5th weight step's loss is NaN: back to the step-3 checkpoint at half the lr, steps 4 and 5 redone.  The
     events of the abandoned step 4 are not in TensorBoard; those of the redone step 4 (half the lr) are."""
-    import nas.engine.search as search_mod
+    import nas.tasks.language_modeling as search_mod  # the LM weight update the search loop calls
 
     original, calls = search_mod.weight_step, []
 

@@ -71,7 +71,7 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
     check_data_parallel(checked, task.data_parallel, "retraining")  # before anything is written
     if checked.nan_policy == "reload_best" and not task.reload_best:
         raise ConfigError("nan_policy=reload_best is the language-model retraining policy (DARTS rnn/train.py); "
-                          f"task {task.name} takes nan_policy=stop or rollback")
+                          f"{task.title or task.name} takes nan_policy=stop or rollback")
     cfg, run_dir, resuming = open_run(cfg, run_dir, TrainConfig, "train.py")
     _check(cfg)
     # a resumed run retrains the genotype it saved (the arch path may be gone or relative to another dir)

@@ -76,7 +76,7 @@ class Task:
     """A learning problem the engine searches and retrains on (subclass and register in :data:`TASKS`).
 
     Class attributes:
-        name: the registry name, recorded in genotypes and in ``metrics.json`` (``task``).
+        name: the registry name, recorded in genotypes and in ``metrics.json`` (``task``); title: in words.
         kind: the suffix of the resume checkpoint's kind (``search_<kind>``, ``train_<kind>``).
         metric: the model-selection metric (``ppl``, ``accuracy``); reported as ``valid_<metric>`` etc.
         direction: ``minimize`` or ``maximize`` the metric.
@@ -88,6 +88,8 @@ class Task:
     """
 
     name: str = ""
+    #: what the task is, in words, for messages ("sentence classification")
+    title: str = ""
     kind: str = ""
     metric: str = ""
     direction: str = "minimize"

@@ -273,6 +273,7 @@ class ClassificationTask(Task):
     """
 
     name, kind, metric, direction = "classification", "classifier", "accuracy", "maximize"
+    title = "sentence classification"
     model_kwargs, counters = ("num_classes",), ("sentences",)
 
     def check(self, cfg, space, job: str) -> None:

@@ -359,6 +359,7 @@ class LanguageModelingTask(Task):
     """
 
     name, kind, metric, direction = "language_modeling", "lm", "ppl", "minimize"
+    title = "language modelling"
     bar_counter, data_parallel, reload_best, compiles = "tokens", True, True, True
 
     def prepare(self, cfg, device, alpha_split=None, retrain=False) -> LMData:
