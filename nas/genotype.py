@@ -125,6 +125,11 @@ class Genotype:
                 d[key] = getattr(self, key)
         return d
 
+    def key(self) -> str:
+        """The architecture as a string, without the origin (``task``, ``dataset``): equal for equal genotypes, so
+        strategies use it to recognise a genotype already tried (``hash`` is not stable across processes)."""
+        return json.dumps(self.with_origin(None, None).to_dict(), sort_keys=True)
+
     def with_origin(self, task: Optional[str], dataset: Optional[str]) -> "Genotype":
         """The same genotype recording the task and dataset it was searched for."""
         return replace(self, task=task, dataset=dataset)

@@ -152,7 +152,8 @@ def test_the_origin_task_and_dataset_round_trip_and_do_not_change_the_architectu
     searched.save(str(path))
     back = Genotype.load(str(path))
     assert (back.task, back.dataset) == ("language_modeling", "ptb")
-    assert back == plain and hash(back) == hash(plain) and len({back, plain}) == 1
+    assert back == plain and hash(back) == hash(plain) and len({back, plain}) == 1 and back.key() == plain.key()
+    assert searched.with_origin("classification", "sst2").key() == plain.key() != searched.to_json()
     old = json.loads(path.read_text())
     del old["task"], old["dataset"]
     path.write_text(json.dumps(old))

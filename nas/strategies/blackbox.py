@@ -139,7 +139,7 @@ class RandomStrategy:
         while True:  # rejection: uniform over the unseen genotypes (cheap while the space is much larger)
             choice = {name: choices[self.rng.integers(len(choices))] for name, choices in self.decisions}
             genotype = self.space.from_decisions(choice)
-            key = genotype.to_json()
+            key = genotype.key()
             if key not in self.seen:
                 self.seen.add(key)
                 return Proposal(genotype, key)
@@ -161,7 +161,7 @@ class RandomStrategy:
 
     def mark_seen(self, genotypes) -> None:
         """Genotypes evaluated before a resume: never proposed again."""
-        self.seen.update(g.to_json() for g in genotypes)
+        self.seen.update(g.key() for g in genotypes)
 
     def study_best(self):
         """The shared study's best ``(value, genotype)`` (see :meth:`BayesianStrategy.study_best`); None alone."""

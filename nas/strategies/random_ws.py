@@ -136,7 +136,7 @@ class RandomWSStrategy:
 
         pool = {}
         for g in ([self.best] if self.best is not None else []) + [self.sample() for _ in range(self.cfg.candidates)]:
-            pool.setdefault(g.to_json(), g)
+            pool.setdefault(g.key(), g)
         ranked = sorted(((score(self.weights_of(g), self.cfg.score_batches), g) for g in pool.values()),
                         key=lambda x: key(x[0]))
         if self.cfg.rescore_top > 0:
