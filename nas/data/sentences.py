@@ -16,13 +16,14 @@ Splits, as this project uses them:
 
 SST labels every phrase of each sentence's parse tree (Socher et al. 2013, abstract: "fine
 grained sentiment labels for 215,154 unique phrases"), and GLUE's SST-2 ``train.tsv`` holds
-those phrases as rows of their own: of its 67,349 rows (66,978 distinct), 6,885 lie inside no
-other row (mean 19.4 words; dev's sentences: 19.6), and every other row is a contiguous span of
-one of them (mean row length 9.4 words; measured on the file). A random held-out part of the
-rows therefore mostly holds phrases of sentences that are trained on (0.92 held-out against
+those phrases as rows of their own: of its 67,349 rows (66,978 distinct), 6,885 distinct rows
+lie inside no other row (mean 19.4 words; dev's sentences: 19.6), and every other row is a
+contiguous span of one of them (mean row length 9.4 words; measured on the file). A random
+held-out part of the rows therefore mostly holds phrases of sentences that are trained on
+(2,988 of 3,367 held-out rows lie inside a training row at 5%, seed 0; 0.92 held-out against
 0.81 dev accuracy in this project's first SST-2 retraining). The default held-out part
 (``holdout_by='sentence'``, :func:`sentence_holdout`) is made of whole sentences with the
-phrases that occur in no other sentence, so that no held-out row occurs inside a training row.
+phrases that occur in no other sentence, so that no held-out row lies inside a training row.
 ``holdout_by='row'`` is the random row split that runs made before it
 (:data:`LEGACY_HOLDOUT_BY`).
 
