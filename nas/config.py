@@ -35,6 +35,11 @@ class DatasetConfig:
     holdout: float = 0.05
     #: sentence datasets only: seed of the held-out draw (a data seed, independent of ``seed``)
     split_seed: int = 0
+    #: sentence datasets only: what is held out: ``sentence`` (whole sentences with their own phrases, so that no
+    #: held-out row lies inside a training row; conf/dataset/sst2.yaml), ``row`` (random rows, mostly phrases of
+    #: training sentences); null: the split of a run config saved before this key existed (``row``;
+    #: nas.data.sentences.load_sst2)
+    holdout_by: Optional[str] = None
     #: sentence datasets only: words seen fewer times in the training part map to <unk>
     min_freq: int = 1
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nas.data.sentences import Sentences, check_batchable, load_sst2, sentence_batches
+from nas.data.sentences import LEGACY_HOLDOUT_BY, Sentences, check_batchable, load_sst2, sentence_batches
 from nas.engine.common import absolute_path
 from nas.errors import ConfigError, NonFiniteLossError
 from nas.tasks.base import TASKS, SentenceInputs, Step, StepResult, Task
@@ -52,7 +52,8 @@ def prepare_sentence_data(cfg, alpha_split: Optional[str] = None, device=None) -
         nas.data.DataError: missing / malformed data, or a split with fewer sentences than one batch.
     """
     d = cfg.dataset
-    data = load_sst2(absolute_path(d.root), holdout=d.holdout, seed=d.split_seed, min_freq=d.min_freq)
+    data = load_sst2(absolute_path(d.root), holdout=d.holdout, seed=d.split_seed, min_freq=d.min_freq,
+                     holdout_by=LEGACY_HOLDOUT_BY if d.holdout_by is None else d.holdout_by)
     train, search = data.train, None
     if alpha_split == "valid":
         search = data.valid
