@@ -12,6 +12,7 @@ may take inputs from nodes ``0 .. i-1``; ``concat`` lists the nodes averaged int
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Optional, Sequence, Tuple
 
@@ -50,11 +51,16 @@ class Genotype:
             or None when not recorded (published genotypes, files written before these fields); stored in the JSON
             when set.  They describe the genotype's origin, not the architecture: two genotypes that differ only
             there are equal.  ``train.py arch=`` takes the dataset from them (:mod:`nas.cli`).
+        params: per intermediate node, its hyperparameters as sorted ``(key, value)`` pairs (values JSON scalars:
+            bool, int, float, str or None), or None for the DAG spaces, whose nodes have none.  The stacked_rnn
+            space records a layer's ``units``, ``dropout`` and ``bidirectional`` here.  Part of the architecture
+            (equality, hash, :meth:`key`); stored in the JSON as a list of objects when set.
 
     Raises:
         GenotypeError: on construction, if an op is unknown or zero, an input is not an earlier node,
-            a node has no edge, ``concat`` names a node that does not exist, or a node keeps more than
-            ``k`` edges or the same input twice.
+            a node has no edge, ``concat`` names a node that does not exist, a node keeps more than
+            ``k`` edges or the same input twice, or ``params`` does not hold one mapping of names to JSON scalars
+            per node.
     """
 
     space: str
@@ -64,9 +70,12 @@ class Genotype:
     k: Optional[int] = None
     task: Optional[str] = field(default=None, compare=False)
     dataset: Optional[str] = field(default=None, compare=False)
+    params: Optional[Tuple[Tuple[Tuple[str, object], ...], ...]] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ops", tuple(self.ops))
+        if self.params is not None:
+            object.__setattr__(self, "params", _normalize_params(self.params))
         object.__setattr__(self, "nodes", tuple(tuple(Edge(*e) if not isinstance(e, Edge) else e
                                                       for e in node) for node in self.nodes))
         object.__setattr__(self, "concat", tuple(int(c) for c in self.concat))
@@ -107,11 +116,17 @@ class Genotype:
                 raise GenotypeError(f"node(s) {over} keep more than k={self.k} edges")
         if not self.concat or any(not 0 <= c <= self.steps for c in self.concat):
             raise GenotypeError(f"concat {list(self.concat)} must name nodes 0..{self.steps}")
+        if self.params is not None and len(self.params) != self.steps:
+            raise GenotypeError(f"params has {len(self.params)} entries for {self.steps} nodes (one per node)")
+
+    def node_params(self, i: int) -> dict:
+        """The hyperparameters of intermediate node ``i`` (1-based) as a dict; {} when the genotype has none."""
+        return {} if self.params is None else dict(self.params[i - 1])
 
     # -- JSON -------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         """A JSON-ready dict: ``{"space", "ops", "nodes": [[{"op", "input"}, ...], ...], "concat"}`` (and
-        ``"k"``, ``"task"``, ``"dataset"`` when set)."""
+        ``"k"``, ``"task"``, ``"dataset"``, ``"params": [{name: value}, ...]`` when set)."""
         d = {
             "space": self.space,
             "ops": list(self.ops),
@@ -123,6 +138,8 @@ class Genotype:
         for key in ("task", "dataset"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
+        if self.params is not None:
+            d["params"] = [dict(p) for p in self.params]
         return d
 
     def key(self) -> str:
@@ -148,7 +165,8 @@ class Genotype:
             return cls(space=str(d["space"]), ops=tuple(str(o) for o in d["ops"]), nodes=nodes,
                        concat=tuple(_as_int(c) for c in d["concat"]),
                        k=_as_int(d["k"]) if d.get("k") is not None else None,
-                       task=_name(d, "task"), dataset=_name(d, "dataset"))
+                       task=_name(d, "task"), dataset=_name(d, "dataset"),
+                       params=_params_field(d.get("params")))
         except GenotypeError as err:
             raise GenotypeError(f"{where}: {err}") from None
         except (KeyError, TypeError, ValueError) as err:
@@ -181,9 +199,43 @@ class Genotype:
         return cls.from_json(text, where=f"genotype file {path}")
 
     def __str__(self) -> str:
-        nodes = "; ".join(f"{i}<-" + ",".join(f"{e.op}({e.input})" for e in node)
+        nodes = "; ".join(f"{i}<-" + ",".join(f"{e.op}({e.input})" for e in node) + _params_text(self.node_params(i))
                           for i, node in enumerate(self.nodes, start=1))
         return f"{self.space}[{nodes}] concat={list(self.concat)}"
+
+
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _normalize_params(params) -> tuple:
+    """``params`` (per node a mapping or a sequence of ``(key, value)`` pairs) as per node a tuple of pairs sorted
+    by key. Raises GenotypeError for anything else, or a value that is not a finite JSON scalar."""
+    if isinstance(params, (str, bytes, dict)) or not isinstance(params, (list, tuple)):
+        raise GenotypeError(f"params must be a list with one mapping per node, got {type(params).__name__}")
+    out = []
+    for i, node in enumerate(params, start=1):
+        try:
+            pairs = dict(node.items() if isinstance(node, dict) else node)
+        except (TypeError, ValueError):
+            raise GenotypeError(f"params of node {i}: expected a mapping of names to values, got {node!r}") from None
+        for key, value in pairs.items():
+            if not isinstance(key, str) or not key:
+                raise GenotypeError(f"params of node {i}: key {key!r} is not a name")
+            if not isinstance(value, _SCALARS) or (isinstance(value, float) and not math.isfinite(value)):
+                raise GenotypeError(f"params of node {i}: {key}={value!r} is not a finite JSON scalar")
+        out.append(tuple(sorted(pairs.items())))
+    return tuple(out)
+
+
+def _params_field(value):
+    """The JSON ``params`` field: None (absent) or a list of objects (checked by :func:`_normalize_params`)."""
+    if value is not None and (not isinstance(value, list) or not all(isinstance(p, dict) for p in value)):
+        raise GenotypeError(f"'params' must be a list of objects (one per node), got {value!r}")
+    return value
+
+
+def _params_text(params: dict) -> str:
+    return "{" + ",".join(f"{k}={v}" for k, v in params.items()) + "}" if params else ""
 
 
 def _name(d: dict, key: str) -> Optional[str]:
