@@ -50,7 +50,8 @@ def log_genotype(writer, genotype, step: int) -> None:
 
 def genotype_figure(genotype, title: str = ""):
     """A matplotlib Figure of a genotype's DAG: nodes left to right (0 = input), one arrow per kept edge
-    labelled with its op, and the output node fed by the ``concat`` nodes.  The caller closes the figure."""
+    labelled with its op (and its node's params, e.g. a stacked_rnn layer's ``128u p=0.25 bi``: units, dropout,
+    bidirectional), and the output node fed by the ``concat`` nodes.  The caller closes the figure."""
     n = genotype.steps + 1
     fig, ax = plt.subplots(figsize=(1.0 + 1.5 * n, 1.6 + 0.5 * n))
     xs = {i: float(i) for i in range(n)}
@@ -67,7 +68,8 @@ def genotype_figure(genotype, title: str = ""):
             ax.annotate("", xy=(xs[i] - 0.12, 0.0), xytext=(xs[e.input] + 0.12, 0.0), zorder=1,
                         arrowprops=dict(arrowstyle="-|>", lw=1.3, connectionstyle=f"arc3,rad={rad}"))
             height = -rad * span / 2  # a quadratic Bezier's apex sits halfway to its control point
-            ax.text((xs[i] + xs[e.input]) / 2, height + 0.06, e.op, ha="center", va="bottom", fontsize=8,
+            ax.text((xs[i] + xs[e.input]) / 2, height + 0.06, e.op + _params_label(genotype.node_params(i)),
+                    ha="center", va="bottom", fontsize=8,
                     bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85), zorder=2)
     for c in genotype.concat:
         span = n - c
@@ -82,6 +84,22 @@ def genotype_figure(genotype, title: str = ""):
     ax.set_title(title or f"{genotype.space} genotype")
     fig.tight_layout()
     return fig
+
+
+def _params_label(params: dict) -> str:
+    """A node's params in a few characters, on a second line: ``128u`` units, ``p=0.25`` dropout, ``bi``
+    bidirectional, ``key=value`` for anything else; empty for none."""
+    parts = []
+    for key, value in params.items():
+        if key == "units":
+            parts.append(f"{value}u")
+        elif key == "dropout":
+            parts.append(f"p={value:g}")
+        elif key == "bidirectional":
+            parts += ["bi"] if value else []
+        else:
+            parts.append(f"{key}={value}")
+    return "\n" + " ".join(parts) if parts else ""
 
 
 def log_genotype_figure(writer, genotype, step: int, png_path: str | None = None) -> None:

@@ -417,6 +417,19 @@ class StackedRNNSpace:
             w[i, self.ops.index(op)] = 1.0
         return w
 
+    def one_shot_decisions(self) -> list:
+        """What random_ws draws a supernet path from: ``depth`` (1..max_layers) and per layer ``cell_i`` (the cells);
+        layers beyond the depth are identity in :meth:`path_weights`."""
+        out = [("depth", tuple(range(1, self.cfg.max_layers + 1)))]
+        return out + [(f"cell_{i}", self.cells) for i in range(1, self.cfg.max_layers + 1)]
+
+    def from_one_shot_decisions(self, choice: dict) -> Genotype:
+        """The chain of ``depth`` cells of one combination of :meth:`one_shot_decisions`, with the supernet's
+        params.  Raises GenotypeError for a missing or invalid decision."""
+        _check_choice(choice, self.one_shot_decisions())
+        ops = [choice[f"cell_{i}"] for i in range(1, int(choice["depth"]) + 1)]
+        return self._chain(ops, [self._one_shot_params(o) for o in ops])
+
     def _chain(self, ops, params) -> Genotype:
         nodes = tuple((Edge(op, i),) for i, op in enumerate(ops))
         return Genotype(space=self.name, ops=self.ops, nodes=nodes, concat=(len(ops),), params=params)
@@ -438,11 +451,7 @@ class StackedRNNSpace:
         """The genotype of one combination of :meth:`decisions` (layers 1..depth).
 
         Raises: GenotypeError for a missing decision or a value that is not one of its choices."""
-        for name, choices in self.decisions():
-            if name not in choice:
-                raise GenotypeError(f"decision {name!r} is missing")
-            if choice[name] not in choices:
-                raise GenotypeError(f"decision {name}={choice[name]!r} is not one of {list(choices)}")
+        _check_choice(choice, self.decisions())
         depth = int(choice["depth"])
         ops = [choice[f"cell_{i}"] for i in range(1, depth + 1)]
         params = [{"units": int(choice[f"units_{i}"]), "dropout": float(choice[f"dropout_{i}"]),
@@ -455,3 +464,12 @@ class StackedRNNSpace:
         directions)^d."""
         per_layer = len(self.cells) * len(self.units) * len(self.dropouts) * len(set(self.directions))
         return sum(per_layer ** d for d in range(1, self.cfg.max_layers + 1))
+
+
+def _check_choice(choice: dict, decisions) -> None:
+    """Raise GenotypeError unless ``choice`` holds one of its choices for every decision."""
+    for name, choices in decisions:
+        if name not in choice:
+            raise GenotypeError(f"decision {name!r} is missing")
+        if choice[name] not in choices:
+            raise GenotypeError(f"decision {name}={choice[name]!r} is not one of {list(choices)}")

@@ -124,7 +124,9 @@ class RandomStrategy:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
         self.cfg, self.space, self.direction = cfg, space, direction
         self.decisions = space.decisions()
-        self.size = genotype_count(self.decisions)
+        # distinct genotypes: fewer than the combinations when some decisions can be ignored (stacked_rnn's layers
+        # beyond its depth), and ask() stops once every genotype was proposed
+        self.size = space.genotype_count() if hasattr(space, "genotype_count") else genotype_count(self.decisions)
         self.rng = np.random.default_rng(seed)
         self.seen: set = set()
         self.shared = (BayesianStrategy(cfg, space, seed, direction, run_dir, sampler="random") if cfg.storage

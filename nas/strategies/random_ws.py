@@ -87,7 +87,11 @@ class RandomWSStrategy:
                  clip: Optional[float] = None, seed: int = 0):
         check_config(cfg)
         self.cfg, self.space, self.model = cfg, space, model
-        self.decisions = space.decisions()
+        # a space whose black-box decisions include what its supernet fixes (stacked_rnn: units, dropout) gives the
+        # one-shot ones separately
+        self.decisions = (space.one_shot_decisions() if hasattr(space, "one_shot_decisions")
+                          else space.decisions())
+        self._from_decisions = getattr(space, "from_one_shot_decisions", space.from_decisions)
         self.size = genotype_count(self.decisions)
         self.rng = np.random.default_rng(seed)
         p = next(model.parameters())
@@ -97,9 +101,13 @@ class RandomWSStrategy:
 
     def sample(self) -> Genotype:
         """A genotype drawn uniformly from the space."""
-        return self.space.from_decisions({n: c[self.rng.integers(len(c))] for n, c in self.decisions})
+        return self._from_decisions({n: c[self.rng.integers(len(c))] for n, c in self.decisions})
 
     def weights_of(self, genotype: Genotype) -> torch.Tensor:
+        """The supernet weights computing ``genotype``: the space's ``path_weights`` when it has one (a chain
+        space's), else the DAG layout's (:func:`nas.genotype.path_weights`)."""
+        if hasattr(self.space, "path_weights"):
+            return self.space.path_weights(genotype, *self._like)
         return path_weights(genotype, self.space.ops, *self._like)
 
     def edge_weights(self) -> torch.Tensor:
