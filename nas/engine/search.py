@@ -60,6 +60,8 @@ def build_search(cfg, data=None, task: Optional[Task] = None) -> SearchSetup:
     strategy_cls = STRATEGIES.get(cfg.strategy.name)
     space = build_space(cfg.space)
     task.check(cfg, space, "search")
+    if hasattr(space, "check_one_shot"):  # what a space refuses to one-shot strategies (stacked_rnn: units), before the data loads
+        space.check_one_shot()
     if data is None:
         data = task.prepare(cfg, device, alpha_split=cfg.strategy.get("alpha_split", "valid"))
     model = space.build_supernet(data.ntoken, **task.model_args(data)).to(device)
