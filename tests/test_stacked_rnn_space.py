@@ -189,6 +189,24 @@ def test_one_hot_path_through_the_supernet_equals_the_frozen_model(ops):
                                    rtol=1e-5, atol=1e-6)
 
 
+def test_a_supernet_layer_mixes_its_candidates_by_their_weights():
+    # one layer, emsize == nhid (no projection): the tied decoder is linear, so with weights summing to 1 the
+    # supernet's logits are the weighted sum of the logits of each candidate's frozen model (identity included)
+    torch.manual_seed(6)
+    sp = space(units=[E], max_layers=1)
+    supernet = sp.build_supernet(V).eval()
+    weights = torch.softmax(torch.randn(sp.alpha_shape), -1)
+    tokens = torch.randint(V, (7, 2))
+    expected = 0
+    with torch.no_grad():
+        for k, op in enumerate(OPS):
+            frozen = sp.freeze(sp.derive(one_hot([op])), V).eval()
+            frozen.load_state_dict(supernet.state_dict(), strict=False)
+            expected = expected + weights[0, k] * frozen(tokens, frozen.init_hidden(2)).logits
+        got = supernet(tokens, supernet.init_hidden(2), weights).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 # -- genotypes -----------------------------------------------------------------------------------------------------
 def test_genotype_round_trip_keeps_the_params(tmp_path):
     sp = space(bidirectional=[False, True])
