@@ -147,7 +147,8 @@ class OneShotOutputs:
         genotype.save(os.path.join(self.run_dir, "genotypes", f"epoch_{epoch:03d}.json"))
         self.trials.add(genotype, value, seconds, tokens, epoch=epoch, supernet=True)
         if hasattr(self.strategy, "alphas"):
-            log_alphas(self.writer, self.strategy.alphas, self.space.ops, epoch)
+            log_alphas(self.writer, self.strategy.alphas, self.space.ops, epoch,
+                       row_labels=getattr(self.space, "alpha_rows", None))
         log_genotype(self.writer, genotype, epoch)
         log_genotype_figure(self.writer, genotype, epoch)
         self.writer.flush()

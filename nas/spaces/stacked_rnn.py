@@ -365,6 +365,11 @@ class StackedRNNSpace:
         """(max_layers, cells + identity); default (4, 5)."""
         return (self.cfg.max_layers, len(self.ops))
 
+    @property
+    def alpha_rows(self) -> list:
+        """What α's rows are, for the TensorBoard heatmap: ``layer 1`` .. ``layer L``."""
+        return [f"layer {i}" for i in range(1, self.cfg.max_layers + 1)]
+
     def check_one_shot(self) -> None:
         """Raise ConfigError (one line) unless a one-shot strategy can search this config: one ``units`` choice,
         equal to ``nhid``, and ``emsize == nhid`` (an identity first layer passes the embedding on)."""
