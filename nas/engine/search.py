@@ -53,7 +53,8 @@ def build_search(cfg, data=None, task: Optional[Task] = None) -> SearchSetup:
     ``data`` may be passed to reuse already prepared splits.
     Raises:
         KeyError: unknown space or strategy.  nas.data.DataError: data missing or too small.  ConfigError: a space
-        that cannot build the task's models, or a setting the task does not take.
+        that cannot build the task's models, a setting the task does not take, or a space config a one-shot strategy
+        cannot search (``space.check_one_shot``: stacked_rnn with several units choices).
     """
     task = task or make_task(cfg)
     device = configure_runtime(cfg)
