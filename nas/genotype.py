@@ -394,3 +394,66 @@ def path_weights(genotype: Genotype, ops: Sequence[str], dtype=None, device=None
                 raise GenotypeError(f"op {e.op!r} is not one of {ops}")
             w[i * (i - 1) // 2 + e.input, ops.index(e.op)] = 1.0
     return w
+
+
+# -- the decision protocol of the black-box strategies ------------------------------------------------------------
+# A space's decisions are drawn define-by-run (Optuna's term: the search space is built while a trial runs, so a
+# decision can depend on earlier ones; https://optuna.readthedocs.io/en/stable/tutorial/10_key_features/
+# 002_configurations.html, "Defining Parameter Spaces": branches and loops).  A space with conditional decisions
+# defines ``sample_decisions(suggest) -> dict``: it calls ``suggest(name, choices)`` for each decision that is
+# active given the answers so far, in order, and returns ``{name: answer}`` of exactly those (stacked_rnn: ``depth``,
+# then the decisions of layers 1..depth only).  A space without it (the DAG spaces) has independent decisions:
+# every one of ``space.decisions()`` is asked.  ``space.from_decisions`` takes what ``sample_decisions`` returned.
+
+
+def sample_decisions(space, suggest) -> dict:
+    """The active decisions of one draw: ``suggest(name, choices)`` is called for each, in order (an Optuna trial's
+    ``suggest_categorical``, a uniform draw, a replay of recorded params).  Returns ``{name: value}`` of exactly the
+    decisions asked."""
+    if hasattr(space, "sample_decisions"):
+        return space.sample_decisions(suggest)
+    return {name: suggest(name, choices) for name, choices in space.decisions()}
+
+
+def active_decisions(space, params: dict) -> Optional[dict]:
+    """``params`` (e.g. an Optuna trial's) replayed through :func:`sample_decisions`: the active decisions they hold,
+    or None when one is missing or not one of its choices (a trial whose params are incomplete)."""
+    def suggest(name, choices):
+        if name not in params or params[name] not in choices:
+            raise KeyError(name)
+        return params[name]
+
+    try:
+        return sample_decisions(space, suggest)
+    except KeyError:
+        return None
+
+
+def enumerate_decisions(space):
+    """Every combination of active decisions once (each one genotype), by depth-first replay of
+    :func:`sample_decisions`: an odometer over the answers, whose later digits are the decisions the earlier
+    answers activate."""
+    path: list = []  # per decision asked in the current draw: [index, number of choices]
+    while True:
+        depth = [0]
+
+        def suggest(name, choices):
+            i = depth[0]
+            if i == len(path):
+                path.append([0, len(choices)])
+            depth[0] += 1
+            return choices[path[i][0]]
+
+        yield sample_decisions(space, suggest)
+        del path[depth[0]:]
+        while path and path[-1][0] + 1 == path[-1][1]:
+            path.pop()
+        if not path:
+            return
+        path[-1][0] += 1
+
+
+def space_genotype_count(space) -> int:
+    """How many genotypes a space's black-box decisions span: ``space.genotype_count()`` when it counts them itself
+    (conditional decisions), else the product of the choice counts (:func:`genotype_count`)."""
+    return space.genotype_count() if hasattr(space, "genotype_count") else genotype_count(space.decisions())

@@ -7,7 +7,8 @@ AWD-LSTM's between layers) and, for classification, ``bidirectional``.  Its ``op
 the cells and ``identity`` (a layer that passes its input on: depth in the one-shot supernet).
 
 * Black-box strategies (random, bayesian) search depth and, per layer, cell, units, dropout (and bidirectional
-  when ``space.bidirectional`` has two choices): :meth:`StackedRNNSpace.decisions`.
+  when ``space.bidirectional`` has two choices), drawn define-by-run: a layer's decisions only when it is within
+  the chosen depth (:meth:`StackedRNNSpace.sample_decisions`).
 * One-shot strategies (darts, random_ws) search the cell of each of ``max_layers`` layers among the cells and
   ``identity``, at the fixed width ``nhid`` (``space.units`` must be ``[nhid]``), with every layer's dropout the
   first of ``space.dropouts`` and unidirectional layers (a bidirectional layer doubles its width, which an
@@ -440,24 +441,43 @@ class StackedRNNSpace:
         return Genotype(space=self.name, ops=self.ops, nodes=nodes, concat=(len(ops),), params=params)
 
     # -- black-box --------------------------------------------------------------------------------------------
-    def decisions(self) -> list:
-        """``[(name, choices)]``: ``depth`` (1..max_layers) first, then per layer i ``cell_i``, ``units_i``,
-        ``dropout_i`` and, when ``space.bidirectional`` has two choices, ``bidirectional_i``.  Layers beyond the
-        chosen depth are ignored by :meth:`from_decisions` (several combinations give one genotype;
-        :meth:`genotype_count` counts genotypes: a define-by-run search of conditional decisions is later work)."""
-        out = [("depth", tuple(range(1, self.cfg.max_layers + 1)))]
-        for i in range(1, self.cfg.max_layers + 1):
-            out += [(f"cell_{i}", self.cells), (f"units_{i}", self.units), (f"dropout_{i}", self.dropouts)]
-            if len(set(self.directions)) > 1:
-                out.append((f"bidirectional_{i}", self.directions))
+    def _layer_decisions(self, i: int) -> list:
+        out = [(f"cell_{i}", self.cells), (f"units_{i}", self.units), (f"dropout_{i}", self.dropouts)]
+        if len(set(self.directions)) > 1:
+            out.append((f"bidirectional_{i}", self.directions))
         return out
 
-    def from_decisions(self, choice: dict) -> Genotype:
-        """The genotype of one combination of :meth:`decisions` (layers 1..depth).
+    def decisions(self) -> list:
+        """``[(name, choices)]``, every decision that can be active: ``depth`` (1..max_layers) first, then per layer
+        i ``cell_i``, ``units_i``, ``dropout_i`` and, when ``space.bidirectional`` has two choices,
+        ``bidirectional_i``.  The decisions are conditional: layer i's are active only when ``depth >= i``, and the
+        black-box strategies draw them define-by-run (:meth:`sample_decisions`)."""
+        out = [("depth", tuple(range(1, self.cfg.max_layers + 1)))]
+        for i in range(1, self.cfg.max_layers + 1):
+            out += self._layer_decisions(i)
+        return out
 
-        Raises: GenotypeError for a missing decision or a value that is not one of its choices."""
-        _check_choice(choice, self.decisions())
+    def sample_decisions(self, suggest) -> dict:
+        """One define-by-run draw (the protocol of :func:`nas.genotype.sample_decisions`): ``suggest("depth",
+        1..max_layers)``, then ``suggest(name, choices)`` for the decisions of layers 1..depth only, so a trial holds
+        no parameter of a layer that does not exist and one genotype is one set of answers (Optuna's conditional
+        search spaces: https://optuna.readthedocs.io/en/stable/tutorial/10_key_features/002_configurations.html).
+        Returns ``{name: answer}`` of the decisions asked."""
+        choice = {"depth": suggest("depth", tuple(range(1, self.cfg.max_layers + 1)))}
+        for i in range(1, int(choice["depth"]) + 1):
+            for name, choices in self._layer_decisions(i):
+                choice[name] = suggest(name, choices)
+        return choice
+
+    def from_decisions(self, choice: dict) -> Genotype:
+        """The genotype of one draw of :meth:`sample_decisions` (layers 1..depth; decisions of deeper layers, if
+        given, are ignored).
+
+        Raises: GenotypeError for a missing active decision or a value that is not one of its choices."""
+        _check_choice(choice, self.decisions()[:1])
         depth = int(choice["depth"])
+        for i in range(1, depth + 1):
+            _check_choice(choice, self._layer_decisions(i))
         ops = [choice[f"cell_{i}"] for i in range(1, depth + 1)]
         params = [{"units": int(choice[f"units_{i}"]), "dropout": float(choice[f"dropout_{i}"]),
                    "bidirectional": bool(choice.get(f"bidirectional_{i}", self.directions[0]))}
@@ -465,8 +485,8 @@ class StackedRNNSpace:
         return self._chain(ops, params)
 
     def genotype_count(self) -> int:
-        """Distinct genotypes :meth:`from_decisions` makes: Σ_{d=1..max_layers} (cells x units x dropouts x
-        directions)^d."""
+        """Distinct genotypes :meth:`sample_decisions` draws (each once): Σ_{d=1..max_layers} (cells x units x
+        dropouts x directions)^d."""
         per_layer = len(self.cells) * len(self.units) * len(self.dropouts) * len(set(self.directions))
         return sum(per_layer ** d for d in range(1, self.cfg.max_layers + 1))
 

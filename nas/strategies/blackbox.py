@@ -2,12 +2,16 @@
 
 A black-box strategy (``kind = "black_box"``) proposes genotypes (``ask``), the engine trains each one as a
 discrete model with the retraining code under a fixed per-trial budget and reports its validation metric
-(``tell``), and the best one wins (:mod:`nas.engine.blackbox`).  A genotype is a combination of independent
-categorical decisions (:meth:`space.decisions`, :func:`nas.genotype.dag_decisions`), which is what both
-strategies search over.
+(``tell``), and the best one wins (:mod:`nas.engine.blackbox`).  A genotype is a combination of categorical
+decisions, drawn define-by-run (:func:`nas.genotype.sample_decisions`; Optuna's define-by-run API,
+https://optuna.readthedocs.io/en/stable/tutorial/10_key_features/002_configurations.html): only the decisions
+active given the earlier answers are asked (stacked_rnn: a layer's only within the chosen depth), so a trial's
+params are exactly its genotype's, and two trials of one genotype have the same params.  The DAG spaces'
+decisions are all independent and always active (:func:`nas.genotype.dag_decisions`).
 
-* ``random``: each decision uniform, so genotypes are drawn uniformly from the space; never the same genotype
-  twice (the search ends when the space is exhausted).  The baseline of Li & Talwalkar 2019 (sec. 4) without
+* ``random``: each active decision uniform (DAG spaces: genotypes uniform over the space; stacked_rnn: depth
+  uniform, then each layer's decisions); never the same genotype twice (the search ends when the space is
+  exhausted, at its genotype count).  The baseline of Li & Talwalkar 2019 (sec. 4) without
   weight sharing.
 * ``bayesian``: an Optuna study (Akiba et al. 2019) whose categorical parameters are the decisions, with the
   Gaussian-process sampler (``sampler=gp``) or TPE (Bergstra et al. 2011; ``sampler=tpe``).  The study lives in
@@ -36,7 +40,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from nas.errors import ConfigError
-from nas.genotype import Genotype, genotype_count
+from nas.genotype import Genotype, active_decisions, sample_decisions, space_genotype_count
 from nas.strategies.base import STRATEGIES
 from nas.strategies import shared_study
 
@@ -111,7 +115,8 @@ class RandomStrategy:
     study with ``RandomSampler`` shared through the storage, as :class:`BayesianStrategy` (a genotype drawn again
     is reported, not retrained).
     Args:
-        cfg: :class:`RandomConfig`; space: gives ``decisions()`` / ``from_decisions()``; seed: of the draws;
+        cfg: :class:`RandomConfig`; space: gives ``decisions()`` (or ``sample_decisions(suggest)``, see
+        :func:`nas.genotype.sample_decisions`) and ``from_decisions()``; seed: of the draws;
         direction: ``minimize`` (perplexity) or ``maximize`` (accuracy); run_dir: unused (the interface).
     """
 
@@ -123,10 +128,9 @@ class RandomStrategy:
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
         self.cfg, self.space, self.direction = cfg, space, direction
-        self.decisions = space.decisions()
-        # distinct genotypes: fewer than the combinations when some decisions can be ignored (stacked_rnn's layers
-        # beyond its depth), and ask() stops once every genotype was proposed
-        self.size = space.genotype_count() if hasattr(space, "genotype_count") else genotype_count(self.decisions)
+        # distinct genotypes (stacked_rnn's decisions are conditional: counted by the space); ask() stops once every
+        # genotype was proposed
+        self.size = space_genotype_count(space)
         self.rng = np.random.default_rng(seed)
         self.seen: set = set()
         self.shared = (BayesianStrategy(cfg, space, seed, direction, run_dir, sampler="random") if cfg.storage
@@ -138,8 +142,8 @@ class RandomStrategy:
             return self.shared.ask()
         if len(self.seen) >= self.size:
             return None
-        while True:  # rejection: uniform over the unseen genotypes (cheap while the space is much larger)
-            choice = {name: choices[self.rng.integers(len(choices))] for name, choices in self.decisions}
+        while True:  # rejection: the draw's law restricted to the unseen genotypes (cheap while the space is much larger)
+            choice = sample_decisions(self.space, lambda name, choices: choices[self.rng.integers(len(choices))])
             genotype = self.space.from_decisions(choice)
             key = genotype.key()
             if key not in self.seen:
@@ -196,8 +200,7 @@ class BayesianStrategy:
         if self.sampler_name not in SAMPLERS + ("random",):
             raise ConfigError(f"strategy.sampler={cfg.sampler!r}; valid: {', '.join(SAMPLERS)}")
         self.cfg, self.space, self.direction = cfg, space, direction
-        self.decisions = space.decisions()
-        self.size = genotype_count(self.decisions)
+        self.size = space_genotype_count(space)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         if cfg.storage:
             # a shared study: workers started with the same seed would propose the same genotypes in the same
@@ -229,7 +232,7 @@ class BayesianStrategy:
             # uses this study).  It is marked failed and interrupted, and its genotype is proposed again next,
             # so the resumed run evaluates exactly what an uninterrupted one would have (see `ask`).
             for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-                if t.user_attrs.get("proposed") and len(t.params) == len(self.decisions):
+                if t.user_attrs.get("proposed") and self._complete(t.params):
                     self.study.enqueue_trial(dict(t.params), user_attrs={"resumes": t.number})
                 self.study.tell(t.number, state=optuna.trial.TrialState.FAIL)
         if self.study.direction.name.lower() != direction:
@@ -260,7 +263,7 @@ class BayesianStrategy:
             if self.unique:
                 if not self.heartbeats:  # a journal: a trial running for far too long belonged to a dead worker
                     trials = [t for t in trials if not (t.state == optuna.trial.TrialState.RUNNING and _stale(t, trials))]
-                choice = shared_study.unseen_choice(self.decisions, self.size, trials, self.rng)
+                choice = shared_study.unseen_choice(self.space, self.size, trials, self.rng)
                 if choice is None:
                     return None
                 if choice == "wait":
@@ -289,7 +292,8 @@ class BayesianStrategy:
         if self.heartbeats:  # from now until tell(): other workers see this trial alive
             self.heartbeat = _Heartbeat(self.storage, trial._trial_id, self.cfg.heartbeat_interval)
         try:
-            choice = {name: trial.suggest_categorical(name, list(choices)) for name, choices in self.decisions}
+            # define-by-run: only the active decisions become the trial's params
+            choice = sample_decisions(self.space, lambda name, choices: trial.suggest_categorical(name, list(choices)))
             trial.set_user_attr("worker", self.me)
             trial.set_user_attr("proposed", True)  # its params are complete: other workers may compare with them
             twin = self._earlier_twin(choice, trial.number) if self.unique else None
@@ -304,6 +308,10 @@ class BayesianStrategy:
                         "(paused longer than grace_period): proposing again", trial.number, self.cfg.study_name)
             return None
         return Proposal(self.space.from_decisions(choice), trial, self._result_of(choice, trial.number))
+
+    def _complete(self, params: dict) -> bool:
+        """Whether a trial's params are a whole draw: every active decision, nothing else."""
+        return active_decisions(self.space, params) == dict(params)
 
     def _earlier_twin(self, choice: dict, number: int, poll_seconds: float = 0.2) -> Optional[int]:
         """The number of an earlier trial that holds the same genotype (evaluated, or being trained), else None;
@@ -408,8 +416,7 @@ class BayesianStrategy:
             return None
         State = optuna.trial.TrialState
         mine = shared_study.own_trials(self.study, self.me, recorded)
-        match = next((t for t in reversed(mine) if t.user_attrs.get("proposed") and len(t.params) == len(self.decisions)),
-                     None)
+        match = next((t for t in reversed(mine) if t.user_attrs.get("proposed") and self._complete(t.params)), None)
         for t in mine:
             if t is not match and t.state == State.RUNNING:
                 try:

@@ -21,13 +21,14 @@ COMPLETE trial carries), ``duplicate_of`` (a FAIL trial that drew a genotype ano
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import socket
 from typing import Optional
 
 import numpy as np
+
+from nas.genotype import enumerate_decisions, sample_decisions
 
 log = logging.getLogger(__name__)
 
@@ -147,24 +148,23 @@ def taken(trials) -> tuple:
     return done, running - done
 
 
-def unseen_choice(decisions, size: int, trials, rng: np.random.Generator):
-    """A combination of ``decisions`` (a dict) uniform over the genotypes the study neither evaluated nor is
-    training (:func:`taken`); ``"wait"`` when the only ones left are being trained by other workers (one may die
-    and its genotype come free); None when every genotype of the space is evaluated.
+def unseen_choice(space, size: int, trials, rng: np.random.Generator):
+    """A draw of ``space``'s active decisions (a dict; :func:`nas.genotype.sample_decisions`, each decision uniform)
+    restricted to the genotypes the study neither evaluated nor is training (:func:`taken`); ``"wait"`` when the only
+    ones left are being trained by other workers (one may die and its genotype come free); None when every genotype
+    of the space (``size``) is evaluated.
 
-    Rejection sampling while most of the space is free, else (spaces up to :data:`ENUMERATE_UP_TO`) a draw from
-    the enumerated rest.
+    Rejection sampling while most of the space is free, else (spaces up to :data:`ENUMERATE_UP_TO`) a uniform draw
+    from the enumerated rest (:func:`nas.genotype.enumerate_decisions`).
     """
     done, running = taken(trials)
     used = done | running
     if len(used) >= size:
         return "wait" if running else None
-    names = [n for n, _ in decisions]
     if len(used) <= size // 2 or size > ENUMERATE_UP_TO:
         while True:
-            choice = {name: choices[rng.integers(len(choices))] for name, choices in decisions}
+            choice = sample_decisions(space, lambda name, choices: choices[rng.integers(len(choices))])
             if _key(choice) not in used:
                 return choice
-    free = [c for c in itertools.product(*(choices for _, choices in decisions))
-            if _key(dict(zip(names, c))) not in used]
-    return dict(zip(names, free[rng.integers(len(free))]))
+    free = [c for c in enumerate_decisions(space) if _key(c) not in used]
+    return free[rng.integers(len(free))]
