@@ -285,6 +285,77 @@ def test_random_search_ends_when_the_space_is_exhausted():
     assert len({p.genotype.key() for p in proposals[:6]}) == 6
 
 
+# -- conditional decisions: define-by-run ---------------------------------------------------------------------------
+LAYER_DECISIONS = ("cell", "units", "dropout", "bidirectional")
+
+
+def active_names(depth, bidirectional=True):
+    """Written out by hand: depth, and the decisions of layers 1..depth only."""
+    kinds = LAYER_DECISIONS if bidirectional else LAYER_DECISIONS[:3]
+    return {"depth"} | {f"{k}_{i}" for i in range(1, depth + 1) for k in kinds}
+
+
+def test_enumerated_draws_are_the_genotypes_each_once():
+    from nas.genotype import enumerate_decisions
+
+    sp = space(max_layers=3, cells=["gru", "lstm"], units=[8, 16], dropouts=[0.0], bidirectional=[False, True])
+    draws = list(enumerate_decisions(sp))
+    assert all(set(c) == active_names(c["depth"]) for c in draws)
+    assert len(draws) == len({sp.from_decisions(c).key() for c in draws}) == 8 + 8 ** 2 + 8 ** 3
+
+
+def test_every_bayesian_trial_holds_exactly_the_active_decisions(tmp_path):
+    from nas.strategies.blackbox import BayesianConfig, BayesianStrategy
+
+    sp = space(max_layers=3, cells=["gru", "lstm"], units=[8, 16], dropouts=[0.0], bidirectional=[False, True])
+    strategy = BayesianStrategy(BayesianConfig(trials=30, n_startup_trials=5), sp, seed=0, run_dir=str(tmp_path))
+    depths = set()
+    for _ in range(30):
+        p = strategy.ask()
+        params = p.handle.params
+        assert set(params) == active_names(params["depth"])  # no cell_3 when depth is 2
+        assert p.genotype.steps == params["depth"] and sp.from_decisions(params) == p.genotype
+        depths.add(params["depth"])
+        strategy.tell(p.handle, float(p.genotype.steps))
+    assert depths == {1, 2, 3}
+    for t in strategy.study.trials:
+        assert set(t.params) == active_names(t.params["depth"])
+
+
+def test_bayesian_trials_of_one_genotype_share_params_and_are_not_trained_twice(tmp_path):
+    from nas.strategies.blackbox import BayesianConfig, BayesianStrategy
+
+    sp = space(max_layers=2, cells=["gru", "lstm"], units=[8], dropouts=[0.0])  # 2 + 2^2 = 6 genotypes
+    strategy = BayesianStrategy(BayesianConfig(trials=20, n_startup_trials=3), sp, seed=1, run_dir=str(tmp_path))
+    first, params_of = {}, {}
+    for _ in range(20):  # 20 trials of 6 genotypes: repeats are certain
+        p = strategy.ask()
+        key = p.genotype.key()
+        value = {"gru": 1.0, "lstm": 2.0}[p.genotype.nodes[0][0].op] + p.genotype.steps
+        if key in first:
+            assert p.handle.params == params_of[key] and p.known == first[key]
+        else:
+            assert p.known is None
+            first[key], params_of[key] = value, dict(p.handle.params)
+        strategy.tell(p.handle, value if p.known is None else p.known)
+    assert len(first) <= 6 and sum(1 for _ in strategy.study.trials) == 20
+
+
+def test_random_search_of_a_shared_study_draws_active_decisions_and_ends_at_the_genotype_count(tmp_path):
+    from nas.strategies.blackbox import RandomConfig, RandomStrategy
+
+    sp = space(max_layers=2, cells=["gru", "lstm"], units=[8], dropouts=[0.0, 0.5])  # 4 + 4^2 = 20 genotypes
+    cfg = RandomConfig(trials=50, storage=f"sqlite:///{tmp_path}/study.db")
+    strategy = RandomStrategy(cfg, sp, seed=0, run_dir=str(tmp_path / "w"))
+    keys = []
+    for _ in range(20):
+        p = strategy.ask()
+        assert set(p.handle.params) == active_names(p.handle.params["depth"], bidirectional=False)
+        keys.append(p.genotype.key())
+        strategy.tell(p.handle, 1.0)
+    assert len(set(keys)) == 20 and strategy.ask() is None
+
+
 def test_random_ws_draws_supernet_paths_with_the_supernets_params():
     from nas.strategies.random_ws import RandomWSConfig, RandomWSStrategy
 
