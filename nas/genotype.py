@@ -399,7 +399,7 @@ def path_weights(genotype: Genotype, ops: Sequence[str], dtype=None, device=None
 # -- the decision protocol of the black-box strategies ------------------------------------------------------------
 # A space's decisions are drawn define-by-run (Optuna's term: the search space is built while a trial runs, so a
 # decision can depend on earlier ones; https://optuna.readthedocs.io/en/stable/tutorial/10_key_features/
-# 002_configurations.html, "Defining Parameter Spaces": branches and loops).  A space with conditional decisions
+# 002_configurations.html, "Pythonic Search Space": branches and loops).  A space with conditional decisions
 # defines ``sample_decisions(suggest) -> dict``: it calls ``suggest(name, choices)`` for each decision that is
 # active given the answers so far, in order, and returns ``{name: answer}`` of exactly those (stacked_rnn: ``depth``,
 # then the decisions of layers 1..depth only).  A space without it (the DAG spaces) has independent decisions:
