@@ -75,6 +75,14 @@ def test_search_runs_every_task(searched):
     assert [h["epoch"] for h in m["history"]] == list(range(1, EPOCHS + 1))
     assert all(math.isfinite(v) for v in values)
     assert m[f"best_valid_{metric}"] == best_of(values, task) and m[f"final_valid_{metric}"] == values[-1]
+    # the three evaluations of every run: the last epoch's held-out accuracy and cross-entropy, the supernet's size
+    last = m["history"][-1]
+    assert (m["valid_accuracy"], m["valid_cross_entropy"]) == (last["valid_accuracy"], last["valid_loss"])
+    assert 0 <= m["valid_accuracy"] <= 1 and m["params"] == sum(p.numel() for p in build_search(
+        compose_cfg("search", overrides + DARTS), task=task).model.parameters())
+    records = [json.loads(line) for line in open(os.path.join(run_dir, "trials.jsonl"), encoding="utf-8")]
+    assert [(r["accuracy"], r["cross_entropy"], r["params"]) for r in records] == [
+        (h["valid_accuracy"], h["valid_loss"], m["params"]) for h in m["history"]]
     genotype = Genotype.load(os.path.join(run_dir, "genotype.json"))
     cfg = compose_cfg("search", overrides + DARTS)
     assert genotype.task == task.name and genotype.dataset == cfg.dataset.name
@@ -87,7 +95,7 @@ def test_search_runs_every_task(searched):
     setup.model.load_state_dict(ckpt["model"])
     setup.strategy.load_state_dict(ckpt["strategy"])
     again = task.evaluate(setup.model, setup.data, "valid", cfg, setup.strategy.eval_weights(), cfg.limit_eval_batches)
-    assert task.value(again) == values[-1]
+    assert task.value(again) == values[-1] and again.accuracy == m["valid_accuracy"]
 
 
 def test_retraining_runs_every_task(searched, tmp_path):
@@ -107,7 +115,15 @@ def test_retraining_runs_every_task(searched, tmp_path):
     # the test figure is the one of best.pt, rebuilt from the file alone
     trained = load_trained(str(tmp_path / "train"))
     data = task.prepare(cfg, torch.device("cpu"), alpha_split=None, retrain=True)
-    assert task.value(task.test(trained.model, data, cfg)) == m[f"test_{metric}"]
+    test = task.test(trained.model, data, cfg)
+    assert task.value(test) == m[f"test_{metric}"]
+    # the three evaluations: held-out ones of the kept epoch, the test split's of best.pt, the model's size
+    kept = m["history"][m["best_epoch"] - 1]
+    assert (m["valid_accuracy"], m["valid_cross_entropy"]) == (kept["valid_accuracy"], kept["valid_loss"])
+    assert (m["test_accuracy"], m["test_cross_entropy"]) == (test.accuracy, test.loss) == (
+        m["test_accuracy"], m["test_loss"])
+    assert 0 <= m["test_accuracy"] <= 1
+    assert m["params"] == sum(p.numel() for p in trained.model.parameters())
 
 
 @pytest.mark.parametrize("name", TASKS.names())
@@ -125,10 +141,15 @@ def test_black_box_search_runs_every_task(name, tmp_path):
         trial = read_json(tmp_path / "bb" / "trials" / f"{n:04d}" / "metrics.json")
         assert trial["task"] == name and len(trial["history"]) == 1 and trial[f"test_{task.metric}"] is None
         assert r["value"] == trial[f"best_valid_{task.metric}"] and math.isfinite(r["value"])
+        assert (r["accuracy"], r["cross_entropy"], r["params"]) == (
+            trial["valid_accuracy"], trial["valid_cross_entropy"], trial["params"])
         # every candidate records where it was searched, so train.py arch=<trial> retrains it on the same task
         candidate = Genotype.load(os.path.join(tmp_path / "bb", "trials", f"{n:04d}", "candidate.json"))
         assert candidate.task == r["genotype"]["task"] == name
     assert m[f"best_valid_{task.metric}"] == best_of([r["value"] for r in records], task)
+    best = next(r for r in records if r["value"] == m[f"best_valid_{task.metric}"])
+    assert (m["valid_accuracy"], m["valid_cross_entropy"], m["params"]) == (
+        best["accuracy"], best["cross_entropy"], best["params"])
     assert Genotype.load(os.path.join(tmp_path / "bb", "genotype.json")).task == name
 
 

@@ -216,6 +216,10 @@ class ToyResult:
     def error(self) -> float:
         return self.wrong / self.count
 
+    @property
+    def accuracy(self) -> float:
+        return 1 - self.error
+
 
 @torch.no_grad()
 def score(model, split: BitSequences, batch_size: int, device, weights=None,

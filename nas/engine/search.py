@@ -138,15 +138,17 @@ class OneShotOutputs:
         self.run_dir, self.cfg, self.writer, self.space, self.strategy = run_dir, cfg, writer, space, strategy
         self.trials = TrialLog(run_dir, cfg.strategy.name, metric, direction, cfg.seed, writer)
 
-    def epoch(self, epoch: int, genotype, value: float, seconds: float, tokens: int) -> None:
+    def epoch(self, epoch: int, genotype, value: float, seconds: float, tokens: int,
+              figures: Optional[dict] = None) -> None:
         """Record the epoch's genotype and its validation ``value``, which cost ``seconds`` and ``tokens`` (the
-        caller then writes the resume checkpoint).  Under torchrun the ranks' genotypes are compared first
+        caller then writes the resume checkpoint); ``figures``: the supernet's held-out accuracy, cross-entropy
+        and parameter count (:data:`nas.engine.trials.FIGURES`).  Under torchrun the ranks' genotypes are compared first
         (RuntimeError if they differ) and rank 0 writes."""
         distributed.check_same(str(genotype), f"genotype of epoch {epoch}")
         if not distributed.is_writer():
             return
         genotype.save(os.path.join(self.run_dir, "genotypes", f"epoch_{epoch:03d}.json"))
-        self.trials.add(genotype, value, seconds, tokens, epoch=epoch, supernet=True)
+        self.trials.add(genotype, value, seconds, tokens, figures, epoch=epoch, supernet=True)
         if hasattr(self.strategy, "alphas"):
             log_alphas(self.writer, self.strategy.alphas, self.space.ops, epoch,
                        row_labels=getattr(self.space, "alpha_rows", None))
@@ -262,7 +264,8 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
                 writer.add_scalar("valid/loss", valid.loss, state["step"])
                 writer.add_scalar(f"train/epoch_{metric}", meter.value, state["step"])
                 outputs.epoch(epoch, genotype, value, keeper.clock.now() - state["epoch_start"],
-                              state["tokens"] - state["epoch_tokens"])
+                              state["tokens"] - state["epoch_tokens"],
+                              {"accuracy": valid.accuracy, "cross_entropy": valid.loss, "params": n_params})
                 pos.next_epoch()
                 keeper.save()
                 log.info("epoch %d: train %s %s, valid %s %s (loss %.4f), genotype %s", epoch, metric,
@@ -278,6 +281,9 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
     wall, history = keeper.clock.now(), state["history"]
     metrics = {"task": task.name, f"final_valid_{metric}": history[-1][f"valid_{metric}"],
                "final_valid_loss": history[-1]["valid_loss"], f"best_valid_{metric}": state["best_value"],
+               # the three figures every run reports (the last epoch's held-out accuracy and cross-entropy in nats;
+               # params: the supernet's)
+               "valid_accuracy": history[-1].get("valid_accuracy"), "valid_cross_entropy": history[-1]["valid_loss"],
                "epochs": cfg.epochs, "steps": state["step"], **{f"train_{c}": state[c] for c in task.counters},
                "train_tokens": state["tokens"], "wall_seconds": wall,
                "tokens_per_second": state["tokens"] / max(wall, 1e-9), "params": n_params,

@@ -51,7 +51,8 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
             which select by validation only and must not spend time on, or look at, the test split).
     The task (``dataset.task``: :mod:`nas.tasks`) gives the data, the batches, the weight update and the metric
     (perplexity, accuracy).
-    Outputs in ``run_dir``: ``genotype.png`` (the DAG), ``metrics.json`` (best valid metric, test metric, params,
+    Outputs in ``run_dir``: ``genotype.png`` (the DAG), ``metrics.json`` (best valid metric, test metric; valid and test
+        accuracy and cross-entropy; params,
         epochs, tokens/s, wall time, per-epoch history), ``best.pt`` (best-valid weights -- averaged ones under ASGD --
         with genotype and resolved config, and the optimizer state of that moment for ``nan_policy=reload_best``;
         :func:`load_trained` rebuilds it), ``genotype.json``, ``config.yaml``, ``tb/``.
@@ -185,7 +186,12 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
     metrics = {
         "task": task.name, "arch": cfg.arch, f"best_valid_{metric}": best[metric], "best_epoch": best["epoch"],
         f"test_{metric}": None if test is None else task.value(test), "test_loss": None if test is None else test.loss,
-        **task.test_metrics(cfg, data, valid, test, best_path), "params": n_params,
+        **task.test_metrics(cfg, data, valid, test, best_path),
+        # the three figures every run reports (accuracy, cross-entropy in nats, parameter count): held-out ones of
+        # the kept epoch, and the test split's
+        "valid_accuracy": best.get("accuracy"), "valid_cross_entropy": best["loss"],
+        "test_accuracy": None if test is None else test.accuracy,
+        "test_cross_entropy": None if test is None else test.loss, "params": n_params,
         "epochs": cfg.epochs, "steps": state["step"], **{f"train_{c}": state[c] for c in task.counters},
         "train_tokens": state["tokens"], "asgd_epoch": state["asgd_epoch"],
         "tokens_per_second": state["tokens"] / max(state["train_seconds"], 1e-9),

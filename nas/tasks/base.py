@@ -180,7 +180,8 @@ class Task:
     # -- evaluation ------------------------------------------------------------------------------------------
     def evaluate(self, model, data, split: str, cfg, weights=None, max_batches: Optional[int] = None):
         """Score ``split`` (``valid``, or ``score``: the split random_ws ranks paths on).  The result has the
-        attribute :attr:`metric` and ``loss`` (nats)."""
+        attribute :attr:`metric`, ``loss`` (mean cross-entropy, nats) and ``accuracy`` (fraction of predictions,
+        tokens or sentences, whose top-1 class is the target; None where not counted)."""
         raise NotImplementedError
 
     def test(self, model, data, cfg):
@@ -193,7 +194,7 @@ class Task:
 
     def best_state(self, result) -> dict:
         """An epoch's validation figures as a retraining's ``state["best"]`` keeps them (with ``epoch``)."""
-        return {self.metric: self.value(result), "loss": result.loss}
+        return {self.metric: self.value(result), "loss": result.loss, "accuracy": result.accuracy}
 
     def selection_key(self, figures: dict) -> tuple:
         """Retraining keeps the epoch whose :meth:`best_state` has the largest key (default: the better metric,
@@ -202,8 +203,9 @@ class Task:
         return (value if self.direction == "maximize" else -value, -figures["loss"])
 
     def valid_figures(self, result) -> dict:
-        """The validation figures of an epoch's history record."""
-        return {f"valid_{self.metric}": self.value(result), "valid_loss": result.loss}
+        """The validation figures of an epoch's history record (the metric, accuracy and cross-entropy)."""
+        return {f"valid_{self.metric}": self.value(result), "valid_accuracy": result.accuracy,
+                "valid_loss": result.loss}
 
     def best_figures(self, result) -> dict:
         """What ``best.pt`` records of its validation result."""

@@ -204,10 +204,12 @@ class LMLoop:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Summed NLL (nats) over ``tokens`` predicted tokens, and the resulting perplexity."""
+    """Summed NLL (nats) over ``tokens`` predicted tokens, and the resulting perplexity; ``correct``: the tokens whose
+    most likely prediction was the target (None: not counted, e.g. a ``best.pt`` written before it was)."""
 
     nll: float
     tokens: int
+    correct: Optional[int] = None
 
     @property
     def loss(self) -> float:
@@ -217,12 +219,17 @@ class EvalResult:
     def ppl(self) -> float:
         return perplexity(self.nll, self.tokens)
 
+    @property
+    def accuracy(self) -> Optional[float]:
+        """Next-token accuracy: the fraction of target tokens predicted top-1 (ties: the lowest token id)."""
+        return None if self.correct is None else self.correct / self.tokens
+
 
 @torch.no_grad()
 def evaluate(model: nn.Module, source: torch.Tensor, bptt: int, weights: Optional[torch.Tensor] = None,
              max_batches: Optional[int] = None,
              progress: Optional[Callable[[int], None]] = None, over_ranks: bool = False) -> EvalResult:
-    """Exact perplexity of ``model`` on a batchified split.
+    """Exact perplexity (and next-token accuracy) of ``model`` on a batchified split.
 
     Every target position of ``source`` [T, B] is scored once, in fixed segments of ``bptt`` (the last
     may be shorter, down to length 1), carrying the hidden state; the NLL is summed in float64 and divided
@@ -242,22 +249,23 @@ def evaluate(model: nn.Module, source: torch.Tensor, bptt: int, weights: Optiona
     model.eval()
     try:
         hidden = model.init_hidden(source.size(1))
-        total, count = 0.0, 0
+        total, count, correct = 0.0, 0, 0
         for n, (i, seq_len) in enumerate(bptt_segments(source, bptt)):
             if max_batches is not None and n >= max_batches:
                 break
             data, targets = get_batch(source, i, seq_len)
             out = model(data, hidden, weights)
-            total += nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.size(-1)).double(),
-                                                 targets.reshape(-1), reduction="sum").item()
+            logits = out.logits.reshape(-1, out.logits.size(-1))
+            total += nn.functional.cross_entropy(logits.double(), targets.reshape(-1), reduction="sum").item()
+            correct += int((logits.argmax(-1) == targets.reshape(-1)).sum())
             count += targets.numel()
             hidden = out.hidden
             if progress is not None:
                 progress(targets.numel())
         if over_ranks:
-            total, count = distributed.sum_values([total, count])
-            count = int(count)
-        return EvalResult(total, count)
+            total, count, correct = distributed.sum_values([total, count, correct])
+            count, correct = int(count), int(correct)
+        return EvalResult(total, count, correct)
     finally:
         model.train(was_training)
 
@@ -427,13 +435,15 @@ class LanguageModelingTask(Task):
                             data.over_ranks("test"))
 
     def best_state(self, result: EvalResult) -> dict:
-        return {"loss": result.loss if math.isfinite(result.loss) else math.inf, "ppl": result.ppl}
+        return {"loss": result.loss if math.isfinite(result.loss) else math.inf, "ppl": result.ppl,
+                "accuracy": result.accuracy}
 
     def selection_key(self, figures: dict) -> tuple:
         return (-figures["loss"],)
 
     def best_figures(self, result: EvalResult) -> dict:
-        return {"valid_nll": result.nll, "valid_tokens": result.tokens, "valid_ppl": result.ppl}
+        return {"valid_nll": result.nll, "valid_tokens": result.tokens, "valid_ppl": result.ppl,
+                "valid_correct": result.correct}
 
     def test_metrics(self, cfg, data: LMData, valid, test, best_checkpoint: str) -> dict:
         if valid is None:  # resumed after the last epoch had finished: the best checkpoint holds its figures
@@ -441,7 +451,7 @@ class LanguageModelingTask(Task):
 
             distributed.barrier()
             best = load_checkpoint(best_checkpoint)
-            valid = EvalResult(best["valid_nll"], best["valid_tokens"])
+            valid = EvalResult(best["valid_nll"], best["valid_tokens"], best.get("valid_correct"))
         exact = _whole(valid, data.valid, data.over_ranks("valid")) and (
             test is None or _whole(test, data.test, data.over_ranks("test")))
         return {"test_tokens": test and test.tokens, "valid_tokens": valid.tokens, "exact_eval": exact,
