@@ -26,28 +26,61 @@ from nas.atomic import atomic_write_text
 from nas.engine.resume import Interrupted, interrupted, open_run, stop_requested, stop_signals
 from nas.engine.rundir import scoped
 from nas.engine.tb import log_genotype, log_genotype_figure
-from nas.engine.trials import TRIALS_FILE, TrialLog, better  # noqa: F401  (TRIALS_FILE: the file every strategy writes)
+from nas.engine.trials import RESULTS_FILE, TRIALS_FILE, TrialLog, better  # noqa: F401  (TRIALS_FILE: the file every strategy writes)
 from nas.errors import SearchFailed
 from nas.genotype import Genotype
 from nas.spaces import build_space
 from nas.strategies import STRATEGIES
+from nas.strategies.blackbox import OBJECTIVES, check_objective
 from nas.tasks import make_task
 
 log = logging.getLogger(__name__)
 
 class TrialResult(NamedTuple):
-    """One evaluated candidate: validation ``value`` (None: the trial failed), its cost, and where it ran."""
+    """One evaluated candidate: validation ``value`` (None: the trial failed), its cost, where it ran, and
+    ``figures``: the three evaluations of the kept epoch, ``{"accuracy", "cross_entropy", "params"}`` (held-out
+    accuracy, cross-entropy in nats, parameter count; None: not measured, e.g. a toy objective)."""
 
     value: Optional[float]
     wall_seconds: float
     train_tokens: int
     run_dir: Optional[str] = None
+    figures: Optional[dict] = None
 
 
 def task_metric(cfg):
-    """``(metric name, direction)`` of the configured task, e.g. ``("valid_ppl", "minimize")``."""
-    task = make_task(cfg)
-    return f"valid_{task.metric}", task.direction
+    """``(metric name, direction)`` a black-box search scores trials by: the task's metric (e.g.
+    ``("valid_ppl", "minimize")``), or the one ``strategy.objective`` names (e.g. ``("valid_cross_entropy",
+    "minimize")``).  Raises ConfigError for an unknown objective."""
+    objective = cfg.strategy.get("objective")
+    if objective is None:
+        task = make_task(cfg)
+        return f"valid_{task.metric}", task.direction
+    check_objective(objective)
+    return OBJECTIVES[objective][:2]
+
+
+def trial_figures(cfg, m: dict) -> tuple:
+    """``(value, figures)`` of a finished trial's ``metrics.json`` ``m``: the objective's value and the three
+    evaluations (accuracy, cross-entropy, params) of the epoch it picks.  The task's metric and ``params`` take
+    retraining's kept epoch; ``accuracy`` / ``cross_entropy`` the epoch with the best held-out value of that
+    figure (so a trial's value and its figures come from one epoch)."""
+    objective = cfg.strategy.get("objective")
+    kept = {"accuracy": m.get("valid_accuracy"), "cross_entropy": m.get("valid_cross_entropy"),
+            "params": m.get("params")}
+    if objective is None:
+        return m[f"best_{task_metric(cfg)[0]}"], kept
+    name, direction, key = OBJECTIVES[objective]
+    if key is None:
+        return m.get(name), kept
+    best = None
+    for h in m.get("history", []):
+        if better(h.get(key), None if best is None else best[key], direction):
+            best = h
+    if best is None:
+        return None, kept
+    return best[key], {"accuracy": best.get("valid_accuracy"), "cross_entropy": best["valid_loss"],
+                       "params": m.get("params")}
 
 
 def trial_config(cfg, arch: str):
@@ -67,8 +100,9 @@ def trial_config(cfg, arch: str):
                                           "compile": False})
 
 
-def train_trial(cfg, genotype: Genotype, trial_dir: str) -> TrialResult:
-    """Retrain ``genotype`` for the per-trial budget (``train.py``'s code, test split not scored).
+def train_trial(cfg, genotype: Genotype, trial_dir: str, seed: Optional[int] = None) -> TrialResult:
+    """Retrain ``genotype`` for the per-trial budget (``train.py``'s code, test split not scored); ``seed``: its
+    training seed (None: the search's ``seed``).
 
     A trial dir left by an interrupted search is reused: a finished trial of the same genotype is read back, an
     unfinished one resumes from its checkpoint, anything else is cleared and the trial starts over.
@@ -96,11 +130,12 @@ def train_trial(cfg, genotype: Genotype, trial_dir: str) -> TrialResult:
         if not overrides:
             os.makedirs(trial_dir, exist_ok=True)
             genotype.save(arch)
-        m = train(OmegaConf.merge(trial_config(cfg, arch), overrides), run_dir=trial_dir, score_test=False)
-    value = m[f"best_{task_metric(cfg)[0]}"]
+        m = train(OmegaConf.merge(trial_config(cfg, arch), {} if seed is None else {"seed": seed}, overrides),
+                  run_dir=trial_dir, score_test=False)
+    value, figures = trial_figures(cfg, m)
     tokens = m.get("train_tokens", 0)
     return TrialResult(value if value is not None and math.isfinite(value) else None, m["wall_seconds"],
-                       tokens, trial_dir)
+                       tokens, trial_dir, figures)
 
 
 @scoped  # the run dir this call takes is given back when it returns
@@ -129,7 +164,7 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
     space = build_space(cfg.space)
     strategy = STRATEGIES.get(cfg.strategy.name)(cfg.strategy, space, seed=cfg.seed, direction=direction,
                                                  run_dir=run_dir)
-    evaluate = evaluate or (lambda g, d: train_trial(cfg, g, d))
+    evaluate = evaluate or (lambda g, d, seed=None: train_trial(cfg, g, d, seed))
     writer = SummaryWriter(os.path.join(run_dir, "tb"))
     writer.add_text("config", f"```\n{cfg_yaml}\n```", 0)
     trials = TrialLog(run_dir, cfg.strategy.name, metric, direction, cfg.seed, writer)
@@ -169,11 +204,12 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
                     log.info("the space is exhausted after %d genotypes", trials.n)
                     break
                 if proposal.known is not None:  # the same genotype again (Bayesian): report, do not retrain
-                    result = TrialResult(proposal.known, 0.0, 0)
+                    result = TrialResult(proposal.known, 0.0, 0, figures=trials.figures_of(proposal.genotype))
                 else:
                     trial_dir = os.path.join(run_dir, "trials", f"{trials.n + 1:04d}")
-                    try:
-                        result = evaluate(proposal.genotype, trial_dir)
+                    try:  # a proposal with a seed of its own (random search with repeat=true) trains with it
+                        result = (evaluate(proposal.genotype, trial_dir) if proposal.seed is None
+                                  else evaluate(proposal.genotype, trial_dir, proposal.seed))
                     except Interrupted:
                         # left as it is (an Optuna trial stays RUNNING): a resume evaluates this genotype again, from
                         # the trial's checkpoint
@@ -189,7 +225,9 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
                 # another worker failed meanwhile went to a new trial (`told`)
                 number = told if cfg.strategy.get("storage") else None
                 trials.add(proposal.genotype, result.value, result.wall_seconds, result.train_tokens,
-                           repeated=proposal.known is not None, **({} if number is None else {"study_trial": number}))
+                           repeated=proposal.known is not None, figures=result.figures,
+                           **({} if number is None else {"study_trial": number}),
+                           **({} if proposal.seed is None else {"train_seed": proposal.seed}))
                 if was_best:
                     log_genotype(writer, proposal.genotype, trials.n)
                 log.info("trial %d: %s = %s (best %s), %.1f s, %d tokens: %s", trials.n, metric, result.value,
@@ -200,8 +238,12 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
         bar.close()
     best_genotype, best_value = trials.best_genotype, trials.best
     shared = strategy.study_best() if hasattr(strategy, "study_best") else None
+    # the three evaluations of the best trial: this worker's record of it (None when another worker of a shared
+    # study trained it)
+    figures = trials.best_figures
     if shared is not None and better(shared[0], best_value, direction):  # another worker's trial of the study
         best_value, best_genotype = shared
+        figures = trials.figures_of(best_genotype)
         log.info("the shared study's best trial is another worker's: %s = %s", metric, best_value)
     if best_genotype is None:
         writer.close()
@@ -212,8 +254,13 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
     log_genotype_figure(writer, best_genotype, trials.n, os.path.join(run_dir, "genotype.png"))
     writer.close()
     wall = time.time() - start
+    table = trials.results_table()
+    atomic_write_text(os.path.join(run_dir, RESULTS_FILE), table)
+    log.info("trials (%s):\n%s", os.path.join(run_dir, RESULTS_FILE), table)
     metrics = {"task": task.name, "metric": metric,
                "strategy": cfg.strategy.name, f"best_{metric}": best_value,
+               **{f"valid_{k}" if k != "params" else k: (figures or {}).get(k)
+                  for k in ("accuracy", "cross_entropy", "params")},
                "trials": trials.n, "train_tokens": trials.cum_tokens, "wall_seconds": wall,
                "genotype": best_genotype.to_dict()}
     if shared is not None:  # several workers: best_* and genotype are the study's; trials and cost this worker's

@@ -2,7 +2,9 @@
 
 ``trials.jsonl`` (one JSON object per line, appended and flushed after each candidate, by every strategy):
 ``{"strategy", "trial", "genotype", "metric", "value", "wall_seconds", "train_tokens", "cum_wall_seconds",
-"cum_train_tokens", "seed", "best_value"}`` -- ``train_tokens`` counts the task's cost unit (language models:
+"cum_train_tokens", "seed", "best_value", "accuracy", "cross_entropy", "params"}`` -- the last three are the
+evaluations the trial measured (held-out accuracy, cross-entropy in nats, parameter count, of the epoch its value
+comes from; null where not measured); ``train_tokens`` counts the task's cost unit (language models:
 training target tokens; sentence classification: the words of the training sentences), the one cost currency of
 all strategies.
 """
@@ -17,6 +19,10 @@ from nas.atomic import atomic_write_text
 from nas.genotype import Genotype
 
 TRIALS_FILE = "trials.jsonl"
+#: the black-box searches' table of their trials (Markdown), written at the end
+RESULTS_FILE = "results.md"
+#: the evaluations each record carries
+FIGURES = ("accuracy", "cross_entropy", "params")
 
 
 def better(a: Optional[float], b: Optional[float], direction: str) -> bool:
@@ -41,6 +47,8 @@ class TrialLog:
         self.writer = writer
         self.n, self.cum_wall, self.cum_tokens, self.best, self.best_genotype = 0, 0.0, 0, None, None
         self.genotypes: list = []
+        self.records: list = []
+        self.best_figures: Optional[dict] = None  # the best trial's FIGURES
         self.study_trials: set = set()  # the shared study's trial numbers recorded here
         self._steps = {"tokens": -1, "seconds": -1}  # the last step of search/best_vs_tokens and _vs_seconds
 
@@ -67,10 +75,12 @@ class TrialLog:
             self.n, self.cum_wall, self.cum_tokens = r["trial"], r["cum_wall_seconds"], r["cum_train_tokens"]
             genotype = Genotype.from_dict(r["genotype"])
             self.genotypes.append(genotype)
+            self.records.append(r)
             if r.get("study_trial") is not None:
                 self.study_trials.add(r["study_trial"])
             if better(r["value"], self.best, self.direction):
                 self.best, self.best_genotype = r["value"], genotype
+                self.best_figures = {k: r.get(k) for k in FIGURES}
             if self.best is not None:
                 self._cost_steps()
         return len(records)
@@ -83,16 +93,20 @@ class TrialLog:
         return tokens, seconds
 
     def add(self, genotype: Genotype, value: Optional[float], wall_seconds: float, train_tokens: int,
-            **extra) -> dict:
+            figures: Optional[dict] = None, **extra) -> dict:
+        """Append one trial's record (``figures``: its :data:`FIGURES`, None: not measured) and log best-so-far."""
         self.n += 1
         self.cum_wall += wall_seconds
         self.cum_tokens += int(train_tokens)
+        figures = {k: (figures or {}).get(k) for k in FIGURES}
         if better(value, self.best, self.direction):
-            self.best, self.best_genotype = value, genotype
+            self.best, self.best_genotype, self.best_figures = value, genotype, figures
         record = {"strategy": self.strategy, "trial": self.n, "genotype": genotype.to_dict(), "metric": self.metric,
                   "value": value, "wall_seconds": wall_seconds, "train_tokens": int(train_tokens),
                   "cum_wall_seconds": self.cum_wall, "cum_train_tokens": self.cum_tokens, "seed": self.seed,
-                  "best_value": self.best, **extra}
+                  "best_value": self.best, **figures, **extra}
+        self.genotypes.append(genotype)
+        self.records.append(record)
         if extra.get("study_trial") is not None:
             self.study_trials.add(extra["study_trial"])
         with open(self.path, "a", encoding="utf-8") as f:
@@ -108,3 +122,29 @@ class TrialLog:
                 self.writer.add_scalar("search/value", value, self.n)
             self.writer.flush()
         return record
+
+    def figures_of(self, genotype: Genotype) -> Optional[dict]:
+        """The :data:`FIGURES` of this log's first trained trial of ``genotype`` (a repeated proposal reports its
+        result); None when this log has none."""
+        for r in self.records:
+            if not r.get("repeated") and Genotype.from_dict(r["genotype"]).key() == genotype.key():
+                return {k: r.get(k) for k in FIGURES}
+        return None
+
+    def results_table(self) -> str:
+        """The trials as a Markdown table: number, genotype, the objective's value, accuracy, cross-entropy (nats),
+        parameter count, wall seconds; the best trial marked ``*`` (the first of equal values)."""
+        best = next((r["trial"] for r in self.records if r["value"] is not None and r["value"] == self.best), None)
+
+        def cell(v, fmt):
+            return "-" if v is None else format(v, fmt)
+
+        lines = [f"| trial | genotype | {self.metric} | accuracy | cross-entropy | params | seconds |",
+                 "|---:|---|---:|---:|---:|---:|---:|"]
+        for r in self.records:
+            mark = " *" if r["trial"] == best else ""
+            seed = f" (seed {r['train_seed']})" if r.get("train_seed") is not None else ""
+            lines.append(f"| {r['trial']}{mark} | `{Genotype.from_dict(r['genotype'])}`{seed} | {cell(r['value'], '.4f')} "
+                         f"| {cell(r.get('accuracy'), '.4f')} | {cell(r.get('cross_entropy'), '.4f')} "
+                         f"| {cell(r.get('params'), ',')} | {r['wall_seconds']:.1f} |")
+        return "\n".join(lines) + "\n"

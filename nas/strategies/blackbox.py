@@ -11,7 +11,8 @@ decisions are all independent and always active (:func:`nas.genotype.dag_decisio
 
 * ``random``: each active decision uniform (DAG spaces: genotypes uniform over the space; stacked_rnn: depth
   uniform, then each layer's decisions); never the same genotype twice (the search ends when the space is
-  exhausted, at its genotype count).  The baseline of Li & Talwalkar 2019 (sec. 4) without
+  exhausted, at its genotype count), or with ``repeat=true`` independent draws with replacement, each trained with
+  a seed of its own.  The baseline of Li & Talwalkar 2019 (sec. 4) without
   weight sharing.
 * ``bayesian``: an Optuna study (Akiba et al. 2019) whose categorical parameters are the decisions, with the
   Gaussian-process sampler (``sampler=gp``) or TPE (Bergstra et al. 2011; ``sampler=tpe``).  The study lives in
@@ -48,11 +49,18 @@ log = logging.getLogger(__name__)
 
 DIRECTIONS = ("minimize", "maximize")
 SAMPLERS = ("tpe", "gp")
+#: ``strategy.objective`` -> (the trial metric's name, direction, the key of a retraining epoch's history record it is
+#: read from; None: a figure of the whole run); null is the task's own metric (perplexity or accuracy, as
+#: retraining selects)
+OBJECTIVES = {"accuracy": ("valid_accuracy", "maximize", "valid_accuracy"),
+              "cross_entropy": ("valid_cross_entropy", "minimize", "valid_loss"),
+              "params": ("params", "minimize", None)}
 
 
 @dataclass
-class RandomConfig:
-    """``strategy=random``: the per-trial training budget and the number of trials."""
+class BlackBoxConfig:
+    """What every black-box strategy is configured by: the per-trial training budget, the number of trials, what a
+    trial is scored by, and the study's storage."""
 
     name: str = "random"
     #: genotypes to train and score (at most; fewer when ``budget_tokens`` or the space runs out first)
@@ -73,11 +81,27 @@ class RandomConfig:
     heartbeat_interval: int = 10
     #: a running trial without a heartbeat for this long is marked failed (null: Optuna's 2 x heartbeat_interval)
     grace_period: Optional[int] = None
+    #: the held-out figure a trial is scored by and the best trial chosen on: null = the task's metric (valid
+    #: perplexity; SST-2: accuracy), or one of the evaluations of the seed article: ``accuracy``, ``cross_entropy``
+    #: (nats; lower is better), ``params`` (fewest parameters)
+    objective: Optional[str] = None
 
 
 @dataclass
-class BayesianConfig(RandomConfig):
-    """``strategy=bayesian``: :class:`RandomConfig`'s budget and storage, plus the Optuna sampler."""
+class RandomConfig(BlackBoxConfig):
+    """``strategy=random``: :class:`BlackBoxConfig` plus whether a genotype may be drawn again."""
+
+    name: str = "random"
+    #: false: never the same genotype twice (the search ends when the space is exhausted).  true: draw with
+    #: replacement, each trial's decisions uniform and independent of the earlier trials (random search as Bergstra &
+    #: Bengio 2012, sec. 2); trial n trains with seed ``seed + n - 1``, so a genotype drawn again is a new training
+    #: run (its seed variance), not a copy.  One worker only (not with ``storage``).
+    repeat: bool = False
+
+
+@dataclass
+class BayesianConfig(BlackBoxConfig):
+    """``strategy=bayesian``: :class:`BlackBoxConfig` plus the Optuna sampler."""
 
     name: str = "bayesian"
     #: ``gp`` (Gaussian-process BO, optuna.samplers.GPSampler) or ``tpe`` (optuna.samplers.TPESampler)
@@ -93,9 +117,22 @@ class Proposal(NamedTuple):
     genotype: Genotype
     handle: object
     known: Optional[float] = None
+    #: the proposal's training seed (random search with ``repeat``); None: the search's seed
+    seed: Optional[int] = None
+
+
+def check_objective(objective: Optional[str]) -> None:
+    """ConfigError unless ``objective`` is None or a key of :data:`OBJECTIVES`."""
+    if objective is not None and objective not in OBJECTIVES:
+        raise ConfigError(f"strategy.objective={objective!r}; valid: {', '.join(OBJECTIVES)} (null: the task's "
+                          "metric)")
 
 
 def _check_budget(cfg) -> None:
+    check_objective(getattr(cfg, "objective", None))
+    if getattr(cfg, "repeat", False) and cfg.storage:
+        raise ConfigError("strategy.repeat=true draws with replacement for one worker; a shared study "
+                          "(strategy.storage) never trains a genotype twice: leave one of them unset")
     if cfg.trials < 1:
         raise ConfigError(f"strategy.trials must be >= 1, got {cfg.trials}")
     if cfg.trial_epochs < 1:
@@ -109,9 +146,11 @@ def _check_budget(cfg) -> None:
 
 @STRATEGIES.register("random", config=RandomConfig)
 class RandomStrategy:
-    """Uniform random search without repeats.
+    """Uniform random search, without repeats unless ``cfg.repeat``.
 
-    One worker: numpy draws, never the same genotype twice.  With ``cfg.storage`` (several workers): an Optuna
+    One worker: numpy draws, never the same genotype twice; with ``cfg.repeat`` each trial's draw is independent
+    (a function of ``seed`` and the trial's number alone, so a resumed search draws what an uninterrupted one would)
+    and trains with its own seed.  With ``cfg.storage`` (several workers): an Optuna
     study with ``RandomSampler`` shared through the storage, as :class:`BayesianStrategy` (a genotype drawn again
     is reported, not retrained).
     Args:
@@ -132,14 +171,22 @@ class RandomStrategy:
         # genotype was proposed
         self.size = space_genotype_count(space)
         self.rng = np.random.default_rng(seed)
+        self.seed = seed
         self.seen: set = set()
+        self.asked = 0  # proposals so far (``repeat``: the next trial's number - 1)
         self.shared = (BayesianStrategy(cfg, space, seed, direction, run_dir, sampler="random") if cfg.storage
                        else None)
 
     def ask(self) -> Optional[Proposal]:
-        """A genotype not proposed before, uniform over the rest of the space; None once it is exhausted."""
+        """A genotype not proposed before, uniform over the rest of the space; None once it is exhausted
+        (``repeat``: any genotype, each decision uniform; never None)."""
         if self.shared is not None:
             return self.shared.ask()
+        if self.cfg.repeat:  # with replacement: trial n's draw and training seed depend on (seed, n) only
+            n, self.asked = self.asked, self.asked + 1
+            rng = np.random.default_rng([self.seed, n])
+            choice = sample_decisions(self.space, lambda name, choices: choices[rng.integers(len(choices))])
+            return Proposal(self.space.from_decisions(choice), n, seed=self.seed + n)
         if len(self.seen) >= self.size:
             return None
         while True:  # rejection: the draw's law restricted to the unseen genotypes (cheap while the space is much larger)
@@ -166,8 +213,10 @@ class RandomStrategy:
         return self.shared.spent_tokens() if self.shared is not None else None
 
     def mark_seen(self, genotypes) -> None:
-        """Genotypes evaluated before a resume: never proposed again."""
+        """Genotypes evaluated before a resume: never proposed again (``repeat``: their number is the trials done)."""
+        genotypes = list(genotypes)
         self.seen.update(g.key() for g in genotypes)
+        self.asked = len(genotypes)
 
     def study_best(self):
         """The shared study's best ``(value, genotype)`` (see :meth:`BayesianStrategy.study_best`); None alone."""
