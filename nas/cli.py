@@ -103,6 +103,7 @@ PRESETS = {
     "darts_ptb": ("search.py",),
     "darts_ptb_2nd": ("search.py",),
     "rsws_ptb": ("search.py",),
+    "seed_example": ("search.py",),
     "darts_ptb_retrain": ("train.py",),
     "darts_wt2_retrain": ("train.py",),
     "smoke": ("search.py", "train.py"),
