@@ -375,11 +375,22 @@ def test_random_ws_draws_supernet_paths_with_the_supernets_params():
 
 # -- one-shot strategies and units -----------------------------------------------------------------------------------
 def test_one_shot_search_of_units_is_refused_in_one_line():
+    """A one-shot strategy gets the one width nhid as its units choice by default (conf/space_strategy/), so
+    ``search.py space=stacked_rnn strategy=darts`` runs; units asked for on the command line are refused in one line;
+    the black-box strategies keep the space's three choices."""
     from nas.engine.search import build_search
 
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
-        cfg = compose("search", overrides=["space=stacked_rnn", "strategy=darts", "experiment=smoke"])
-    assert list(cfg.space.units) == [64, 128, 256]
+        for strategy in ("darts", "random_ws"):
+            cfg = compose("search", overrides=["space=stacked_rnn", f"strategy={strategy}", "space.nhid=32",
+                                               "space.emsize=32"])
+            assert list(cfg.space.units) == [32]
+            SPACES.get("stacked_rnn")(cfg.space).check_one_shot()
+        for strategy in ("random", "bayesian"):
+            cfg = compose("search", overrides=["space=stacked_rnn", f"strategy={strategy}"])
+            assert list(cfg.space.units) == [64, 128, 256]
+        cfg = compose("search", overrides=["space=stacked_rnn", "strategy=darts", "experiment=smoke",
+                                           "space.units=[64,128,256]"])
     with pytest.raises(ConfigError) as err:
         build_search(cfg, data=object())  # refused before the data is touched
     message = str(err.value)
