@@ -29,9 +29,19 @@ def test_comparison_pipeline_writes_table_and_plot_and_resumes(tmp_path):
         trained = json.load(open(tmp_path / "train" / where / "metrics.json"))
         searched = json.load(open(tmp_path / "search" / where / "genotype.json"))
         assert float(row["test"]) == trained["test_ppl"] and float(row["valid"]) == trained["best_valid_ppl"], where
+        assert (float(row["test_accuracy"]), float(row["test_cross_entropy"]), int(row["params"])) == (
+            trained["test_accuracy"], trained["test_cross_entropy"], trained["params"]), where
         assert json.loads(row["genotype"]) == searched["nodes"] == trained["genotype"]["nodes"], where
     table = open(tmp_path / "results.md").read()
     assert all(f"| {s} | 2 |" in table for s in strategies)
+    assert "| test accuracy | test cross-entropy | params |" in table.splitlines()[0]
+    for s in strategies:  # the mean over seeds of the three evaluations, in the strategy's row
+        rs = [row for row in rows if row["strategy"] == s]
+        line = next(line for line in table.splitlines() if line.startswith(f"| {s} |"))
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        assert cells[4].startswith(f"{sum(float(r['test_accuracy']) for r in rs) / 2:.4f} ± ")
+        assert cells[5].startswith(f"{sum(float(r['test_cross_entropy']) for r in rs) / 2:.4f} ± ")
+        assert cells[6] == f"{sum(int(r['params']) for r in rs) / 2:,.0f}"
     assert os.path.getsize(tmp_path / "best_so_far.png") > 5000
     # a second run finds every run finished and only rebuilds the table
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

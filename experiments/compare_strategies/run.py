@@ -129,6 +129,9 @@ def main(argv=None) -> None:
             rows.append({"strategy": strategy, "seed": seed,
                          "valid": t.get("best_valid_ppl", t.get("best_valid_accuracy")),
                          "test": t.get("test_ppl", t.get("test_accuracy")),
+                         # the seed article's three evaluations of the retrained model (test split)
+                         "test_accuracy": t.get("test_accuracy"), "test_cross_entropy": t.get("test_cross_entropy"),
+                         "params": t.get("params"),
                          "search_seconds": s["wall_seconds"], "search_tokens": recs[-1]["cum_train_tokens"],
                          "evaluations": len(recs), "retrain_seconds": t["wall_seconds"],
                          "genotype": json.dumps(s["genotype"]["nodes"])})
@@ -142,15 +145,22 @@ def write_tables(rows: list, out: str, metric: str) -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    lines = [f"| strategy | seeds | retrained valid {metric} | retrained test {metric} | search wall s | "
-             "search tokens | evaluations |", "|---|---|---|---|---|---|---|"]
+    # the test accuracy has its own column where the metric is not already accuracy (language models: next-token)
+    accuracy = metric != "accuracy"
+    lines = [f"| strategy | seeds | retrained valid {metric} | retrained test {metric} | "
+             + ("test accuracy | " if accuracy else "") + "test cross-entropy | params | search wall s | "
+             "search tokens | evaluations |", "|---" * (9 + accuracy) + "|"]
     for strategy in dict.fromkeys(r["strategy"] for r in rows):
         rs = [r for r in rows if r["strategy"] == strategy]
-        cells = [mean_std([r[k] for r in rs]) for k in ("valid", "test", "search_seconds", "search_tokens",
-                                                         "evaluations")]
-        lines.append(f"| {strategy} | {len(rs)} | {cells[0][0]:.2f} ± {cells[0][1]:.2f} | "
-                     f"{cells[1][0]:.2f} ± {cells[1][1]:.2f} | {cells[2][0]:.0f} ± {cells[2][1]:.0f} | "
-                     f"{cells[3][0]:,.0f} | {cells[4][0]:.1f} |")
+        cells = {k: mean_std([r[k] for r in rs]) for k in ("valid", "test", "test_accuracy", "test_cross_entropy",
+                                                           "params", "search_seconds", "search_tokens",
+                                                           "evaluations")}
+        lines.append(f"| {strategy} | {len(rs)} | {cells['valid'][0]:.2f} ± {cells['valid'][1]:.2f} | "
+                     f"{cells['test'][0]:.2f} ± {cells['test'][1]:.2f} | "
+                     + (f"{cells['test_accuracy'][0]:.4f} ± {cells['test_accuracy'][1]:.4f} | " if accuracy else "")
+                     + f"{cells['test_cross_entropy'][0]:.4f} ± {cells['test_cross_entropy'][1]:.4f} | "
+                     f"{cells['params'][0]:,.0f} | {cells['search_seconds'][0]:.0f} ± {cells['search_seconds'][1]:.0f} | "
+                     f"{cells['search_tokens'][0]:,.0f} | {cells['evaluations'][0]:.1f} |")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
