@@ -170,3 +170,74 @@ def test_every_trial_records_its_figures_and_the_run_reports_the_best_s(tmp_path
         else:
             firsts[key] = {k: r[k] for k in ("accuracy", "cross_entropy", "params")}
     assert any(r["repeated"] for r in recs)
+
+
+@pytest.mark.slow
+def test_seed_example_runs_ten_trials_selected_by_held_out_cross_entropy(tmp_path):
+    """``python search.py experiment=seed_example`` on real SST-2, each trial cut to a few batches: ten trials of
+    one 64-unit layer whose cell is rnn_tanh, lstm or gru, seeds 0..9, each with its three figures; the best is
+    the lowest held-out cross-entropy; results.md lists all ten."""
+    if not os.path.isdir(os.path.join(os.environ.get("NAS_DATA", "/nonexistent"), "sst-2")):
+        pytest.skip("needs $NAS_DATA/sst-2")
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "search.py", "experiment=seed_example", "strategy.trial_limit_train_batches=4",
+                        "limit_eval_batches=2", "num_threads=1", "progress=false", f"hydra.run.dir={run}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(line) for line in open(run / TRIALS_FILE)]
+    assert [r["trial"] for r in recs] == list(range(1, 11)) and [r["train_seed"] for r in recs] == list(range(10))
+    emsize, vocab = 128, None
+    for rec in recs:
+        (layer,) = rec["genotype"]["nodes"]
+        assert layer[0]["op"] in ("rnn_tanh", "lstm", "gru")
+        assert rec["genotype"]["params"] == [{"bidirectional": False, "dropout": 0.0, "units": 64}]
+        trial = json.load(open(run / "trials" / f"{rec['trial']:04d}" / "metrics.json"))
+        assert rec["metric"] == "valid_cross_entropy" and rec["value"] == rec["cross_entropy"] == trial["history"][0]["valid_loss"]
+        assert rec["accuracy"] == trial["history"][0]["valid_accuracy"] and rec["params"] == trial["params"]
+        # params: embedding V x 128 + the cell + the 64 -> 2 classifier; the cell's share from torch's formulas
+        gates = {"rnn_tanh": 1, "gru": 3, "lstm": 4}[layer[0]["op"]]
+        cell = gates * 64 * (emsize + 64 + 2)
+        v = (rec["params"] - cell - (64 * 2 + 2)) / emsize
+        assert v == int(v) and (vocab is None or v == vocab)
+        vocab = v
+    best = min(recs, key=lambda rec: rec["value"])
+    metrics = json.load(open(run / "metrics.json"))
+    assert metrics["best_valid_cross_entropy"] == best["value"] == metrics["valid_cross_entropy"]
+    assert json.load(open(run / "genotype.json"))["nodes"] == best["genotype"]["nodes"]
+    table = open(run / RESULTS_FILE).read().splitlines()
+    assert len(table) == 12 and table[1 + best["trial"]].startswith(f"| {best['trial']} * |")
+
+
+def test_a_trial_whose_training_diverges_is_a_failed_trial_and_the_search_goes_on(tmp_path):
+    """One genotype's training ends in a NaN loss: its record has value null, the error and the tokens it cost;
+    the other trials run and the best is theirs.  On real data, a learning rate that makes every trial diverge:
+    each trial is recorded failed with its tokens, and the search ends with SearchFailed."""
+    from nas.errors import NonFiniteLossError, SearchFailed
+
+    def evaluate(genotype, trial_dir, seed=None):
+        if genotype.nodes[0][0].op == "lstm":
+            err = NonFiniteLossError("training loss became nan")
+            err.train_tokens = 777
+            raise err
+        ce = {"rnn_tanh": 0.6, "gru": 0.5}[genotype.nodes[0][0].op]
+        return TrialResult(ce, 0.1, 10, None, {"accuracy": 1 - ce, "cross_entropy": ce, "params": 1})
+
+    m = search_black_box(compose_search(["experiment=seed_example"]), str(tmp_path / "toy"), evaluate=evaluate)
+    recs = [json.loads(line) for line in open(tmp_path / "toy" / TRIALS_FILE)]
+    assert len(recs) == 10
+    lstm = [r for r in recs if r["genotype"]["nodes"][0][0]["op"] == "lstm"]
+    assert lstm and all(r["value"] is None and r["train_tokens"] == 777 and "nan" in r["failed"] for r in lstm)
+    assert all("failed" not in r for r in recs if r not in lstm)
+    assert recs[-1]["cum_train_tokens"] == 777 * len(lstm) + 10 * (10 - len(lstm))
+    assert m["best_valid_cross_entropy"] == 0.5
+
+    if not os.path.isdir(os.path.join(os.environ.get("NAS_DATA", "/nonexistent"), "ptb")):
+        pytest.skip("needs $NAS_DATA/ptb")
+    cfg = compose_search(["experiment=smoke", "strategy=random", "strategy.trials=2", "lr=1e30", "clip=1e30",
+                          "num_threads=1"])
+    with pytest.raises(SearchFailed, match="no trial of random succeeded"):
+        search_black_box(cfg, str(tmp_path / "real"))
+    recs = [json.loads(line) for line in open(tmp_path / "real" / TRIALS_FILE)]
+    assert len(recs) == 2 and all(r["value"] is None and "NonFiniteLossError" in r["failed"] for r in recs)
+    # the tokens of the steps before the divergence: whole batches of the smoke config (16 columns x 20 bptt at most)
+    assert all(0 < r["train_tokens"] and r["train_tokens"] % 16 == 0 for r in recs)

@@ -6,7 +6,9 @@ search config's model size, and its best validation metric (perplexity, or held-
 back to the strategy.  The test split is never scored during a search.  The best genotype is written as
 ``genotype.json``, so ``train.py arch=<run dir>`` retrains it like a DARTS result.
 
-Every candidate is recorded in ``trials.jsonl`` (:mod:`nas.engine.trials`).
+Every candidate is recorded in ``trials.jsonl`` (:mod:`nas.engine.trials`).  A candidate whose training diverges
+(:class:`nas.errors.NonFiniteLossError` under ``nan_policy=stop``) is a failed trial (value None, its cost
+counted) and the search goes on; any other error ends it.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from nas.engine.resume import Interrupted, interrupted, open_run, stop_requested
 from nas.engine.rundir import scoped
 from nas.engine.tb import log_genotype, log_genotype_figure
 from nas.engine.trials import RESULTS_FILE, TRIALS_FILE, TrialLog, better  # noqa: F401  (TRIALS_FILE: the file every strategy writes)
-from nas.errors import SearchFailed
+from nas.errors import NonFiniteLossError, SearchFailed
 from nas.genotype import Genotype
 from nas.spaces import build_space
 from nas.strategies import STRATEGIES
@@ -203,13 +205,21 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
                 if proposal is None:
                     log.info("the space is exhausted after %d genotypes", trials.n)
                     break
+                failure = None
                 if proposal.known is not None:  # the same genotype again (Bayesian): report, do not retrain
                     result = TrialResult(proposal.known, 0.0, 0, figures=trials.figures_of(proposal.genotype))
                 else:
                     trial_dir = os.path.join(run_dir, "trials", f"{trials.n + 1:04d}")
+                    t0 = time.time()
                     try:  # a proposal with a seed of its own (random search with repeat=true) trains with it
                         result = (evaluate(proposal.genotype, trial_dir) if proposal.seed is None
                                   else evaluate(proposal.genotype, trial_dir, proposal.seed))
+                    except NonFiniteLossError as err:
+                        # the candidate's training diverged (nan_policy=stop): a failed trial, as Optuna counts one,
+                        # with what it cost; the search goes on
+                        log.warning("trial %d failed: %s (%s)", trials.n + 1, err, trial_dir)
+                        result, failure = TrialResult(None, time.time() - t0, getattr(err, "train_tokens", 0),
+                                                      trial_dir), f"{type(err).__name__}: {err}"
                     except Interrupted:
                         # left as it is (an Optuna trial stays RUNNING): a resume evaluates this genotype again, from
                         # the trial's checkpoint
@@ -226,6 +236,7 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
                 number = told if cfg.strategy.get("storage") else None
                 trials.add(proposal.genotype, result.value, result.wall_seconds, result.train_tokens,
                            repeated=proposal.known is not None, figures=result.figures,
+                           **({} if failure is None else {"failed": failure}),
                            **({} if number is None else {"study_trial": number}),
                            **({} if proposal.seed is None else {"train_seed": proposal.seed}))
                 if was_best:

@@ -436,6 +436,7 @@ class Keeper:
         """
         writer = writer if writer is not None else self.writer
         if self.cfg.nan_policy == "stop":
+            err.train_tokens = self.state.get("tokens", 0)  # the cost so far (a black-box trial records it)
             raise err
         if self.cfg.nan_policy == "reload_best":
             self._reload_best(err, writer)
