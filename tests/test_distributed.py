@@ -189,6 +189,14 @@ def test_torchrun_train_equals_one_process(tmp_path, corpus):
 ], ids=["indivisible_batch", "black_box", "train_indivisible_batch", "train_attention_dropout"])
 def test_torchrun_refuses(tmp_path, script, args, message, corpus):
     base = SEARCH if script == "search.py" else TRAIN
+    if "space=hybrid" in args:  # a genotype of the hybrid space (darts_v2 with space=hybrid is refused before torchrun's
+        # own checks: train.py takes the space from the genotype and refuses one that contradicts it)
+        from nas.genotype import Edge, Genotype
+        from nas.spaces.hybrid import HYBRID_OPS
+
+        ops = tuple(HYBRID_OPS)  # the space's default op list
+        Genotype(space="hybrid", ops=ops, nodes=((Edge(ops[1], 0),),), concat=(1,)).save(str(tmp_path / "hybrid.json"))
+        base = [a if not a.startswith("arch=") else f"arch={tmp_path / 'hybrid.json'}" for a in base]
     out = torchrun(script, base + [f"dataset.root={corpus}"] + args + [f"hydra.run.dir={tmp_path / 'run'}"],
                    cwd=tmp_path, timeout=300)
     assert out.returncode != 0

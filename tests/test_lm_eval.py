@@ -9,7 +9,6 @@ from torch import nn
 from nas.data import batchify, bptt_segments, get_batch
 from nas.engine.asgd import averaged_weights, make_asgd, make_sgd, nonmono_trigger, set_lr
 from nas.tasks.language_modeling import evaluate, lm_objective
-from nas.tasks.language_modeling import evaluate_lm
 from nas.published import load_published
 from nas.spaces.darts_rnn import DartsRNNConfig, DartsRNNSpace
 from nas.spaces.lm import LMOutput
@@ -137,6 +136,12 @@ def assert_same_state(a, b):
         for name, v in oa["state"][k].items():
             w = ob["state"][k][name]
             assert torch.equal(v, w) if torch.is_tensor(v) else v == w
+
+
+def evaluate_lm(model, source, bptt, optimizer):
+    """Validation as the retraining loop runs it: with ASGD's averaged weights when the optimizer averages."""
+    with averaged_weights(model, optimizer):
+        return evaluate(model, source, bptt)
 
 
 @pytest.mark.parametrize("averaging", [False, True])

@@ -161,8 +161,8 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
     # a worker of a shared study, started again with the same command (a requeued job), continues its run dir
     cfg, run_dir, _ = open_run(cfg, run_dir, SearchConfig, "search.py", continue_same=bool(cfg.strategy.get("storage")))
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    metric, direction = task_metric(cfg)
     task = make_task(cfg)
+    metric, direction = f"valid_{task.metric}", task.direction
     space = build_space(cfg.space)
     strategy = STRATEGIES.get(cfg.strategy.name)(cfg.strategy, space, seed=cfg.seed, direction=direction,
                                                  run_dir=run_dir)
@@ -201,7 +201,7 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
                         break
                     proposal = strategy.ask()
                 if proposal is not None:  # the candidate records where it is searched (train.py arch= reads it)
-                    proposal = proposal._replace(genotype=proposal.genotype.with_origin(task.name, cfg.dataset.name))
+                    proposal = proposal._replace(genotype=task.record_origin(proposal.genotype, cfg))
                 if proposal is None:
                     log.info("the space is exhausted after %d genotypes", trials.n)
                     break
@@ -260,7 +260,7 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
         writer.close()
         raise SearchFailed(f"no trial of {cfg.strategy.name} succeeded (this worker's or, in a shared study, "
                            f"another's), so there is no genotype; see {trials.path} and the log")
-    best_genotype = best_genotype.with_origin(task.name, cfg.dataset.name)  # train.py arch= reads them
+    best_genotype = task.record_origin(best_genotype, cfg)  # train.py arch= reads them (a shared study's: none yet)
     best_genotype.save(os.path.join(run_dir, "genotype.json"))
     log_genotype_figure(writer, best_genotype, trials.n, os.path.join(run_dir, "genotype.png"))
     writer.close()

@@ -255,7 +255,7 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
                     task.direction, final=epoch == cfg.epochs)
                 valid = task.evaluate(model, data, "valid", cfg, strategy.eval_weights(), cfg.limit_eval_batches)
                 value = task.value(valid)
-                genotype = task_genotype(strategy.export(), cfg, task)
+                genotype = task.record_origin(strategy.export(), cfg)
                 state["best_value"] = pick(state["best_value"], value)
                 state["history"].append({"epoch": epoch, **meter.figures(), **task.valid_figures(valid),
                                          "genotype": genotype.to_dict()})
@@ -273,7 +273,7 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
                 bar.set_postfix({f"valid_{metric}": task.fmt(value)})
                 if epoch < cfg.epochs:
                     keeper.check_stop(f"after epoch {epoch}")
-        genotype = outputs.final(lambda g: task_genotype(g, cfg, task))
+        genotype = outputs.final(lambda g: task.record_origin(g, cfg))
         writer.commit()  # the final genotype's picture (no checkpoint after it)
     finally:
         bar.close()
@@ -293,11 +293,6 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
         atomic_write_text(os.path.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
         log.info("done in %.1f s: genotype %s written to %s", wall, genotype, os.path.join(run_dir, "genotype.json"))
     return metrics
-
-
-def task_genotype(genotype, cfg, task: Task):
-    """``genotype`` recording the task and dataset it was searched for (``train.py arch=`` takes them from it)."""
-    return genotype.with_origin(task=task.name, dataset=cfg.dataset.name)
 
 
 def _check_data_parallel(cfg, task: Task) -> None:

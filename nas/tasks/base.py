@@ -109,13 +109,20 @@ class Task:
 
         factory = space.build_supernet if job == "search" else space.freeze
         params = inspect.signature(factory).parameters
-        for key in self.model_kwargs:
-            if key not in params:
-                raise ConfigError(f"space={cfg.space.name} cannot build a model for dataset={cfg.dataset.name} "
-                                  f"(task {self.name}: its models take {key}); choose a space that can, e.g. "
-                                  "space=hybrid")
+        missing = [key for key in self.model_kwargs if key not in params]
+        if missing:
+            raise ConfigError(self.unfit_space(cfg, missing))
         if cfg.compile and not self.compiles:
             raise ConfigError(f"compile=true: the {self.name} models have no compiled path; set compile=false")
+
+    def unfit_space(self, cfg, missing: list) -> str:
+        """The message of :meth:`check` for a space whose factories lack the keywords ``missing``."""
+        return (f"space={cfg.space.name} cannot build a model for dataset={cfg.dataset.name} (task {self.name}: its "
+                f"models take {', '.join(missing)}); choose a space that can, e.g. space=hybrid")
+
+    def record_origin(self, genotype, cfg):
+        """``genotype`` recording this task and the run's dataset (``train.py arch=`` takes them from it)."""
+        return genotype.with_origin(self.name, cfg.dataset.name)
 
     # -- data ------------------------------------------------------------------------------------------------
     def prepare(self, cfg, device, alpha_split: Optional[str] = None, retrain: bool = False):
@@ -208,8 +215,8 @@ class Task:
                 "valid_loss": result.loss}
 
     def best_figures(self, result) -> dict:
-        """What ``best.pt`` records of its validation result."""
-        return {f"valid_{self.metric}": self.value(result), "valid_loss": result.loss}
+        """What ``best.pt`` records of its validation result (default: the history's :meth:`valid_figures`)."""
+        return self.valid_figures(result)
 
     def test_metrics(self, cfg, data, valid, test, best_checkpoint: str) -> dict:
         """The task's own entries of a retraining's ``metrics.json`` besides ``test_<metric>`` and ``test_loss``."""

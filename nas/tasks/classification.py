@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from nas.data.sentences import LEGACY_HOLDOUT_BY, Sentences, check_batchable, load_sst2, sentence_batches
 from nas.engine.common import absolute_path
-from nas.errors import ConfigError, NonFiniteLossError
+from nas.errors import NonFiniteLossError
 from nas.tasks.base import TASKS, SentenceInputs, Step, StepResult, Task
 
 #: training batches are drawn from pools of this many batches sorted by length (nas.data.sentences): SST-2's
@@ -277,17 +277,9 @@ class ClassificationTask(Task):
     title = "sentence classification"
     model_kwargs, counters = ("num_classes",), ("sentences",)
 
-    def check(self, cfg, space, job: str) -> None:
-        import inspect
-
-        for key in ("epochs", "batch_size", "eval_batch_size"):
-            if getattr(cfg, key) < 1:
-                raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
-        factory = space.build_supernet if job == "search" else space.freeze
-        if "num_classes" not in inspect.signature(factory).parameters:
-            raise ConfigError(f"space={cfg.space.name} builds language models only; dataset={cfg.dataset.name} "
-                              "needs a space with a classifier, e.g. space=hybrid")
-        super().check(cfg, space, job)
+    def unfit_space(self, cfg, missing: list) -> str:
+        return (f"space={cfg.space.name} builds language models only; dataset={cfg.dataset.name} needs a space with "
+                "a classifier, e.g. space=hybrid")
 
     def prepare(self, cfg, device, alpha_split=None, retrain=False) -> SentenceData:
         return prepare_sentence_data(cfg, alpha_split, device)

@@ -270,20 +270,6 @@ def evaluate(model: nn.Module, source: torch.Tensor, bptt: int, weights: Optiona
         model.train(was_training)
 
 
-def evaluate_lm(model, source: torch.Tensor, bptt: int, optimizer: Optional[torch.optim.Optimizer] = None,
-                max_batches: Optional[int] = None, progress=None, over_ranks: bool = False) -> EvalResult:
-    """Exact perplexity of ``model`` on ``source`` [T, B], with ASGD's averaged weights if ``optimizer`` averages.
-
-    Leaves the model's ``training`` flag, its parameters and the optimizer state exactly as they were
-    (the averaged weights are copied in and the raw ones back, see :func:`nas.engine.asgd.averaged_weights`).
-    An overflowing loss gives ``ppl == inf``, not an exception.  ``over_ranks``: see :func:`evaluate`.
-    """
-    from nas.engine.asgd import averaged_weights
-
-    with averaged_weights(model, optimizer):
-        return evaluate(model, source, bptt, max_batches=max_batches, progress=progress, over_ranks=over_ranks)
-
-
 @dataclass
 class LMData:
     """Batchified splits for one run: ``train`` [T, B] (weights), ``search`` [T, B] (α; None when
