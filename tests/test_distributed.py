@@ -109,7 +109,7 @@ def test_torchrun_search_equals_one_process(tmp_path, space, unrolled, corpus):
 
     text = str(Genotype.from_dict(genotype))
     assert f"[rank 1] final genotype {text} (the same as rank 0's)" in log  # rank 1's console line, tagged
-    assert f"done in" in log and text in log
+    assert "done in" in log and text in log
     # one set of output files, written by rank 0: what one process writes, and one Hydra record
     assert run_files(run_dir) == run_files(tmp_path / "single") | {"search.log"}
     assert len(glob.glob(os.path.join(run_dir, "tb", "events*"))) == 1
