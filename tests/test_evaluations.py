@@ -230,6 +230,15 @@ def test_a_trial_whose_training_diverges_is_a_failed_trial_and_the_search_goes_o
     assert all("failed" not in r for r in recs if r not in lstm)
     assert recs[-1]["cum_train_tokens"] == 777 * len(lstm) + 10 * (10 - len(lstm))
     assert m["best_valid_cross_entropy"] == 0.5
+    # Bayesian: a diverged trial counts toward the budget of trials as random search's does (it was evaluated)
+    cfg = compose_search(["dataset=sst2", "space=stacked_rnn", "strategy=bayesian", "strategy.trials=3",
+                          "strategy.n_startup_trials=3", "strategy.objective=cross_entropy", "space.cells=[lstm,gru]",
+                          "space.max_layers=1", "space.units=[64,128]", "space.dropouts=[0.0]",
+                          "space.bidirectional=[false]"])
+    m = search_black_box(cfg, str(tmp_path / "bo"), evaluate=evaluate)
+    recs = [json.loads(line) for line in open(tmp_path / "bo" / TRIALS_FILE)]
+    lstm = [r for r in recs if r["genotype"]["nodes"][0][0]["op"] == "lstm"]
+    assert len(recs) == m["trials"] == 3 and lstm and all(r["value"] is None for r in lstm)
 
     if not os.path.isdir(os.path.join(os.environ.get("NAS_DATA", "/nonexistent"), "ptb")):
         pytest.skip("needs $NAS_DATA/ptb")

@@ -50,13 +50,13 @@ class TrialResult(NamedTuple):
     figures: Optional[dict] = None
 
 
-def task_metric(cfg):
+def task_metric(cfg, task=None):
     """``(metric name, direction)`` a black-box search scores trials by: the task's metric (e.g.
     ``("valid_ppl", "minimize")``), or the one ``strategy.objective`` names (e.g. ``("valid_cross_entropy",
     "minimize")``).  Raises ConfigError for an unknown objective."""
     objective = cfg.strategy.get("objective")
     if objective is None:
-        task = make_task(cfg)
+        task = task if task is not None else make_task(cfg)
         return f"valid_{task.metric}", task.direction
     check_objective(objective)
     return OBJECTIVES[objective][:2]
@@ -162,7 +162,7 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
     cfg, run_dir, _ = open_run(cfg, run_dir, SearchConfig, "search.py", continue_same=bool(cfg.strategy.get("storage")))
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     task = make_task(cfg)
-    metric, direction = f"valid_{task.metric}", task.direction
+    metric, direction = task_metric(cfg, task)
     space = build_space(cfg.space)
     strategy = STRATEGIES.get(cfg.strategy.name)(cfg.strategy, space, seed=cfg.seed, direction=direction,
                                                  run_dir=run_dir)

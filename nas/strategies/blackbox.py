@@ -504,20 +504,22 @@ class BayesianStrategy:
         return best.value, self.space.from_decisions(best.params)
 
     def stopped(self, completed: int, poll_seconds: float = 1.0) -> bool:
-        """The study's budget (``trials`` finished trials) is shared by every worker.  While the finished ones fall
-        short but other workers' running trials would fill the budget, this waits: for their results, or (with
-        heartbeats) until a dead worker's trial is marked failed and this worker takes its place.  Without
-        heartbeats (a journal file), finished plus running trials count."""
+        """The study's budget (``trials`` evaluated trials: finished, or failed by their own training, e.g. a
+        diverged one, as one worker's random search counts them) is shared by every worker.  While the evaluated
+        ones fall short but other workers' running trials would fill the budget, this waits: for their results, or
+        (with heartbeats) until a dead worker's trial is marked failed (not evaluated: it does not count) and this
+        worker takes its place.  Without heartbeats (a journal file), evaluated plus running trials count."""
         import optuna
 
         State = optuna.trial.TrialState
         while True:
             self._fail_stale()
-            trials = self.study.get_trials(deepcopy=False, states=(State.COMPLETE, State.RUNNING))
-            complete = sum(t.state == State.COMPLETE for t in trials)
-            if complete >= self.cfg.trials:
+            trials = self.study.get_trials(deepcopy=False, states=(State.COMPLETE, State.RUNNING, State.FAIL))
+            done = sum(t.state != State.RUNNING and shared_study.holds(t) == "done" for t in trials)
+            running = sum(t.state == State.RUNNING for t in trials)
+            if done >= self.cfg.trials:
                 return True
-            if len(trials) < self.cfg.trials:
+            if done + running < self.cfg.trials:
                 return False
             if not self.heartbeats:
                 return True
