@@ -152,6 +152,7 @@ def test_every_trial_records_its_figures_and_the_run_reports_the_best_s(tmp_path
     assert (m["valid_accuracy"], m["params"]) == (best["accuracy"], best["params"])
     table = open(tmp_path / RESULTS_FILE).read().splitlines()
     assert len(table) == 2 + 6
+    assert table[0] == "| trial | genotype | accuracy | cross-entropy (objective) | params | seconds |"
     assert table[1 + best["trial"]].startswith(f"| {best['trial']} * |")
     assert f"| {best['params']:,} |" in table[1 + best["trial"]]
 
@@ -250,3 +251,24 @@ def test_a_trial_whose_training_diverges_is_a_failed_trial_and_the_search_goes_o
     assert len(recs) == 2 and all(r["value"] is None and "NonFiniteLossError" in r["failed"] for r in recs)
     # the tokens of the steps before the divergence: whole batches of the smoke config (16 columns x 20 bptt at most)
     assert all(0 < r["train_tokens"] and r["train_tokens"] % 16 == 0 for r in recs)
+
+
+def test_the_results_table_has_the_objective_s_own_column_only_when_it_is_not_one_of_the_figures(tmp_path):
+    from nas.engine.trials import TrialLog
+    from nas.genotype import Genotype
+
+    g = Genotype.from_dict({"space": "stacked_rnn", "ops": ["lstm", "identity"], "nodes": [[{"op": "lstm", "input": 0}]],
+                            "concat": [1], "params": [{"bidirectional": False, "dropout": 0.0, "units": 64}]})
+    log = TrialLog(str(tmp_path), "random", "valid_ppl", "minimize", 0)
+    log.add(g, 120.5, 3.0, 10, {"accuracy": 0.25, "cross_entropy": 4.79, "params": 1234567})
+    log.add(g, None, 1.0, 5, failed="NonFiniteLossError: nan")
+    assert log.results_table().splitlines() == [
+        "| trial | genotype | valid_ppl | accuracy | cross-entropy | params | seconds |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+        f"| 1 * | `{g}` | 120.5000 | 0.2500 | 4.7900 | 1,234,567 | 3.0 |",
+        f"| 2 | `{g}` | - | - | - | - | 1.0 |"]
+    (tmp_path / "p").mkdir()
+    log = TrialLog(str(tmp_path / "p"), "random", "params", "minimize", 0)
+    log.add(g, 1234567, 3.0, 10, {"accuracy": 0.25, "cross_entropy": 4.79, "params": 1234567})
+    assert log.results_table().splitlines()[0] == "| trial | genotype | accuracy | cross-entropy | params (objective) | seconds |"
+    assert log.results_table().splitlines()[2] == f"| 1 * | `{g}` | 0.2500 | 4.7900 | 1,234,567 | 3.0 |"

@@ -132,19 +132,24 @@ class TrialLog:
         return None
 
     def results_table(self) -> str:
-        """The trials as a Markdown table: number, genotype, the objective's value, accuracy, cross-entropy (nats),
-        parameter count, wall seconds; the best trial marked ``*`` (the first of equal values)."""
+        """The trials as a Markdown table: number, genotype, the objective's value (its own column unless it is one
+        of the three figures, whose header then says ``(objective)``), accuracy, cross-entropy (nats), parameter
+        count, wall seconds; the best trial marked ``*`` (the first of equal values)."""
         best = next((r["trial"] for r in self.records if r["value"] is not None and r["value"] == self.best), None)
+        own = {"valid_accuracy": "accuracy", "valid_cross_entropy": "cross_entropy", "params": "params"}.get(self.metric)
+        names = {"accuracy": "accuracy", "cross_entropy": "cross-entropy", "params": "params"}
 
         def cell(v, fmt):
             return "-" if v is None else format(v, fmt)
 
-        lines = [f"| trial | genotype | {self.metric} | accuracy | cross-entropy | params | seconds |",
-                 "|---:|---|---:|---:|---:|---:|---:|"]
+        headers = ([] if own else [self.metric]) + [names[k] + (" (objective)" if k == own else "") for k in FIGURES]
+        lines = ["| trial | genotype | " + " | ".join(headers) + " | seconds |",
+                 "|---:|---|" + "---:|" * len(headers) + "---:|"]
         for r in self.records:
             mark = " *" if r["trial"] == best else ""
             seed = f" (seed {r['train_seed']})" if r.get("train_seed") is not None else ""
-            lines.append(f"| {r['trial']}{mark} | `{Genotype.from_dict(r['genotype'])}`{seed} | {cell(r['value'], '.4f')} "
-                         f"| {cell(r.get('accuracy'), '.4f')} | {cell(r.get('cross_entropy'), '.4f')} "
-                         f"| {cell(r.get('params'), ',')} | {r['wall_seconds']:.1f} |")
+            cells = ([] if own else [cell(r["value"], ".4f")]) + [
+                cell(r.get("accuracy"), ".4f"), cell(r.get("cross_entropy"), ".4f"), cell(r.get("params"), ",")]
+            lines.append(f"| {r['trial']}{mark} | `{Genotype.from_dict(r['genotype'])}`{seed} | " + " | ".join(cells)
+                         + f" | {r['wall_seconds']:.1f} |")
         return "\n".join(lines) + "\n"
