@@ -45,6 +45,22 @@ class LockedDropout(nn.Module):
         return x * dropout_mask(x, (1, x.size(1), x.size(2)), p, batch_dim=1)
 
 
+def padded_embedding(ntoken: int, emsize: int) -> nn.Embedding:
+    """A sentence classifier's word embedding [ntoken, emsize] whose index 0 is padding: weights ~ U(-0.1, 0.1),
+    row 0 zero (``padding_idx``: it gets no gradient)."""
+    embed = nn.Embedding(ntoken, emsize, padding_idx=0)
+    nn.init.uniform_(embed.weight, -0.1, 0.1)
+    with torch.no_grad():
+        embed.weight[0].zero_()
+    return embed
+
+
+def mean_over_lengths(h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """h [T, B, D], zero at padded positions, and lengths [B] (>= 1) -> [B, D]: the mean over each sentence's valid
+    positions."""
+    return h.sum(0) / lengths.to(h.device, h.dtype).unsqueeze(1)
+
+
 def embedded_dropout(embed: nn.Embedding, words: torch.Tensor, p: float) -> torch.Tensor:
     """Embedding lookup with word-level dropout: whole rows of the embedding matrix are dropped.
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from nas.errors import ConfigError
 from nas.genotype import ZERO_OPS, Genotype, dag_decisions, derive, edge_count, genotype_from_decisions
-from nas.layers import LockedDropout, dropout, embedded_dropout
+from nas.layers import LockedDropout, dropout, embedded_dropout, mean_over_lengths, padded_embedding
 from nas.sequence_ops import HYBRID_OPS, build_sequence_op, check_sequence_ops, padding_mask
 from nas.spaces.base import SPACES, check_space_genotype
 from nas.spaces.lm import RNNLanguageModel
@@ -172,10 +172,7 @@ class SentenceClassifier(nn.Module):
         if num_classes < 2:
             raise ConfigError(f"a classifier needs at least 2 classes, got {num_classes}")
         self.dropout, self.dropouti, self.dropoute = dropout, dropouti, dropoute
-        self.encoder = nn.Embedding(ntoken, emsize, padding_idx=0)
-        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
-        with torch.no_grad():
-            self.encoder.weight[0].zero_()
+        self.encoder = padded_embedding(ntoken, emsize)
         self.proj = nn.Linear(emsize, dag.nhid) if emsize != dag.nhid else None
         self.lockdrop = LockedDropout()
         self.dag = dag
@@ -188,7 +185,7 @@ class SentenceClassifier(nn.Module):
         if self.proj is not None:
             x = self.proj(x)
         h = self.dag.run(x, weights, lengths)  # padded positions are zero
-        pooled = h.sum(0) / lengths.to(h.dtype).unsqueeze(1)
+        pooled = mean_over_lengths(h, lengths)
         if self.training and self.dropout > 0:
             pooled = nn.functional.dropout(pooled, self.dropout)
         logits = self.classifier(pooled)

@@ -34,7 +34,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from nas.errors import ConfigError
 from nas.genotype import Edge, Genotype, GenotypeError
-from nas.layers import LockedDropout, embedded_dropout
+from nas.layers import LockedDropout, embedded_dropout, mean_over_lengths, padded_embedding
 from nas.spaces.base import SPACES, check_space_genotype
 from nas.spaces.hybrid import ClassifierOutput
 from nas.spaces.lm import RNNLanguageModel
@@ -244,10 +244,7 @@ class StackedClassifier(nn.Module):
         if num_classes < 2:
             raise ConfigError(f"a classifier needs at least 2 classes, got {num_classes}")
         self.dropouti, self.dropoute = dropouti, dropoute
-        self.encoder = nn.Embedding(ntoken, emsize, padding_idx=0)
-        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
-        with torch.no_grad():
-            self.encoder.weight[0].zero_()
+        self.encoder = padded_embedding(ntoken, emsize)
         self.lockdrop = LockedDropout()
         self.stack = stack
         self.classifier = nn.Linear(stack.width, num_classes)
@@ -257,7 +254,7 @@ class StackedClassifier(nn.Module):
         x = embedded_dropout(self.encoder, tokens, self.dropoute if self.training else 0.0)
         x = self.lockdrop(x, self.dropouti)
         h = self.stack.run(x, lengths, weights)  # [T, B, width], zero at padding
-        pooled = h.sum(0) / lengths.to(h.device, h.dtype).unsqueeze(1)
+        pooled = mean_over_lengths(h, lengths)
         logits = self.classifier(pooled)
         loss = None if targets is None else nn.functional.cross_entropy(logits, targets)
         return ClassifierOutput(logits, loss)
