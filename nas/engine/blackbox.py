@@ -68,8 +68,7 @@ def trial_figures(cfg, m: dict) -> tuple:
     retraining's kept epoch; ``accuracy`` / ``cross_entropy`` the epoch with the best held-out value of that
     figure (so a trial's value and its figures come from one epoch)."""
     objective = cfg.strategy.get("objective")
-    kept = {"accuracy": m.get("valid_accuracy"), "cross_entropy": m.get("valid_cross_entropy"),
-            "params": m.get("params")}
+    kept = {k: m.get(name) for k, (name, _, _) in OBJECTIVES.items()}
     if objective is None:
         return m[f"best_{task_metric(cfg)[0]}"], kept
     name, direction, key = OBJECTIVES[objective]
@@ -81,8 +80,7 @@ def trial_figures(cfg, m: dict) -> tuple:
             best = h
     if best is None:
         return None, kept
-    return best[key], {"accuracy": best.get("valid_accuracy"), "cross_entropy": best["valid_loss"],
-                       "params": m.get("params")}
+    return best[key], {k: best.get(hkey) if hkey else m.get(name) for k, (name, _, hkey) in OBJECTIVES.items()}
 
 
 def trial_config(cfg, arch: str):
@@ -270,8 +268,7 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
     log.info("trials (%s):\n%s", os.path.join(run_dir, RESULTS_FILE), table)
     metrics = {"task": task.name, "metric": metric,
                "strategy": cfg.strategy.name, f"best_{metric}": best_value,
-               **{f"valid_{k}" if k != "params" else k: (figures or {}).get(k)
-                  for k in ("accuracy", "cross_entropy", "params")},
+               **{name: (figures or {}).get(k) for k, (name, _, _) in OBJECTIVES.items()},
                "trials": trials.n, "train_tokens": trials.cum_tokens, "wall_seconds": wall,
                "genotype": best_genotype.to_dict()}
     if shared is not None:  # several workers: best_* and genotype are the study's; trials and cost this worker's

@@ -17,12 +17,13 @@ from typing import Callable, Optional
 
 from nas.atomic import atomic_write_text
 from nas.genotype import Genotype
+from nas.strategies.blackbox import OBJECTIVES
 
 TRIALS_FILE = "trials.jsonl"
 #: the black-box searches' table of their trials (Markdown), written at the end
 RESULTS_FILE = "results.md"
-#: the evaluations each record carries
-FIGURES = ("accuracy", "cross_entropy", "params")
+#: the evaluations each record carries (the objectives a black-box search may be scored by)
+FIGURES = tuple(OBJECTIVES)
 
 
 def better(a: Optional[float], b: Optional[float], direction: str) -> bool:
@@ -46,7 +47,6 @@ class TrialLog:
         self.strategy, self.metric, self.direction, self.seed = strategy, metric, direction, seed
         self.writer = writer
         self.n, self.cum_wall, self.cum_tokens, self.best, self.best_genotype = 0, 0.0, 0, None, None
-        self.genotypes: list = []
         self.records: list = []
         self.best_figures: Optional[dict] = None  # the best trial's FIGURES
         self.study_trials: set = set()  # the shared study's trial numbers recorded here
@@ -74,7 +74,6 @@ class TrialLog:
         for r in records:
             self.n, self.cum_wall, self.cum_tokens = r["trial"], r["cum_wall_seconds"], r["cum_train_tokens"]
             genotype = Genotype.from_dict(r["genotype"])
-            self.genotypes.append(genotype)
             self.records.append(r)
             if r.get("study_trial") is not None:
                 self.study_trials.add(r["study_trial"])
@@ -105,7 +104,6 @@ class TrialLog:
                   "value": value, "wall_seconds": wall_seconds, "train_tokens": int(train_tokens),
                   "cum_wall_seconds": self.cum_wall, "cum_train_tokens": self.cum_tokens, "seed": self.seed,
                   "best_value": self.best, **figures, **extra}
-        self.genotypes.append(genotype)
         self.records.append(record)
         if extra.get("study_trial") is not None:
             self.study_trials.add(extra["study_trial"])
@@ -123,6 +121,11 @@ class TrialLog:
             self.writer.flush()
         return record
 
+    @property
+    def genotypes(self) -> list:
+        """The genotype of every record so far, in order."""
+        return [Genotype.from_dict(r["genotype"]) for r in self.records]
+
     def figures_of(self, genotype: Genotype) -> Optional[dict]:
         """The :data:`FIGURES` of this log's first trained trial of ``genotype`` (a repeated proposal reports its
         result); None when this log has none."""
@@ -136,7 +139,7 @@ class TrialLog:
         of the three figures, whose header then says ``(objective)``), accuracy, cross-entropy (nats), parameter
         count, wall seconds; the best trial marked ``*`` (the first of equal values)."""
         best = next((r["trial"] for r in self.records if r["value"] is not None and r["value"] == self.best), None)
-        own = {"valid_accuracy": "accuracy", "valid_cross_entropy": "cross_entropy", "params": "params"}.get(self.metric)
+        own = next((k for k in FIGURES if OBJECTIVES[k][0] == self.metric), None)
         names = {"accuracy": "accuracy", "cross_entropy": "cross-entropy", "params": "params"}
 
         def cell(v, fmt):
