@@ -244,7 +244,7 @@ def test_a_requeued_worker_of_a_shared_study_continues_its_run_dir(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["darts", "random", "random_ws", "bayesian"])
+@pytest.mark.parametrize("strategy", ["darts", "random", "random_ws", "bayesian", "evolution"])
 def test_smoke_search_of_every_strategy_on_real_ptb(tmp_path, strategy):
     """``python search.py experiment=smoke strategy=<each>``: trials.jsonl and genotype.json, which train.py takes."""
     if not os.path.isdir(os.path.join(os.environ.get("NAS_DATA", "/nonexistent"), "ptb")):

@@ -246,7 +246,7 @@ class BayesianStrategy:
 
         _check_budget(cfg)
         self.sampler_name = sampler or cfg.sampler
-        if self.sampler_name not in SAMPLERS + ("random",):
+        if self.sampler_name not in SAMPLERS + ("random", "evolution"):
             raise ConfigError(f"strategy.sampler={cfg.sampler!r}; valid: {', '.join(SAMPLERS)}")
         self.cfg, self.space, self.direction = cfg, space, direction
         self.size = space_genotype_count(space)
@@ -312,7 +312,7 @@ class BayesianStrategy:
             if self.unique:
                 if not self.heartbeats:  # a journal: a trial running for far too long belonged to a dead worker
                     trials = [t for t in trials if not (t.state == optuna.trial.TrialState.RUNNING and _stale(t, trials))]
-                choice = shared_study.unseen_choice(self.space, self.size, trials, self.rng)
+                choice = self._fixed_choice(trials, done)
                 if choice is None:
                     return None
                 if choice == "wait":
@@ -327,8 +327,16 @@ class BayesianStrategy:
 
     @property
     def unique(self) -> bool:
-        """Whether proposals never repeat a genotype of the study (random search in a shared study)."""
+        """Whether proposals never repeat a genotype of the study (random search in a shared study; evolution's
+        children, :mod:`nas.strategies.evolution`), each chosen by :meth:`_fixed_choice`."""
         return self.sampler_name == "random" and bool(self.cfg.storage)
+
+    def _fixed_choice(self, trials, done: int):
+        """The decisions of the next proposal when :attr:`unique` (the sampler then only records them): a draw
+        among the genotypes the study does not hold (:func:`nas.strategies.shared_study.unseen_choice`; ``"wait"``:
+        the only ones left are being trained elsewhere; None: the space is exhausted).  ``trials``: the study's
+        trials; ``done``: the proposals made before this one (the per-proposal seed's counter)."""
+        return shared_study.unseen_choice(self.space, self.size, trials, self.rng)
 
     def _propose(self) -> Optional[Proposal]:
         """One new trial with its params; None when it was lost (failed by another worker meanwhile, or, for
@@ -386,7 +394,7 @@ class BayesianStrategy:
             self.heartbeat = None
 
     def _sampler(self, seed: int):
-        if self.sampler_name == "random":
+        if self.sampler_name in ("random", "evolution"):  # (evolution fixes every decision; see _fixed_choice)
             import optuna
 
             return optuna.samplers.RandomSampler(seed=seed)
