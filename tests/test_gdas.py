@@ -47,6 +47,10 @@ def test_the_sample_is_exactly_one_hot_at_the_reference_draws_argmax():
         assert torch.equal(sampled_index(s.hard), index)
     with pytest.raises(ValueError, match="> 0"):
         gumbel_hard(alphas, 0.0)
+    # float32, τ = 10 (p ~ 0.2 everywhere): still exactly one-hot
+    torch.manual_seed(0)
+    s = gumbel_hard(torch.zeros(2000, 5), 10.0)
+    assert torch.equal(s.hard, torch.zeros(2000, 5).scatter_(-1, s.index.unsqueeze(-1), 1.0))
 
 
 def test_low_temperature_samples_follow_softmax_alpha():
