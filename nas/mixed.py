@@ -48,9 +48,9 @@ def gumbel_hard(alphas: torch.Tensor, tau: float) -> GumbelSample:
     from torch's generator), ``probs = softmax((log_softmax(α) + g) / τ)`` per row, ``index = argmax probs`` and the
     edge weights ``hard = one_hot(index) + (probs - probs.detach())``: exactly one-hot in the forward pass, the
     gradient of ``probs`` in the backward pass (straight-through Gumbel-softmax).  The reference code writes
-    ``one_hot - probs.detach() + probs`` (the same values: (1 - p) + p rounds to exactly 1 for p in [0, 1], checked on 10^6 draws) and the
-    same gradient.  As the reference (AutoDL-Projects ``search_model_gdas.py``, ``forward``), a draw with an
-    infinite Gumbel value or a non-finite probability is redrawn.
+    ``one_hot - probs.detach() + probs``: the same values ((1 - p) + p rounds to exactly 1 for p in [0, 1], checked on
+    10^6 draws) and the same gradient.  As the reference (AutoDL-Projects ``search_model_gdas.py``, ``forward``), a
+    draw with an infinite Gumbel value or a non-finite probability is redrawn.
 
     Args:
         alphas: [E, K] architecture logits (a leaf with ``requires_grad`` for the α step, or detached).

@@ -210,8 +210,8 @@ def test_tau_schedule_is_linear_per_epoch_from_tau_max_to_tau_min():
 
 def test_bad_settings_are_one_line_config_errors():
     space = SPACES.get("darts_rnn")(DartsRNNConfig(emsize=8, nhid=8, steps=2))
-    for kw, match in (({"tau_min": 11.0}, "tau_min"), ({"tau_min": 0.0}, "> 0"), ({"eval_path": "softmax"}, "eval_path"),
-                      ({"alpha_split": "test"}, "alpha_split")):
+    for kw, match in (({"tau_min": 11.0}, "tau_min"), ({"tau_min": 0.0}, "> 0"),
+                      ({"eval_path": "softmax"}, "eval_path"), ({"alpha_split": "test"}, "alpha_split")):
         with pytest.raises(ConfigError, match=match):
             _strategy(space, **kw)
 

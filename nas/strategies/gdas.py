@@ -189,7 +189,8 @@ class GdasStrategy:
         """Restore α, Adam's state and the τ schedule position. Raises ValueError if α's shape does not match."""
         alphas = state["alphas"]
         if tuple(alphas.shape) != tuple(self.alphas.shape):
-            raise ValueError(f"checkpoint α has shape {tuple(alphas.shape)}, this space needs {tuple(self.alphas.shape)}")
+            raise ValueError(f"checkpoint α has shape {tuple(alphas.shape)}, "
+                             f"this space needs {tuple(self.alphas.shape)}")
         with torch.no_grad():
             self.alphas.copy_(alphas)
         self.optimizer.load_state_dict(state["optimizer"])
