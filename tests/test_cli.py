@@ -323,7 +323,7 @@ def test_help_is_the_projects_own_and_names_only_what_exists(tmp_path, script):
     name = os.path.splitext(script)[0]
     variants = [["space=darts_rnn"], ["space=hybrid"], ["space=stacked_rnn"]]
     if script == "search.py":
-        variants = [v + [f"strategy={s}"] for v in variants for s in ("darts", "bayesian", "random", "evolution")]
+        variants = [v + [f"strategy={s}"] for v in variants for s in ("darts", "bayesian", "random", "gdas", "evolution")]
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
         cfgs = [compose(name, v, return_hydra_config=True) for v in variants]
     existing = set().union(*(_dotted_keys(OmegaConf.to_container(c, resolve=False)) for c in cfgs))

@@ -81,7 +81,8 @@ def make_search_optimizer(cfg, model) -> torch.optim.Optimizer:
 
 
 def one_shot_step(setup: SearchSetup, cfg, step: Step, lr_scale: float = 1.0):
-    """One bilevel step: α on ``step.alpha``, then the weights on ``step.train``.
+    """One bilevel step: α on ``step.alpha``, then the weights on ``step.train`` (the other way round for a strategy
+    with ``weights_first``: GDAS).
 
     The weight lr is ``cfg.lr * lr_scale * step.lr_factor`` (``lr_scale`` < 1 after a ``nan_policy=rollback``) for
     this step, and ξ of the second-order update is that same lr (DARTS reference code).
@@ -92,8 +93,12 @@ def one_shot_step(setup: SearchSetup, cfg, step: Step, lr_scale: float = 1.0):
     """
     lr = cfg.lr * lr_scale * step.lr_factor
     set_lr(setup.w_optimizer, lr)
-    alpha_carry = setup.strategy.step(step.train, step.alpha, lr)
-    result = setup.task.weight_step(setup.model, setup.w_optimizer, step.train, cfg, setup.strategy.edge_weights())
+    strategy = setup.strategy
+    if getattr(strategy, "weights_first", False):  # GDAS: the reference updates w, then α
+        result = setup.task.weight_step(setup.model, setup.w_optimizer, step.train, cfg, strategy.edge_weights())
+        return result, strategy.step(step.train, step.alpha, lr)
+    alpha_carry = strategy.step(step.train, step.alpha, lr)
+    result = setup.task.weight_step(setup.model, setup.w_optimizer, step.train, cfg, strategy.edge_weights())
     return result, alpha_carry
 
 
@@ -309,6 +314,8 @@ def _train_epoch(cfg, setup: SearchSetup, np_rng, writer, bar, state, pos, keepe
     """The rest of the current epoch from position ``pos``; returns the epoch's meter (its training figures: raw
     loss, no AR/TAR).  Checkpoints and stop requests go through ``keeper`` after every step."""
     task, model, strategy = setup.task, setup.model, setup.strategy
+    if hasattr(strategy, "start_epoch"):  # GDAS: the epoch's temperature (also after a resume or a rollback)
+        strategy.start_epoch(pos.epoch, cfg.epochs)
     model.train()
     meter = task.meter(state, writer, bar, cfg.log_every, pos.partial)
     for step in task.batches(cfg, setup.data, model, pos, np_rng, search=True):

@@ -7,14 +7,16 @@ Per time step, ``x_t`` and ``h_{t-1}`` give the initial node through a highway-s
 Intermediate node i (1..N) receives an edge from every earlier node j; an edge with op ``f`` computes
 ``s_j + sigmoid(c_j) * (f(h_j) - s_j)`` with ``[c_j; h_j] = s_j W_i`` (W_i belongs to the *node*, as in
 the reference code).  The supernet mixes the ops of every edge with the weights given by the strategy
-(DARTS: softmax(α)); the frozen cell keeps one edge per node.  The cell output ``h_t`` is the mean of the
+(DARTS: softmax(α)); the frozen cell keeps one edge per node.  Weights that come with a sampled op per edge (GDAS,
+:func:`nas.mixed.gumbel_hard`) run the sampled path: each edge computes its sampled op alone (see
+:meth:`DartsCell._sampled_nodes`).  The cell output ``h_t`` is the mean of the
 ``concat`` nodes (search: nodes 1..N).  Both cells are the same :class:`DartsCell`; only ``genotype``
 differs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -22,6 +24,7 @@ from torch import nn
 from nas.distributed import global_batch_norm
 from nas.genotype import Genotype, GenotypeError, dag_decisions, derive, edge_count, genotype_from_decisions
 from nas.layers import dropout_mask
+from nas.mixed import sampled_index
 from nas.ops import DARTS_RNN_OPS, cell_activation, check_cell_ops
 from nas.spaces.base import SPACES, check_space_genotype
 from nas.spaces.lm import RNNLanguageModel
@@ -70,7 +73,8 @@ class DartsCell(nn.Module):
         init_range: weights ~ U(-r, r) as in the reference code.
     Forward:
         inputs [T, B, E], hidden [B, H], weights [E_edges, K] (supernet: required; frozen: ignored)
-        -> (outputs [T, B, H], last hidden [B, H]).
+        -> (outputs [T, B, H], last hidden [B, H]).  Weights carrying a sampled op per edge
+        (:func:`nas.mixed.sampled_index`: GDAS) compute only those ops (:meth:`_sampled_nodes`).
     Raises:
         GenotypeError: if the genotype is of another space or keeps more than one edge per node.
         ValueError: for an invalid op list, or a supernet forward without weights of shape [E, K].
@@ -106,7 +110,10 @@ class DartsCell(nn.Module):
     def forward(self, inputs: torch.Tensor, hidden: torch.Tensor,
                 weights: Optional[torch.Tensor] = None):
         T, B = inputs.shape[:2]
-        node_weights = self._node_weights(weights) if self.genotype is None else None
+        node_weights = None
+        if self.genotype is None:
+            index = sampled_index(weights)
+            node_weights = self._node_weights(weights) if index is None else self._sampled_weights(weights, index)
         x_mask = h_mask = None
         if self.training and self.dropoutx > 0:
             x_mask = dropout_mask(inputs, (B, self.ninp), self.dropoutx, batch_dim=0)
@@ -117,6 +124,8 @@ class DartsCell(nn.Module):
         xw = (x.reshape(T * B, self.ninp) @ self.W0[: self.ninp]).view(T, B, 2 * self.nhid)
         wh, ws = self.W0[self.ninp:], tuple(self.Ws)
         step = self._compiled_step or self._time_step
+        if isinstance(node_weights, _SampledPath):  # a new path every step: compiling would recompile each time
+            step = self._time_step
         bn = (self.bn_running_mean, self.bn_running_var) if self.batchnorm else None
         outputs = []
         h = hidden
@@ -148,6 +157,8 @@ class DartsCell(nn.Module):
         s0 = torch.lerp(h, torch.tanh(h0), torch.sigmoid(c0))  # h + sigmoid(c0) (tanh(h0) - h)
         if bn is not None:
             s0 = global_batch_norm(s0, *bn, training=self.training)
+        if isinstance(node_weights, _SampledPath):
+            return self._sampled_nodes(s0, h_mask, ws, node_weights, bn)
         if self.genotype is None:
             return self._supernet_nodes(s0, h_mask, ws, node_weights, bn)
         return self._frozen_nodes(s0, h_mask, ws)
@@ -165,6 +176,50 @@ class DartsCell(nn.Module):
             out.append((w[offset:offset + i], p[offset:offset + i].view(i, 1, 1)))
             offset += i
         return out
+
+    def _sampled_weights(self, weights, index):
+        """The sampled path: per node i, the edges (source j, activation, weight w[e, a_e] scalar) whose sampled op
+        a_e is not a zero op, and the sum of the node's other weights (None when ``weights`` need no gradient)."""
+        n_edges = edge_count(self.steps)
+        if tuple(weights.shape) != (n_edges, len(self.ops)) or tuple(index.shape) != (n_edges,):
+            raise ValueError(f"supernet cell needs edge weights of shape ({n_edges}, {len(self.ops)}) and a sampled op "
+                             f"per edge, got {tuple(weights.shape)} and {tuple(index.shape)}")
+        picks = index.tolist()
+        rest = None
+        if weights.requires_grad:  # Σ_{k != a_e} w[e, k] per node: value 0, gradient 1 to each unsampled weight
+            unsampled = torch.ones_like(weights).scatter_(-1, index.unsqueeze(-1), 0.0)
+            rest = (weights * unsampled).sum(1)
+        nodes, offset = [], 0
+        for i in range(1, self.steps + 1):
+            edges = [(j, cell_activation(self.ops[picks[offset + j]]), weights[offset + j, picks[offset + j]])
+                     for j in range(i)]
+            nodes.append(([(j, f, w) for j, f, w in edges if f is not None],
+                          None if rest is None else rest[offset:offset + i].sum()))
+            offset += i
+        return _SampledPath(nodes)
+
+    def _sampled_nodes(self, s0, h_mask, ws, path, bn):
+        """The nodes on a sampled path (GDAS, Dong & Yang 2019, sec. 3.2): edge j -> i with sampled op a computes
+        ``h_a · (s_j + c_j (f_a(h_j) - s_j))`` alone, and each unsampled op k of the edge adds its weight h_k (a
+        scalar of value 0): the reference code's estimator (AutoDL-Projects ``search_cells.py``, ``forward_gdas``:
+        ``weights[k] * edge(x)`` for the sampled op, ``weights[k]`` for the others), so ∂L/∂h_k is Σ ∂L/∂s_i for an
+        unsampled op, ⟨∂L/∂s_i, edge output⟩ for the sampled one.  A node whose every sampled op is a zero op is 0."""
+        states = [s0]
+        for i, (edges, rest) in enumerate(path.nodes):
+            s = None
+            for j, f, w in edges:
+                sj = states[j]
+                c, hh = ((sj if h_mask is None else sj * h_mask) @ ws[i]).chunk(2, dim=-1)
+                out = w * torch.lerp(sj, f(hh), torch.sigmoid(c))
+                s = out if s is None else s + out
+            if s is None:
+                s = torch.zeros_like(s0)
+            if rest is not None:
+                s = s + rest
+            if bn is not None:
+                s = global_batch_norm(s, *bn, training=self.training)
+            states.append(s)
+        return torch.stack([states[c] for c in self.concat]).mean(0)
 
     def _supernet_nodes(self, s0, h_mask, ws, node_weights, bn):
         states = s0.unsqueeze(0)  # [n, B, H]: nodes 0..n-1
@@ -190,6 +245,13 @@ class DartsCell(nn.Module):
             c, hh = ((sp if h_mask is None else sp * h_mask) @ ws[i]).chunk(2, dim=-1)
             states.append(torch.lerp(sp, f(hh), torch.sigmoid(c)))
         return torch.stack([states[c] for c in self.concat]).mean(0)
+
+
+class _SampledPath(NamedTuple):
+    """Per node: ([(source j, activation, weight scalar)] of the edges whose sampled op is not a zero op, the sum of
+    the node's unsampled weights or None)."""
+
+    nodes: list
 
 
 @SPACES.register("darts_rnn", config=DartsRNNConfig)

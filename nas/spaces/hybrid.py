@@ -26,6 +26,7 @@ from torch import nn
 from nas.errors import ConfigError
 from nas.genotype import ZERO_OPS, Genotype, dag_decisions, derive, edge_count, genotype_from_decisions
 from nas.layers import LockedDropout, dropout, embedded_dropout, mean_over_lengths, padded_embedding
+from nas.mixed import sampled_index
 from nas.sequence_ops import HYBRID_OPS, build_sequence_op, check_sequence_ops, padding_mask
 from nas.spaces.base import SPACES, check_space_genotype
 from nas.spaces.lm import RNNLanguageModel
@@ -69,7 +70,11 @@ class HybridDAG(nn.Module):
         causal: language modeling (True) or classification (False); concat: output nodes (supernet);
         genotype: a hybrid genotype to freeze to, or None; heads, dropouth, dropouta: see :class:`HybridConfig`.
     Forward (:meth:`run`): x [T, B, d], weights [E, K] (supernet: required; frozen: ignored), lengths [B] or None
-        -> [T, B, d]; padded positions (``t >= lengths[b]``) of every node are zero.
+        -> [T, B, d]; padded positions (``t >= lengths[b]``) of every node are zero.  An op whose weight is exactly 0
+        is not computed (a sampled path).  On a GDAS path (weights from :func:`nas.mixed.gumbel_hard`, with α's
+        gradient) each unsampled op k of an edge adds its weight h_k (value 0) to the node's sum, as the reference code
+        does (AutoDL-Projects ``search_cells.py``, ``forward_gdas``): ∂L/∂h_k = Σ ∂L/∂(node sum), before the node's
+        LayerNorm, which is shift-invariant, so that sum is ~0 here and α learns through the sampled op's weight.
     Raises:
         ConfigError: an invalid op list or a width an op cannot take.  ValueError: a supernet run without
         weights of shape [E, K].
@@ -111,6 +116,7 @@ class HybridDAG(nn.Module):
             x = x * mask
         states = [x]
         w = self._edge_weights(weights) if self.genotype is None else None
+        rest = self._unsampled(weights) if self.genotype is None else None
         offset = 0
         for i in range(1, self.steps + 1):
             if self.genotype is None:
@@ -118,12 +124,14 @@ class HybridDAG(nn.Module):
                 for j in range(i):
                     row = w[offset + j]
                     for module, wk, wv in zip(self.edges[offset + j], row[0], row[1]):
-                        if wv == 0.0:  # a weight of exactly 0 (a sampled path): no work, no gradient lost
+                        if wv == 0.0:  # a weight of exactly 0 (a sampled path): no work
                             continue
                         total = total + wk * module(states[j], lengths)
                 offset += i
                 if isinstance(total, int):  # every weight into this node is exactly 0
                     total = torch.zeros_like(x)
+                if rest is not None:  # GDAS: the unsampled ops' weights, value 0 (see the class docstring)
+                    total = total + rest[i - 1]
             else:
                 total = sum(module(states[e.input], lengths)
                             for module, e in zip(self.edges[i - 1], self.genotype.nodes[i - 1]))
@@ -145,6 +153,15 @@ class HybridDAG(nn.Module):
         active = weights[:, self._active]  # [E, K'] tensors (for autograd) and floats (to skip exact zeros)
         values = active.detach().tolist()
         return [(active[e].unbind(0), values[e]) for e in range(n_edges)]
+
+    def _unsampled(self, weights):
+        """On a GDAS path that needs α's gradient (weights from :func:`nas.mixed.gumbel_hard`): per node i, the sum
+        of the unsampled ops' weights of its edges [steps] (value 0); else None."""
+        index = sampled_index(weights)
+        if index is None or not weights.requires_grad:
+            return None
+        per_edge = (weights * torch.ones_like(weights).scatter_(-1, index.unsqueeze(-1), 0.0)).sum(1)  # [E]
+        return torch.stack([per_edge[i * (i - 1) // 2: i * (i + 1) // 2].sum() for i in range(1, self.steps + 1)])
 
 
 class ClassifierOutput(NamedTuple):

@@ -9,7 +9,7 @@ the cells and ``identity`` (a layer that passes its input on: depth in the one-s
 * Black-box strategies (random, bayesian) search depth and, per layer, cell, units, dropout (and bidirectional
   when ``space.bidirectional`` has two choices), drawn define-by-run: a layer's decisions only when it is within
   the chosen depth (:meth:`StackedRNNSpace.sample_decisions`).
-* One-shot strategies (darts, random_ws) search the cell of each of ``max_layers`` layers among the cells and
+* One-shot strategies (darts, gdas, random_ws) search the cell of each of ``max_layers`` layers among the cells and
   ``identity``, at the fixed width ``nhid`` (``space.units`` must be ``[nhid]``), with every layer's dropout the
   first of ``space.dropouts`` and unidirectional layers (a bidirectional layer doubles its width, which an
   ``identity`` candidate beside it could not).  :meth:`derive` keeps an ``identity`` layer in the chain as op
@@ -35,6 +35,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from nas.errors import ConfigError
 from nas.genotype import Edge, Genotype, GenotypeError
 from nas.layers import LockedDropout, embedded_dropout, mean_over_lengths, padded_embedding
+from nas.mixed import sampled_index
 from nas.spaces.base import SPACES, check_space_genotype
 from nas.spaces.hybrid import ClassifierOutput
 from nas.spaces.lm import RNNLanguageModel
@@ -119,9 +120,11 @@ class StackLayer(nn.Module):
         self.units = units
         self.lockdrop = LockedDropout()
 
-    def run(self, x, states, row):
+    def run(self, x, states, row, rest=None):
         """x: [T, B, D] or a PackedSequence; states: per op its initial state (None: zeros); row: per op (weight
-        tensor, float) or None (frozen).  Returns (output: [T, B, width] or packed, new states per op)."""
+        tensor, float) or None (frozen); rest: GDAS's sum of the unsampled ops' weights (a scalar of value 0 added to
+        the output, so each gets the reference estimator's gradient: :class:`nas.spaces.hybrid.HybridDAG`) or None.
+        Returns (output: [T, B, width] or packed, new states per op)."""
         data, new = None, []
         for k, op in enumerate(self.ops):
             if row is not None and row[k][1] == 0.0:  # exact 0 (a sampled path): no work, state carried on
@@ -138,6 +141,8 @@ class StackLayer(nn.Module):
             new.append(s)
         if data is None:  # every weight is exactly 0
             data = torch.zeros_like(x if torch.is_tensor(x) else x.data)
+        if rest is not None:
+            data = data + rest
         return (data if torch.is_tensor(x) else x._replace(data=data)), new
 
 
@@ -168,14 +173,22 @@ class Stack(nn.Module):
         values = weights.detach().tolist()
         return [list(zip(weights[i].unbind(0), values[i])) for i in range(shape[0])]
 
+    def _unsampled(self, weights):
+        """On a GDAS path that needs α's gradient (weights from :func:`nas.mixed.gumbel_hard`): per layer the sum of
+        its unsampled ops' weights (value 0); else Nones."""
+        index = sampled_index(weights)
+        if index is None or not weights.requires_grad:
+            return [None] * len(self.layers)
+        return (weights * torch.ones_like(weights).scatter_(-1, index.unsqueeze(-1), 0.0)).sum(1).unbind(0)
+
     def forward(self, inputs: torch.Tensor, hidden: torch.Tensor, weights: Optional[torch.Tensor] = None):
         """Language model: inputs [T, B, emsize], hidden [B, state_size], weights [L, K] (supernet) ->
         (outputs [T, B, emsize] after the last layer's dropout and the projection, hidden [B, state_size])."""
         parts = iter(hidden.split([n for layer in self.layers for n in layer.state_sizes], dim=1))
         x, out_states = inputs, []
-        for layer, row in zip(self.layers, self._rows(weights)):
+        for layer, row, rest in zip(self.layers, self._rows(weights), self._unsampled(weights)):
             states = [_unpack(op, next(parts)) for op in layer.ops]
-            x, new = layer.run(x, states, row)
+            x, new = layer.run(x, states, row, rest)
             x = layer.lockdrop(x, layer.dropout)
             out_states += [_pack(op, s) for op, s in zip(layer.ops, new)]
         if self.proj is not None:
@@ -191,9 +204,9 @@ class Stack(nn.Module):
         mask = mask.unsqueeze(-1).to(x.dtype)  # [T, B, 1]
         x = x * mask
         cpu_lengths = lengths.cpu()
-        for layer, row in zip(self.layers, self._rows(weights)):
+        for layer, row, rest in zip(self.layers, self._rows(weights), self._unsampled(weights)):
             packed = pack_padded_sequence(x, cpu_lengths, enforce_sorted=False)
-            y, _ = layer.run(packed, [None] * len(layer.ops), row)
+            y, _ = layer.run(packed, [None] * len(layer.ops), row, rest)
             x, _ = pad_packed_sequence(y, total_length=T)
             x = layer.lockdrop(x, layer.dropout) * mask
         return x
@@ -373,7 +386,7 @@ class StackedRNNSpace:
         equal to ``nhid``, and ``emsize == nhid`` (an identity first layer passes the embedding on)."""
         c = self.cfg
         if list(self.units) != [c.nhid]:
-            raise ConfigError(f"space=stacked_rnn: one-shot strategies (darts, random_ws) search cell and depth at the "
+            raise ConfigError(f"space=stacked_rnn: one-shot strategies (darts, gdas, random_ws) search cell and depth at the "
                               f"fixed width space.nhid={c.nhid}, not units (space.units={list(self.units)}): set "
                               f"space.units=[{c.nhid}], or search units with strategy=random or strategy=bayesian")
         if c.emsize != c.nhid:

@@ -1,6 +1,6 @@
 """Search strategies, one module each, registered by name in :data:`STRATEGIES` (:mod:`nas.strategies.base`).
 
-A one-shot strategy (``kind = "one_shot"``: darts) owns α and its optimizer over a supernet and exposes
+A one-shot strategy (``kind = "one_shot"``: darts, gdas, random_ws) owns α and its optimizer over a supernet and exposes
 ``edge_weights`` / ``step`` / ``export`` / ``state_dict``.
 """
 from nas.registry import import_modules
