@@ -84,7 +84,9 @@ def hyperband_bracket(number, n_brackets, eta, study_name="nas"):
 # (strategy, pruner settings, trial epochs) -> the rung epochs, by hand: min_resource * eta^(s + k) < trial_epochs
 # (a SQLite study commits each report: ~0.5 s a trial on a busy disk, so the fast cases are two)
 CASES = [
-    ("random", ["strategy.pruner=asha"], 4, {0: [1, 3]}),  # r=1, eta=3, s=0: 1, 3 (4 = the last epoch: completes)
+    # r=1, eta=3, s=0: rungs 1, 3, 9, ... below trial_epochs (3 itself is the last epoch: a trial there completes)
+    ("random", ["strategy.pruner=asha"], 3, {0: [1]}),
+    pytest.param("random", ["strategy.pruner=asha"], 4, {0: [1, 3]}, marks=pytest.mark.slow),
     pytest.param("random", ["strategy.pruner=asha"], 9, {0: [1, 3]}, marks=pytest.mark.slow),  # 9: the last
     pytest.param("random", ["strategy.pruner=asha", "strategy.min_resource=2", "strategy.reduction_factor=2"], 9,
                  {0: [2, 4, 8]}, marks=pytest.mark.slow),
@@ -234,3 +236,55 @@ def test_bad_pruner_settings_are_one_line_config_errors(tmp_path, overrides, mes
     with pytest.raises(ConfigError, match=message) as err:
         search_black_box(cfg, str(tmp_path), evaluate=toy(cfg)[0])
     assert "\n" not in str(err.value)
+
+
+def test_the_reporter_never_prunes_at_the_last_epoch():
+    """A trial that trained every epoch completes (ASHA's top rung is the maximum resource): the hook reports the
+    last epoch's value but never stops there, even when the pruner would; None (not measured) is not reported."""
+    from nas.strategies.blackbox import EpochReporter
+
+    class AlwaysPrune:  # an Optuna trial whose pruner prunes at every step
+        def __init__(self):
+            self.reports = []
+
+        def report(self, value, step):
+            self.reports.append((step, value))
+
+        def should_prune(self):
+            return True
+
+    trial = AlwaysPrune()
+    reporter = EpochReporter(trial, last_epoch=3)
+    assert reporter.report(3, 1.5) is False and reporter.pruned is None and trial.reports == [(3, 1.5)]
+    assert reporter.report(2, None) is False and trial.reports == [(3, 1.5)]
+    assert reporter.report(2, 2.0) is True and reporter.pruned == 2
+
+
+@pytest.mark.slow  # two short trainings (~15 s on a busy 2-core machine)
+def test_train_stopped_by_on_epoch_writes_the_metrics_of_the_epochs_it_ran(tmp_path):
+    """train()'s per-epoch hook: returning True after epoch 2 of 3 ends the run there with metrics.json written (the
+    cost is counted, the trial dir reads back as finished), and it equals a 2-epoch run of the same seed."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_train import smoke_cfg, write_corpus
+
+    from nas.engine.resume import run_dir_status
+    from nas.engine.train import train
+
+    root = write_corpus(tmp_path / "corpus" / "ptb")
+    FAST = ("limit_train_batches=3", "limit_eval_batches=2")  # noqa: N806
+    seen = []
+
+    def on_epoch(epoch, progress):
+        seen.append((epoch, progress["train_tokens"], progress["best_valid_ppl"], len(progress["history"])))
+        return epoch == 2
+
+    stopped = train(smoke_cfg(root, "epochs=3", *FAST), run_dir=str(tmp_path / "stopped"), score_test=False,
+                    on_epoch=on_epoch)
+    two = train(smoke_cfg(root, "epochs=2", *FAST), run_dir=str(tmp_path / "two"), score_test=False)
+    assert [s[0] for s in seen] == [1, 2] and stopped["stopped_at_epoch"] == 2 and "stopped_at_epoch" not in two
+    assert stopped["train_tokens"] == two["train_tokens"] == seen[-1][1] > seen[0][1] > 0
+    assert stopped["best_valid_ppl"] == two["best_valid_ppl"] == seen[-1][2] and len(stopped["history"]) == 2
+    assert run_dir_status(str(tmp_path / "stopped")) == "finished"
+    assert json.load(open(tmp_path / "stopped" / "metrics.json"))["train_tokens"] == stopped["train_tokens"]

@@ -26,6 +26,10 @@ not the worker's.  With an RDB storage (``sqlite:///...`` on one machine, ``post
 a worker records a heartbeat for its running trial every ``heartbeat_interval`` seconds; a trial whose heartbeat
 is older than ``grace_period`` (its worker died, or is paused) is marked FAIL by the next worker that looks
 (``optuna.storages.fail_stale_trials``), and the study goes on without it.
+
+Multi-fidelity (``strategy.pruner=asha|hyperband``, :class:`PrunerConfig`): random and Bayesian search with an Optuna
+pruner that stops trials at the rungs of successive halving or Hyperband, epochs being the resource (ASHA-like with
+``random``, BOHB-like with ``bayesian``); a pruned search always runs through an Optuna study (random: RandomSampler).
 """
 from __future__ import annotations
 
