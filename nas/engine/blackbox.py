@@ -9,6 +9,11 @@ back to the strategy.  The test split is never scored during a search.  The best
 Every candidate is recorded in ``trials.jsonl`` (:mod:`nas.engine.trials`).  A candidate whose training diverges
 (:class:`nas.errors.NonFiniteLossError` under ``nan_policy=stop``) is a failed trial (value None, its cost
 counted) and the search goes on; any other error ends it.
+
+Multi-fidelity (``strategy.pruner``, :class:`nas.strategies.blackbox.PrunerConfig`): each trial reports its value
+after every epoch to the study's pruner (``evaluate``'s ``report`` hook, :func:`train_trial`), which may stop it at
+a rung; a pruned trial is recorded with ``"pruned": <epoch>`` and the tokens it trained on, counts as one of
+``strategy.trials`` and in ``budget_tokens``, and is never the best (its value is not a finished result).
 """
 from __future__ import annotations
 
@@ -48,6 +53,9 @@ class TrialResult(NamedTuple):
     train_tokens: int
     run_dir: Optional[str] = None
     figures: Optional[dict] = None
+    #: the epoch the pruner stopped the trial at (``value``: its value there, not a finished result); None: it ran
+    #: every epoch
+    pruned: Optional[int] = None
 
 
 def task_metric(cfg, task=None):
@@ -100,9 +108,11 @@ def trial_config(cfg, arch: str):
                                           "compile": False})
 
 
-def train_trial(cfg, genotype: Genotype, trial_dir: str, seed: Optional[int] = None) -> TrialResult:
+def train_trial(cfg, genotype: Genotype, trial_dir: str, seed: Optional[int] = None, report=None) -> TrialResult:
     """Retrain ``genotype`` for the per-trial budget (``train.py``'s code, test split not scored); ``seed``: its
-    training seed (None: the search's ``seed``).
+    training seed (None: the search's ``seed``); ``report``: a pruned search's per-epoch hook
+    (:class:`nas.strategies.blackbox.EpochReporter`): after each epoch it gets the trial's value so far (as
+    :func:`trial_figures` reads it) and may stop the training there (the result's ``pruned``: that epoch).
 
     A trial dir left by an interrupted search is reused: a finished trial of the same genotype is read back, an
     unfinished one resumes from its checkpoint, anything else is cleared and the trial starts over.
@@ -130,12 +140,13 @@ def train_trial(cfg, genotype: Genotype, trial_dir: str, seed: Optional[int] = N
         if not overrides:
             os.makedirs(trial_dir, exist_ok=True)
             genotype.save(arch)
+        on_epoch = None if report is None else (lambda epoch, m: report.report(epoch, trial_figures(cfg, m)[0]))
         m = train(OmegaConf.merge(trial_config(cfg, arch), {} if seed is None else {"seed": seed}, overrides),
-                  run_dir=trial_dir, score_test=False)
+                  run_dir=trial_dir, score_test=False, on_epoch=on_epoch)
     value, figures = trial_figures(cfg, m)
     tokens = m.get("train_tokens", 0)
     return TrialResult(value if value is not None and math.isfinite(value) else None, m["wall_seconds"],
-                       tokens, trial_dir, figures)
+                       tokens, trial_dir, figures, m.get("stopped_at_epoch"))
 
 
 @scoped  # the run dir this call takes is given back when it returns
@@ -147,7 +158,9 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
         cfg: a composed SearchConfig with ``strategy=random|bayesian``.
         run_dir: output folder (default: the Hydra run directory).
         evaluate: ``f(genotype, trial_dir) -> TrialResult`` (default :func:`train_trial`; tests pass a toy
-            objective).
+            objective); with ``strategy.pruner`` it is called with ``report=`` the per-epoch hook
+            (:class:`nas.strategies.blackbox.EpochReporter`: ``report.report(epoch, value)`` -> stop) and returns
+            ``TrialResult(..., pruned=epoch)`` when the hook stopped it.
     Outputs in ``run_dir``: ``trials.jsonl``, ``trials/NNNN/`` (each trial's train.py outputs),
         ``genotype.json`` and ``genotype.png`` (the best; of the whole study when ``strategy.storage`` is shared), ``metrics.json``, ``tb/``, ``config.yaml``,
         ``study.db`` (bayesian with the default storage).
@@ -164,7 +177,8 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
     space = build_space(cfg.space)
     strategy = STRATEGIES.get(cfg.strategy.name)(cfg.strategy, space, seed=cfg.seed, direction=direction,
                                                  run_dir=run_dir)
-    evaluate = evaluate or (lambda g, d, seed=None: train_trial(cfg, g, d, seed))
+    evaluate = evaluate or (lambda g, d, seed=None, report=None: train_trial(cfg, g, d, seed, report))
+    pruner = getattr(strategy, "pruner", None)  # multi-fidelity: trials report each epoch, the study may stop them
     writer = SummaryWriter(os.path.join(run_dir, "tb"))
     writer.add_text("config", f"```\n{cfg_yaml}\n```", 0)
     trials = TrialLog(run_dir, cfg.strategy.name, metric, direction, cfg.seed, writer)
@@ -209,8 +223,10 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
                 else:
                     trial_dir = os.path.join(run_dir, "trials", f"{trials.n + 1:04d}")
                     t0 = time.time()
+                    # a pruned search's trial reports each epoch to the study (no repeat=true with a pruner)
+                    hook = {"report": strategy.reporter(proposal.handle)} if pruner else {}
                     try:  # a proposal with a seed of its own (random search with repeat=true) trains with it
-                        result = (evaluate(proposal.genotype, trial_dir) if proposal.seed is None
+                        result = (evaluate(proposal.genotype, trial_dir, **hook) if proposal.seed is None
                                   else evaluate(proposal.genotype, trial_dir, proposal.seed))
                     except NonFiniteLossError as err:
                         # the candidate's training diverged (nan_policy=stop): a failed trial, as Optuna counts one,
@@ -226,21 +242,27 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
                     except Exception:
                         strategy.tell(proposal.handle, None)  # the study marks it failed; a worker never loses it
                         raise
-                told = strategy.tell(proposal.handle, result.value, result.train_tokens)
-                was_best = better(result.value, trials.best, direction)
+                if result.pruned is not None:  # stopped at a rung: a PRUNED study trial, its tokens counted
+                    told = strategy.tell_pruned(proposal.handle, result.pruned, result.train_tokens)
+                else:
+                    told = strategy.tell(proposal.handle, result.value, result.train_tokens)
+                was_best = result.pruned is None and better(result.value, trials.best, direction)
                 # a shared study's trial number links the worker's record to the study (this run's own study
-                # renumbers a trial cut off by an interruption, so its records carry none); a result whose trial
-                # another worker failed meanwhile went to a new trial (`told`)
-                number = told if cfg.strategy.get("storage") else None
+                # renumbers a trial cut off by an interruption, so its records carry none, unless pruned: then the
+                # interrupted trial goes on as itself); a result whose trial another worker failed meanwhile went to
+                # a new trial (`told`)
+                number = told if cfg.strategy.get("storage") or pruner else None
                 trials.add(proposal.genotype, result.value, result.wall_seconds, result.train_tokens,
                            repeated=proposal.known is not None, figures=result.figures,
                            **({} if failure is None else {"failed": failure}),
+                           **({} if result.pruned is None else {"pruned": result.pruned}),
                            **({} if number is None else {"study_trial": number}),
                            **({} if proposal.seed is None else {"train_seed": proposal.seed}))
                 if was_best:
                     log_genotype(writer, proposal.genotype, trials.n)
-                log.info("trial %d: %s = %s (best %s), %.1f s, %d tokens: %s", trials.n, metric, result.value,
-                         trials.best, result.wall_seconds, result.train_tokens, proposal.genotype)
+                log.info("trial %d: %s = %s%s (best %s), %.1f s, %d tokens: %s", trials.n, metric, result.value,
+                         "" if result.pruned is None else f" (pruned after epoch {result.pruned})", trials.best,
+                         result.wall_seconds, result.train_tokens, proposal.genotype)
                 bar.update(1)
                 bar.set_postfix(best=f"{trials.best:.4g}" if trials.best is not None else "-")
     finally:
@@ -271,6 +293,8 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
                **{name: (figures or {}).get(k) for k, (name, _, _) in OBJECTIVES.items()},
                "trials": trials.n, "train_tokens": trials.cum_tokens, "wall_seconds": wall,
                "genotype": best_genotype.to_dict()}
+    if pruner:  # trials stopped at a rung (counted in trials and train_tokens)
+        metrics["pruned_trials"] = sum(r.get("pruned") is not None for r in trials.records)
     if shared is not None:  # several workers: best_* and genotype are the study's; trials and cost this worker's
         metrics.update({"shared_study": cfg.strategy.study_name, f"worker_best_{metric}": trials.best})
     atomic_write_text(os.path.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")

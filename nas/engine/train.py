@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import time
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -41,7 +41,8 @@ BEST_CHECKPOINT = "best.pt"
 
 
 @scoped  # the run dir this call takes is given back when it returns
-def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
+def train(cfg, run_dir: Optional[str] = None, score_test: bool = True,
+          on_epoch: Optional[Callable[[int, dict], bool]] = None) -> dict:
     """Retrain ``cfg.arch`` from scratch as configured; return the metrics written to ``metrics.json``.
 
     Args:
@@ -49,6 +50,12 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
         run_dir: output folder (default: the Hydra run directory).
         score_test: score the best checkpoint on the test split (False: the black-box search strategies,
             which select by validation only and must not spend time on, or look at, the test split).
+        on_epoch: ``f(epoch, progress) -> stop`` called after each epoch's validation and checkpoint (``progress``:
+            the ``metrics.json`` keys known so far -- ``best_valid_<metric>``, ``best_epoch``, ``valid_accuracy``,
+            ``valid_cross_entropy``, ``params``, ``train_tokens``, ``history``); True ends the run there (a pruned
+            black-box trial, :mod:`nas.engine.blackbox`): ``metrics.json`` is written as usual, with
+            ``stopped_at_epoch`` (the epochs it ran) and the tokens it trained on.  An epoch reported before an
+            interruption is not reported again by the resumed run.
     The task (``dataset.task``: :mod:`nas.tasks`) gives the data, the batches, the weight update and the metric
     (perplexity, accuracy).
     Outputs in ``run_dir``: ``genotype.png`` (the DAG), ``metrics.json`` (best valid metric, test metric; valid and test
@@ -117,7 +124,7 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
     if distributed.is_writer():
         log_genotype_figure(writer, genotype, 0, os.path.join(run_dir, "genotype.png"))
     bar = task.progress_bar(cfg, data, "train", state)
-    valid = None
+    valid, stopped_at = None, None
     try:
         with stop_signals():
             while pos.epoch <= cfg.epochs:
@@ -166,6 +173,10 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
                          " [averaged weights]" if averaged else "", task.fmt(best[metric]), best["epoch"],
                          "; switching to averaged SGD (non-monotone trigger)" if switched else "")
                 bar.set_postfix({f"valid_{metric}": task.fmt(value)})
+                if on_epoch is not None and on_epoch(epoch, _progress(metric, state, n_params)):
+                    stopped_at = epoch
+                    log.info("stopped after epoch %d of %d (on_epoch)", epoch, cfg.epochs)
+                    break
                 if epoch < cfg.epochs:
                     keeper.check_stop(f"after epoch {epoch}")
         bar.close()
@@ -198,6 +209,7 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
         "train_seconds": state["train_seconds"], "test_seconds": test_seconds, "wall_seconds": wall,
         "device": str(device), "rollbacks": state["rollbacks"], "processes": distributed.size(),
         "genotype": genotype.to_dict(), "history": state["history"],
+        **({} if stopped_at is None else {"stopped_at_epoch": stopped_at}),
     }
     if not distributed.is_writer():
         return metrics
@@ -207,6 +219,14 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True) -> dict:
     log.info("done in %.1f s: best valid %s %s (epoch %d), %s; %d params; %s", wall, metric, task.fmt(best[metric]),
              best["epoch"], tested, n_params, os.path.join(run_dir, "metrics.json"))
     return metrics
+
+
+def _progress(metric: str, state: dict, n_params: int) -> dict:
+    """What ``on_epoch`` sees after an epoch: the ``metrics.json`` keys of the run so far (see :func:`train`)."""
+    best = state["best"]
+    return {f"best_valid_{metric}": best[metric], "best_epoch": best["epoch"], "valid_accuracy": best.get("accuracy"),
+            "valid_cross_entropy": best["loss"], "params": n_params, "train_tokens": state["tokens"],
+            "history": list(state["history"])}
 
 
 def check_genotype_task(genotype: Genotype, task: Task, dataset: str) -> None:

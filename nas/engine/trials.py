@@ -7,6 +7,11 @@ evaluations the trial measured (held-out accuracy, cross-entropy in nats, parame
 comes from; null where not measured); ``train_tokens`` counts the task's cost unit (language models:
 training target tokens; sentence classification: the words of the training sentences), the one cost currency of
 all strategies.
+
+A trial a multi-fidelity search's pruner stopped (``strategy.pruner``) carries ``"pruned": <epoch>``: its ``value`` is
+its value after that epoch and its ``train_tokens`` what it trained on (counted in ``cum_train_tokens`` like any
+trial's), but a pruned value is not a finished result, so it is never the best (``best_value``, the best genotype
+and ``results.md``'s ``*`` skip it), as Optuna's ``study.best_trial`` takes COMPLETE trials only.
 """
 from __future__ import annotations
 
@@ -77,7 +82,7 @@ class TrialLog:
             self.records.append(r)
             if r.get("study_trial") is not None:
                 self.study_trials.add(r["study_trial"])
-            if better(r["value"], self.best, self.direction):
+            if r.get("pruned") is None and better(r["value"], self.best, self.direction):
                 self.best, self.best_genotype = r["value"], genotype
                 self.best_figures = {k: r.get(k) for k in FIGURES}
             if self.best is not None:
@@ -93,12 +98,13 @@ class TrialLog:
 
     def add(self, genotype: Genotype, value: Optional[float], wall_seconds: float, train_tokens: int,
             figures: Optional[dict] = None, **extra) -> dict:
-        """Append one trial's record (``figures``: its :data:`FIGURES`, None: not measured) and log best-so-far."""
+        """Append one trial's record (``figures``: its :data:`FIGURES`, None: not measured; ``extra``: further keys,
+        e.g. ``pruned=<epoch>``, which keeps it from being the best) and log best-so-far."""
         self.n += 1
         self.cum_wall += wall_seconds
         self.cum_tokens += int(train_tokens)
         figures = {k: (figures or {}).get(k) for k in FIGURES}
-        if better(value, self.best, self.direction):
+        if extra.get("pruned") is None and better(value, self.best, self.direction):
             self.best, self.best_genotype, self.best_figures = value, genotype, figures
         record = {"strategy": self.strategy, "trial": self.n, "genotype": genotype.to_dict(), "metric": self.metric,
                   "value": value, "wall_seconds": wall_seconds, "train_tokens": int(train_tokens),
@@ -130,15 +136,18 @@ class TrialLog:
         """The :data:`FIGURES` of this log's first trained trial of ``genotype`` (a repeated proposal reports its
         result); None when this log has none."""
         for r in self.records:
-            if not r.get("repeated") and Genotype.from_dict(r["genotype"]).key() == genotype.key():
+            if (not r.get("repeated") and r.get("pruned") is None
+                    and Genotype.from_dict(r["genotype"]).key() == genotype.key()):
                 return {k: r.get(k) for k in FIGURES}
         return None
 
     def results_table(self) -> str:
         """The trials as a Markdown table: number, genotype, the objective's value (its own column unless it is one
         of the three figures, whose header then says ``(objective)``), accuracy, cross-entropy (nats), parameter
-        count, wall seconds; the best trial marked ``*`` (the first of equal values)."""
-        best = next((r["trial"] for r in self.records if r["value"] is not None and r["value"] == self.best), None)
+        count, wall seconds; the best trial marked ``*`` (the first of equal values; never a pruned one, whose
+        genotype cell says ``pruned after epoch <e>``)."""
+        best = next((r["trial"] for r in self.records if r["value"] is not None and r["value"] == self.best
+                     and r.get("pruned") is None), None)
         own = next((k for k in FIGURES if OBJECTIVES[k][0] == self.metric), None)
         names = {"accuracy": "accuracy", "cross_entropy": "cross-entropy", "params": "params"}
 
@@ -151,6 +160,7 @@ class TrialLog:
         for r in self.records:
             mark = " *" if r["trial"] == best else ""
             seed = f" (seed {r['train_seed']})" if r.get("train_seed") is not None else ""
+            seed += f" (pruned after epoch {r['pruned']})" if r.get("pruned") is not None else ""
             cells = ([] if own else [cell(r["value"], ".4f")]) + [
                 cell(r.get("accuracy"), ".4f"), cell(r.get("cross_entropy"), ".4f"), cell(r.get("params"), ",")]
             lines.append(f"| {r['trial']}{mark} | `{Genotype.from_dict(r['genotype'])}`{seed} | " + " | ".join(cells)

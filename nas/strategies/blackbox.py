@@ -26,6 +26,10 @@ not the worker's.  With an RDB storage (``sqlite:///...`` on one machine, ``post
 a worker records a heartbeat for its running trial every ``heartbeat_interval`` seconds; a trial whose heartbeat
 is older than ``grace_period`` (its worker died, or is paused) is marked FAIL by the next worker that looks
 (``optuna.storages.fail_stale_trials``), and the study goes on without it.
+
+Multi-fidelity (``strategy.pruner=asha|hyperband``, :class:`PrunerConfig`): random and Bayesian search with an Optuna
+pruner that stops trials at the rungs of successive halving or Hyperband, epochs being the resource (ASHA-like with
+``random``, BOHB-like with ``bayesian``); a pruned search always runs through an Optuna study (random: RandomSampler).
 """
 from __future__ import annotations
 
@@ -87,8 +91,41 @@ class BlackBoxConfig:
     objective: Optional[str] = None
 
 
+#: ``strategy.pruner`` -> the Optuna pruner that halves the trials (see :class:`PrunerConfig`)
+PRUNERS = ("asha", "hyperband")
+
+
 @dataclass
-class RandomConfig(BlackBoxConfig):
+class PrunerConfig:
+    """Multi-fidelity search (random and Bayesian): the trials' epochs are the resource; each trial reports its
+    validation value after every epoch to an Optuna pruner, which stops (prunes) it at a rung when it is not among
+    the best ``1 / reduction_factor`` of the trials that reached that rung.
+
+    * ``asha``: asynchronous successive halving (Li et al. 2020, "A System for Massively Parallel Hyperparameter
+      Tuning", MLSys, Algorithm 2; ``optuna.pruners.SuccessiveHalvingPruner``): rungs at
+      ``min_resource * reduction_factor ** (min_early_stopping_rate + k)`` epochs, k = 0, 1, ... below
+      ``trial_epochs`` (a trial that reaches ``trial_epochs`` completes).  With ``strategy=random``: the ASHA baseline of
+      Li & Talwalkar 2019 (sec. 4).
+    * ``hyperband``: Hyperband (Li et al. 2018, JMLR, Algorithm 1; ``optuna.pruners.HyperbandPruner``, asynchronous):
+      brackets of successive halving with early-stopping rates 0 .. floor(log_eta(trial_epochs / min_resource)), a
+      trial's bracket a hash of the study name and its trial number.  With ``strategy=bayesian`` (TPE, which ranks
+      pruned trials by the epoch they reached, then by their last value): BOHB-like (Falkner et al. 2018), not BOHB
+      (one TPE model over all budgets, not one per budget).
+    """
+
+    #: null: no pruning (every trial trains ``trial_epochs``), ``asha`` or ``hyperband``
+    pruner: Optional[str] = None
+    #: epochs before the first rung (r in Li et al. 2020; Optuna's default for Hyperband, 1)
+    min_resource: int = 1
+    #: eta: a rung promotes the best 1/eta of the trials that reached it (3: Li et al. 2018 sec. 3.3 and Optuna's
+    #: Hyperband default)
+    reduction_factor: int = 3
+    #: s (asha only): the first rung at min_resource * eta**s epochs (Li et al. 2020; Optuna's default 0)
+    min_early_stopping_rate: int = 0
+
+
+@dataclass
+class RandomConfig(BlackBoxConfig, PrunerConfig):
     """``strategy=random``: :class:`BlackBoxConfig` plus whether a genotype may be drawn again."""
 
     name: str = "random"
@@ -100,7 +137,7 @@ class RandomConfig(BlackBoxConfig):
 
 
 @dataclass
-class BayesianConfig(BlackBoxConfig):
+class BayesianConfig(BlackBoxConfig, PrunerConfig):
     """``strategy=bayesian``: :class:`BlackBoxConfig` plus the Optuna sampler."""
 
     name: str = "bayesian"
@@ -130,6 +167,7 @@ def check_objective(objective: Optional[str]) -> None:
 
 def _check_budget(cfg) -> None:
     check_objective(getattr(cfg, "objective", None))
+    check_pruner(cfg)
     if getattr(cfg, "repeat", False) and cfg.storage:
         raise ConfigError("strategy.repeat=true draws with replacement for one worker; a shared study "
                           "(strategy.storage) never trains a genotype twice: leave one of them unset")
@@ -142,6 +180,79 @@ def _check_budget(cfg) -> None:
     if cfg.heartbeat_interval < 1 or (cfg.grace_period is not None and cfg.grace_period <= cfg.heartbeat_interval):
         raise ConfigError(f"strategy.heartbeat_interval must be >= 1 s and strategy.grace_period longer than it (or "
                           f"null), got {cfg.heartbeat_interval} and {cfg.grace_period}")
+
+
+def check_pruner(cfg) -> None:
+    """ConfigError (one line) for a pruner setting that cannot work: an unknown name, ``trial_epochs`` with no rung
+    below it (nothing to halve), ``repeat=true`` (each draw trained as its own run: no study to prune in), a bad
+    ``min_resource`` / ``reduction_factor`` / ``min_early_stopping_rate``."""
+    pruner = getattr(cfg, "pruner", None)
+    if pruner is None:
+        return
+    if pruner not in PRUNERS:
+        raise ConfigError(f"strategy.pruner={pruner!r}; valid: {', '.join(PRUNERS)} (null: no pruning)")
+    if getattr(cfg, "repeat", False):
+        raise ConfigError("strategy.pruner halves trials in an Optuna study, which never trains a genotype twice; "
+                          "strategy.repeat=true draws with replacement: leave one of them unset")
+    if cfg.min_resource < 1 or cfg.reduction_factor < 2 or cfg.min_early_stopping_rate < 0:
+        raise ConfigError(f"strategy.pruner={pruner} needs min_resource >= 1, reduction_factor >= 2 and "
+                          f"min_early_stopping_rate >= 0, got {cfg.min_resource}, {cfg.reduction_factor} and "
+                          f"{cfg.min_early_stopping_rate}")
+    first = cfg.min_resource * cfg.reduction_factor ** (cfg.min_early_stopping_rate if pruner == "asha" else 0)
+    if first >= cfg.trial_epochs:
+        raise ConfigError(f"strategy.pruner={pruner}: the first rung is at epoch {first}, not below "
+                          f"strategy.trial_epochs={cfg.trial_epochs}, so nothing would be halved: raise trial_epochs "
+                          "or lower min_resource")
+
+
+def rung_epochs(cfg, bracket: int = 0) -> list:
+    """The epochs at which a trial may be pruned: ``min_resource * reduction_factor ** (s + k)`` below
+    ``trial_epochs``, with ``s`` = ``min_early_stopping_rate`` (asha) or the trial's Hyperband ``bracket``."""
+    s = cfg.min_early_stopping_rate if cfg.pruner == "asha" else bracket
+    rungs, k = [], 0
+    while cfg.min_resource * cfg.reduction_factor ** (s + k) < cfg.trial_epochs:
+        rungs.append(cfg.min_resource * cfg.reduction_factor ** (s + k))
+        k += 1
+    return rungs
+
+
+def make_pruner(cfg):
+    """The Optuna pruner of ``cfg.pruner`` (None: ``optuna.pruners.NopPruner``): ``SuccessiveHalvingPruner(
+    min_resource, reduction_factor, min_early_stopping_rate)`` or ``HyperbandPruner(min_resource,
+    max_resource=trial_epochs, reduction_factor)``; the step of a report is the epoch (1 = after the first)."""
+    import optuna
+
+    pruner = getattr(cfg, "pruner", None)
+    if pruner is None:
+        return optuna.pruners.NopPruner()
+    if pruner == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=cfg.min_resource,
+                                                      reduction_factor=cfg.reduction_factor,
+                                                      min_early_stopping_rate=cfg.min_early_stopping_rate)
+    return optuna.pruners.HyperbandPruner(min_resource=cfg.min_resource, max_resource=cfg.trial_epochs,
+                                          reduction_factor=cfg.reduction_factor)
+
+
+class EpochReporter:
+    """The per-epoch hook a pruned trial's training calls: ``report(epoch, value)`` records the validation value
+    after ``epoch`` (1-based; the trial's objective, as its result would be if it stopped there) as the Optuna
+    trial's intermediate value and returns True when the pruner stops the trial there.  Never True at
+    ``trial_epochs`` (a trial that trained every epoch completes); a value of None (not measured) is not reported.
+    ``pruned``: the epoch it was stopped at, else None."""
+
+    def __init__(self, trial, last_epoch: int):
+        self.trial, self.last_epoch, self.pruned = trial, last_epoch, None
+
+    def report(self, epoch: int, value: Optional[float]) -> bool:
+        if value is None:
+            return False
+        with warnings.catch_warnings():  # an epoch reported before an interruption is reported again: ignored
+            warnings.filterwarnings("ignore", message=".*is already reported")
+            self.trial.report(float(value), int(epoch))
+        if epoch < self.last_epoch and self.trial.should_prune():
+            self.pruned = int(epoch)
+            return True
+        return False
 
 
 @STRATEGIES.register("random", config=RandomConfig)
@@ -174,8 +285,9 @@ class RandomStrategy:
         self.seed = seed
         self.seen: set = set()
         self.asked = 0  # proposals so far (``repeat``: the next trial's number - 1)
-        self.shared = (BayesianStrategy(cfg, space, seed, direction, run_dir, sampler="random") if cfg.storage
-                       else None)
+        # a shared study, or a pruned search (the pruner lives in a study): Optuna trials drawn by RandomSampler
+        self.shared = (BayesianStrategy(cfg, space, seed, direction, run_dir, sampler="random")
+                       if cfg.storage or getattr(cfg, "pruner", None) else None)
 
     def ask(self) -> Optional[Proposal]:
         """A genotype not proposed before, uniform over the rest of the space; None once it is exhausted
@@ -207,6 +319,19 @@ class RandomStrategy:
     def reclaim(self, recorded: set) -> Optional[Proposal]:
         """A shared study's interrupted trial of this worker, taken back (:meth:`BayesianStrategy.reclaim`)."""
         return self.shared.reclaim(recorded) if self.shared is not None else None
+
+    @property
+    def pruner(self) -> Optional[str]:
+        """``cfg.pruner`` (multi-fidelity: see :class:`PrunerConfig`)."""
+        return getattr(self.cfg, "pruner", None)
+
+    def reporter(self, handle) -> EpochReporter:
+        """The per-epoch hook of a pruned search's trial (:meth:`BayesianStrategy.reporter`)."""
+        return self.shared.reporter(handle)
+
+    def tell_pruned(self, handle, epoch: int, train_tokens: int) -> int:
+        """Record a trial the pruner stopped (:meth:`BayesianStrategy.tell_pruned`)."""
+        return self.shared.tell_pruned(handle, epoch, train_tokens)
 
     def spent_tokens(self) -> Optional[int]:
         """A shared study's training tokens, every worker's (:meth:`BayesianStrategy.spent_tokens`); None alone."""
@@ -261,6 +386,7 @@ class BayesianStrategy:
         sampler = self._sampler(seed)
         storage = cfg.storage or f"sqlite:///{os.path.join(os.path.abspath(run_dir or '.'), 'study.db')}"
         self.heartbeat: Optional[_Heartbeat] = None
+        self._interrupted = None  # a pruned own study's interrupted trial, continued first (see _continued)
         try:
             # heartbeats only where other workers may share the study
             url = storage
@@ -269,7 +395,7 @@ class BayesianStrategy:
                 storage = self.storage = _storage(url, cfg.heartbeat_interval if cfg.storage else None,
                                                   cfg.grace_period)
                 return optuna.create_study(study_name=cfg.study_name, storage=storage, sampler=sampler,
-                                           direction=direction, load_if_exists=True)
+                                           pruner=make_pruner(cfg), direction=direction, load_if_exists=True)
 
             self.study = _retry_creation_race(open_study)
         except Exception as err:  # SQLAlchemy's errors (bad URL, server down) share no base class with ours
@@ -280,13 +406,41 @@ class BayesianStrategy:
             # this run's own study, resumed: a trial left RUNNING was interrupted with its process (nobody else
             # uses this study).  It is marked failed and interrupted, and its genotype is proposed again next,
             # so the resumed run evaluates exactly what an uninterrupted one would have (see `ask`).
-            for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            running = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            self._interrupted = self._continued(running)
+            for t in running:
+                if t is self._interrupted:
+                    continue
                 if t.user_attrs.get("proposed") and self._complete(t.params):
                     self.study.enqueue_trial(dict(t.params), user_attrs={"resumes": t.number})
                 self.study.tell(t.number, state=optuna.trial.TrialState.FAIL)
         if self.study.direction.name.lower() != direction:
             raise ConfigError(f"study {cfg.study_name!r} in {storage} was created to {self.study.direction.name.lower()}"
                               f", this run needs to {direction}")
+
+    def _continued(self, running: list):
+        """A pruned search's own study, resumed: its interrupted trial (the newest RUNNING one with its params) goes
+        on as the same Optuna trial (:meth:`reclaim`), keeping its number (Hyperband's bracket), its reported epochs and
+        the rungs it passed; None without a pruner (the trial is proposed again as a new one)."""
+        if getattr(self.cfg, "pruner", None) is None:
+            return None
+        return next((t for t in reversed(running) if t.user_attrs.get("proposed") and self._complete(t.params)), None)
+
+    @property
+    def pruner(self) -> Optional[str]:
+        """``cfg.pruner`` (multi-fidelity: see :class:`PrunerConfig`)."""
+        return getattr(self.cfg, "pruner", None)
+
+    def reporter(self, handle) -> EpochReporter:
+        """The per-epoch hook of ``handle``'s training (the Optuna trial of a proposal): see :class:`EpochReporter`."""
+        return EpochReporter(handle, self.cfg.trial_epochs)
+
+    def tell_pruned(self, handle, epoch: int, train_tokens: int) -> int:
+        """Finish the Optuna trial as PRUNED at ``epoch`` (its value in the study is its last reported one; Optuna's
+        best trial, and :meth:`study_best`, never take a pruned one), costing ``train_tokens``
+        (:func:`nas.strategies.shared_study.record_pruned`).  Returns the study trial's number."""
+        self._stop_heartbeat()
+        return shared_study.record_pruned(self.study, handle, epoch, train_tokens)
 
     def ask(self, poll_seconds: float = 0.5) -> Optional[Proposal]:
         """The study's next proposal (a new Optuna trial).  ``known`` is set when an identical genotype has a
@@ -327,16 +481,19 @@ class BayesianStrategy:
 
     @property
     def unique(self) -> bool:
-        """Whether proposals never repeat a genotype of the study (random search in a shared study; evolution's
-        children, :mod:`nas.strategies.evolution`), each chosen by :meth:`_fixed_choice`."""
-        return self.sampler_name == "random" and bool(self.cfg.storage)
+        """Whether proposals never repeat a genotype of the study (random search in a shared or a pruned study;
+        evolution's children, :mod:`nas.strategies.evolution`), each chosen by :meth:`_fixed_choice`."""
+        return self.sampler_name == "random"
 
     def _fixed_choice(self, trials, done: int):
         """The decisions of the next proposal when :attr:`unique` (the sampler then only records them): a draw
         among the genotypes the study does not hold (:func:`nas.strategies.shared_study.unseen_choice`; ``"wait"``:
         the only ones left are being trained elsewhere; None: the space is exhausted).  ``trials``: the study's
         trials; ``done``: the proposals made before this one (the per-proposal seed's counter)."""
-        return shared_study.unseen_choice(self.space, self.size, trials, self.rng)
+        # this run's own study (a pruned random search): the draw depends on (seed, proposals so far) alone, so a
+        # resumed search draws what an uninterrupted one would
+        rng = self.rng if self.cfg.storage else np.random.default_rng([self.seed, done])
+        return shared_study.unseen_choice(self.space, self.size, trials, rng)
 
     def _propose(self) -> Optional[Proposal]:
         """One new trial with its params; None when it was lost (failed by another worker meanwhile, or, for
@@ -470,7 +627,7 @@ class BayesianStrategy:
         import optuna
 
         if not self.cfg.storage:
-            return None
+            return self._take_interrupted()
         State = optuna.trial.TrialState
         mine = shared_study.own_trials(self.study, self.me, recorded)
         match = next((t for t in reversed(mine) if t.user_attrs.get("proposed") and self._complete(t.params)), None)
@@ -492,6 +649,17 @@ class BayesianStrategy:
         known = None if match.state == State.COMPLETE else self._result_of(dict(match.params), match.number)
         return Proposal(self.space.from_decisions(match.params), trial, known)
 
+    def _take_interrupted(self) -> Optional[Proposal]:
+        """This run's own pruned study, resumed: the interrupted trial (see :meth:`_continued`) as the proposal to
+        finish first (once); None when there is none."""
+        import optuna
+
+        match, self._interrupted = self._interrupted, None
+        if match is None:
+            return None
+        log.info("resuming trial %d of the study (interrupted), as the same trial", match.number)
+        return Proposal(self.space.from_decisions(match.params), optuna.trial.Trial(self.study, match._trial_id))
+
     def spent_tokens(self) -> Optional[int]:
         """The training tokens of every worker's results in a shared study (each result once), for a study-wide
         ``budget_tokens``; None for this run's own study (the worker's ``trials.jsonl`` counts them)."""
@@ -512,8 +680,9 @@ class BayesianStrategy:
         return best.value, self.space.from_decisions(best.params)
 
     def stopped(self, completed: int, poll_seconds: float = 1.0) -> bool:
-        """The study's budget (``trials`` evaluated trials: finished, or failed by their own training, e.g. a
-        diverged one, as one worker's random search counts them) is shared by every worker.  While the evaluated
+        """The study's budget (``trials`` evaluated trials: finished, pruned -- as ASHA and Hyperband count the
+        configurations started --, or failed by their own training, e.g. a diverged one, as one worker's random
+        search counts them) is shared by every worker.  While the evaluated
         ones fall short but other workers' running trials would fill the budget, this waits: for their results, or
         (with heartbeats) until a dead worker's trial is marked failed (not evaluated: it does not count) and this
         worker takes its place.  Without heartbeats (a journal file), evaluated plus running trials count."""
@@ -522,7 +691,8 @@ class BayesianStrategy:
         State = optuna.trial.TrialState
         while True:
             self._fail_stale()
-            trials = self.study.get_trials(deepcopy=False, states=(State.COMPLETE, State.RUNNING, State.FAIL))
+            trials = self.study.get_trials(deepcopy=False, states=(State.COMPLETE, State.PRUNED, State.RUNNING,
+                                                                   State.FAIL))
             done = sum(t.state != State.RUNNING and shared_study.holds(t) == "done" for t in trials)
             running = sum(t.state == State.RUNNING for t in trials)
             if done >= self.cfg.trials:

@@ -15,7 +15,8 @@ such state into a defined outcome, never a traceback (issue 16, cases r03 and r0
 
 User attributes this module reads and writes on the study's trials: ``proposed`` (its params are complete),
 ``worker`` (host and run dir of the worker that proposed it), ``train_tokens`` (the training tokens its result
-cost; summed for a study-wide ``budget_tokens``), ``evaluated`` (a FAIL trial whose training ran and gave no
+cost, a pruned trial's included; summed for a study-wide ``budget_tokens``), ``pruned_at`` (the epoch a PRUNED trial
+was stopped at), ``evaluated`` (a FAIL trial whose training ran and gave no
 finite value: its genotype counts as evaluated), ``replaces`` (the number of the failed trial whose result this
 COMPLETE trial carries), ``duplicate_of`` (a FAIL trial that drew a genotype another worker drew first).
 """
@@ -96,6 +97,25 @@ def record_result(study, trial, value: Optional[float], train_tokens: int) -> in
     return existing
 
 
+def record_pruned(study, trial, epoch: int, train_tokens: int) -> int:
+    """Finish ``trial`` as PRUNED at ``epoch`` (user attributes ``pruned_at`` and ``train_tokens``, its cost so far).
+    A trial another worker marked FAIL meanwhile (this one was paused past the grace period) stays FAIL: a pruned
+    result is no result to keep (one log line).  Returns the trial's number."""
+    import optuna
+
+    try:
+        trial.set_user_attr("train_tokens", int(train_tokens))
+        trial.set_user_attr("pruned_at", int(epoch))
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    except _finished_error():
+        frozen = study._storage.get_trial(trial._trial_id)
+        if frozen.state == optuna.trial.TrialState.RUNNING:
+            raise
+        log.info("trial %d of the study was %s already when it was pruned at epoch %d", frozen.number,
+                 frozen.state.name, epoch)
+    return trial.number
+
+
 def replacement_of(study, number: int) -> Optional[int]:
     """The number of the COMPLETE trial that carries failed trial ``number``'s result, or None."""
     import optuna
@@ -107,13 +127,13 @@ def replacement_of(study, number: int) -> Optional[int]:
 
 
 def spent_tokens(study) -> int:
-    """Training tokens of every result in the study (COMPLETE trials and evaluated FAIL ones), each counted once
-    (a failed trial whose result was re-added holds no ``train_tokens`` of its own)."""
+    """Training tokens of every result in the study (COMPLETE and PRUNED trials and evaluated FAIL ones), each
+    counted once (a failed trial whose result was re-added holds no ``train_tokens`` of its own)."""
     import optuna
 
     State = optuna.trial.TrialState
     return sum(int(t.user_attrs.get("train_tokens", 0))
-               for t in study.get_trials(deepcopy=False, states=(State.COMPLETE, State.FAIL)))
+               for t in study.get_trials(deepcopy=False, states=(State.COMPLETE, State.PRUNED, State.FAIL)))
 
 
 def own_trials(study, me: str, recorded: set) -> list:
@@ -128,12 +148,13 @@ def _key(params: dict) -> tuple:
 
 
 def holds(trial) -> Optional[str]:
-    """``"done"`` for a trial whose genotype is evaluated (COMPLETE, or FAIL with ``evaluated``), ``"running"`` for
-    one being trained (RUNNING with complete params), else None (a dead worker's or a discarded trial)."""
+    """``"done"`` for a trial whose genotype is evaluated (COMPLETE, PRUNED -- the pruner has judged it --, or FAIL
+    with ``evaluated``), ``"running"`` for one being trained (RUNNING with complete params), else None (a dead
+    worker's or a discarded trial)."""
     import optuna
 
     State = optuna.trial.TrialState
-    if trial.state == State.COMPLETE or (trial.state == State.FAIL and trial.user_attrs.get("evaluated")):
+    if trial.state in (State.COMPLETE, State.PRUNED) or (trial.state == State.FAIL and trial.user_attrs.get("evaluated")):
         return "done"
     if trial.state == State.RUNNING and trial.user_attrs.get("proposed"):
         return "running"
