@@ -38,7 +38,7 @@ from nas.errors import NonFiniteLossError, SearchFailed
 from nas.genotype import Genotype
 from nas.spaces import build_space
 from nas.strategies import STRATEGIES
-from nas.strategies.blackbox import OBJECTIVES, check_objective
+from nas.strategies.blackbox import OBJECTIVES, check_objective, check_objectives
 from nas.tasks import make_task
 
 log = logging.getLogger(__name__)
@@ -58,11 +58,21 @@ class TrialResult(NamedTuple):
     pruned: Optional[int] = None
 
 
+def scored_objective(cfg) -> Optional[str]:
+    """The figure a trial's ``value`` is: ``strategy.objective``, or the first of ``strategy.objectives`` (a Pareto
+    search); None: the task's metric.  Raises ConfigError for a bad ``objectives`` list."""
+    objectives = cfg.strategy.get("objectives")
+    if objectives:
+        check_objectives(cfg.strategy)
+        return None if objectives[0] == "metric" else objectives[0]
+    return cfg.strategy.get("objective")
+
+
 def task_metric(cfg, task=None):
     """``(metric name, direction)`` a black-box search scores trials by: the task's metric (e.g.
     ``("valid_ppl", "minimize")``), or the one ``strategy.objective`` names (e.g. ``("valid_cross_entropy",
-    "minimize")``).  Raises ConfigError for an unknown objective."""
-    objective = cfg.strategy.get("objective")
+    "minimize")``), or the first of ``strategy.objectives``.  Raises ConfigError for an unknown objective."""
+    objective = scored_objective(cfg)
     if objective is None:
         task = task if task is not None else make_task(cfg)
         return f"valid_{task.metric}", task.direction
@@ -75,7 +85,7 @@ def trial_figures(cfg, m: dict) -> tuple:
     evaluations (accuracy, cross-entropy, params) of the epoch it picks.  The task's metric and ``params`` take
     retraining's kept epoch; ``accuracy`` / ``cross_entropy`` the epoch with the best held-out value of that
     figure (so a trial's value and its figures come from one epoch)."""
-    objective = cfg.strategy.get("objective")
+    objective = scored_objective(cfg)
     kept = {k: m.get(name) for k, (name, _, _) in OBJECTIVES.items()}
     if objective is None:
         return m[f"best_{task_metric(cfg)[0]}"], kept
@@ -149,6 +159,93 @@ def train_trial(cfg, genotype: Genotype, trial_dir: str, seed: Optional[int] = N
                        tokens, trial_dir, figures, m.get("stopped_at_epoch"))
 
 
+#: a Pareto search's front (``strategy.objectives``): its trials, best first objective first
+PARETO_FILE = "pareto.json"
+
+
+def objective_values(cfg, result: TrialResult) -> Optional[list]:
+    """A Pareto search's values of ``result`` in the order of ``strategy.objectives`` (``metric``, first: its
+    ``value``; the others: its figures, of the same epoch; :func:`trial_figures`), or None: one objective, or a
+    failed / pruned trial, or a figure not measured."""
+    objectives = cfg.strategy.get("objectives")
+    if not objectives or result.value is None or result.pruned is not None:
+        return None
+    values = [result.value] + [(result.figures or {}).get(name) for name in objectives[1:]]
+    return None if any(v is None or not math.isfinite(v) for v in values) else [float(v) for v in values]
+
+
+def known_figures(cfg, known) -> Optional[dict]:
+    """The figures an earlier trial's study values carry (several objectives: the ones named by
+    ``strategy.objectives``), for a repeated proposal this worker has no record of."""
+    if not isinstance(known, list):
+        return None
+    return {name: v for name, v in zip(cfg.strategy.objectives, known) if name in OBJECTIVES}
+
+
+def strategy_directions(strategy) -> list:
+    """The direction of each objective (the strategy's study's; random search alone: from its config)."""
+    from nas.strategies.blackbox import objective_directions
+
+    return list(getattr(strategy, "directions", None) or objective_directions(strategy.cfg, strategy.direction))
+
+
+def pareto_front(records: list, objectives: list, directions: list) -> list:
+    """The records (``trials.jsonl``'s) of the non-dominated trials among those with every objective's value
+    (:func:`nas.strategies.evolution.non_dominated_ranks`), best first objective first; a genotype repeated
+    counts once."""
+    from nas.strategies.evolution import non_dominated_ranks
+
+    seen, scored = set(), []
+    for r in records:
+        values = r.get("objectives")
+        key = Genotype.from_dict(r["genotype"]).key()
+        if values and key not in seen:
+            seen.add(key)
+            scored.append(r)
+    ranks = non_dominated_ranks([[r["objectives"][n] for n in objectives] for r in scored], directions)
+    sign = 1.0 if directions[0] == "minimize" else -1.0
+    return sorted((r for r, k in zip(scored, ranks) if k == 0), key=lambda r: sign * r["objectives"][objectives[0]])
+
+
+def write_pareto(run_dir: str, records: list, objectives: list, directions: list) -> list:
+    """Write the front (:func:`pareto_front`) as ``pareto.json`` (per member: trial, genotype, each objective's
+    value, accuracy, cross-entropy, params) and ``pareto.png`` (the first objective against the second, every trial
+    a dot, the front joined and highlighted); returns the front's records."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    front = pareto_front(records, objectives, directions)
+    # `metric` is named by the task's metric (e.g. valid_ppl)
+    label = {n: (records[0]["metric"] if n == "metric" and records else n) for n in objectives}
+    members = [{"trial": r["trial"], "genotype": r["genotype"],
+                **{label[n]: r["objectives"][n] for n in objectives}, **{k: r.get(k) for k in OBJECTIVES}}
+               for r in front]
+    atomic_write_text(os.path.join(run_dir, PARETO_FILE),
+                      json.dumps({"objectives": [label[n] for n in objectives], "directions": directions,
+                                  "front": members}, indent=2) + "\n")
+    x, y = objectives[1], objectives[0]
+    scored = [r for r in records if r.get("objectives")]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter([r["objectives"][x] for r in scored], [r["objectives"][y] for r in scored], s=18, color="0.6",
+               label="trials")
+    pts = sorted((r["objectives"][x], r["objectives"][y]) for r in front)
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="C3", label="Pareto front", drawstyle="steps-post")
+    for r in front:
+        ax.annotate(str(r["trial"]), (r["objectives"][x], r["objectives"][y]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xlabel(f"{label[x]} ({directions[1]})")
+    ax.set_ylabel(f"{label[y]} ({directions[0]})")
+    ax.legend()
+    fig.tight_layout()
+    tmp = os.path.join(run_dir, ".pareto.png.tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    os.replace(tmp, os.path.join(run_dir, "pareto.png"))
+    return front
+
+
 @scoped  # the run dir this call takes is given back when it returns
 def search_black_box(cfg, run_dir: Optional[str] = None,
                      evaluate: Optional[Callable[[Genotype, str], TrialResult]] = None) -> dict:
@@ -219,7 +316,10 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
                     break
                 failure = None
                 if proposal.known is not None:  # the same genotype again (Bayesian): report, do not retrain
-                    result = TrialResult(proposal.known, 0.0, 0, figures=trials.figures_of(proposal.genotype))
+                    known = proposal.known  # several objectives: the earlier trial's values
+                    result = TrialResult(known[0] if isinstance(known, list) else known, 0.0, 0,
+                                         figures=trials.figures_of(proposal.genotype)
+                                         or known_figures(cfg, known))
                 else:
                     trial_dir = os.path.join(run_dir, "trials", f"{trials.n + 1:04d}")
                     t0 = time.time()
@@ -242,10 +342,12 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
                     except Exception:
                         strategy.tell(proposal.handle, None)  # the study marks it failed; a worker never loses it
                         raise
+                values = objective_values(cfg, result)
                 if result.pruned is not None:  # stopped at a rung: a PRUNED study trial, its tokens counted
                     told = strategy.tell_pruned(proposal.handle, result.pruned, result.train_tokens)
-                else:
-                    told = strategy.tell(proposal.handle, result.value, result.train_tokens)
+                else:  # a Pareto search tells the study every objective's value
+                    told = strategy.tell(proposal.handle, result.value if values is None else values,
+                                         result.train_tokens)
                 was_best = result.pruned is None and better(result.value, trials.best, direction)
                 # a shared study's trial number links the worker's record to the study (this run's own study
                 # renumbers a trial cut off by an interruption, so its records carry none, unless pruned: then the
@@ -256,6 +358,7 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
                            repeated=proposal.known is not None, figures=result.figures,
                            **({} if failure is None else {"failed": failure}),
                            **({} if result.pruned is None else {"pruned": result.pruned}),
+                           **({} if values is None else {"objectives": dict(zip(cfg.strategy.objectives, values))}),
                            **({} if number is None else {"study_trial": number}),
                            **({} if proposal.seed is None else {"train_seed": proposal.seed}))
                 if was_best:
@@ -293,6 +396,11 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
                **{name: (figures or {}).get(k) for k, (name, _, _) in OBJECTIVES.items()},
                "trials": trials.n, "train_tokens": trials.cum_tokens, "wall_seconds": wall,
                "genotype": best_genotype.to_dict()}
+    if cfg.strategy.get("objectives"):  # a Pareto search: the front of this worker's trials
+        front = write_pareto(run_dir, trials.records, list(cfg.strategy.objectives), strategy_directions(strategy))
+        metrics["pareto_front"] = len(front)
+        log.info("Pareto front of %s: %d of %d trials (%s, %s)", " / ".join(cfg.strategy.objectives), len(front),
+                 trials.n, os.path.join(run_dir, PARETO_FILE), os.path.join(run_dir, "pareto.png"))
     if pruner:  # trials stopped at a rung (counted in trials and train_tokens)
         metrics["pruned_trials"] = sum(r.get("pruned") is not None for r in trials.records)
     if shared is not None:  # several workers: best_* and genotype are the study's; trials and cost this worker's

@@ -40,7 +40,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional
 
 import numpy as np
 
@@ -52,13 +52,15 @@ from nas.strategies import shared_study
 log = logging.getLogger(__name__)
 
 DIRECTIONS = ("minimize", "maximize")
-SAMPLERS = ("tpe", "gp")
+SAMPLERS = ("tpe", "gp", "nsga2")
 #: ``strategy.objective`` -> (the trial metric's name, direction, the key of a retraining epoch's history record it is
 #: read from; None: a figure of the whole run); null is the task's own metric (perplexity or accuracy, as
 #: retraining selects)
 OBJECTIVES = {"accuracy": ("valid_accuracy", "maximize", "valid_accuracy"),
               "cross_entropy": ("valid_cross_entropy", "minimize", "valid_loss"),
               "params": ("params", "minimize", None)}
+#: what ``strategy.objectives`` may list: the task's own metric and the figures of :data:`OBJECTIVES`
+PARETO_FIGURES = ("metric",) + tuple(OBJECTIVES)
 
 
 @dataclass
@@ -89,6 +91,12 @@ class BlackBoxConfig:
     #: perplexity; SST-2: accuracy), or one of the evaluations of the seed article: ``accuracy``, ``cross_entropy``
     #: (nats; lower is better), ``params`` (fewest parameters)
     objective: Optional[str] = None
+    #: several objectives at once (a Pareto search): ``metric`` (the task's metric; first if present) and any of
+    #: ``accuracy``, ``cross_entropy``, ``params``, e.g. ``[metric, params]``; the study then has one direction per
+    #: objective (Optuna's multi-objective samplers: TPE, NSGA-II, random; evolution: non-dominated rank), the run
+    #: writes the front (``pareto.json``, ``pareto.png``) and ``genotype.json`` is the front's best on the first
+    #: objective.  null: one objective (``objective``)
+    objectives: Optional[List[str]] = None
 
 
 #: ``strategy.pruner`` -> the Optuna pruner that halves the trials (see :class:`PrunerConfig`)
@@ -141,9 +149,11 @@ class BayesianConfig(BlackBoxConfig, PrunerConfig):
     """``strategy=bayesian``: :class:`BlackBoxConfig` plus the Optuna sampler."""
 
     name: str = "bayesian"
-    #: ``gp`` (Gaussian-process BO, optuna.samplers.GPSampler) or ``tpe`` (optuna.samplers.TPESampler)
+    #: ``gp`` (Gaussian-process BO, optuna.samplers.GPSampler), ``tpe`` (optuna.samplers.TPESampler; with several
+    #: ``objectives`` MOTPE, Ozaki et al. 2020) or ``nsga2`` (optuna.samplers.NSGAIISampler, Deb et al. 2002; for a
+    #: Pareto search, generations of ``n_startup_trials``)
     sampler: str = "tpe"
-    #: random trials before the model-based proposals start
+    #: random trials before the model-based proposals start (nsga2: the size of each generation, at least 2)
     n_startup_trials: int = 5
 
 
@@ -158,6 +168,33 @@ class Proposal(NamedTuple):
     seed: Optional[int] = None
 
 
+def check_objectives(cfg) -> None:
+    """ConfigError (one line) unless ``strategy.objectives`` is null or two or more distinct names of
+    :data:`PARETO_FIGURES`, ``metric`` only first, without ``objective`` or a pruner (Optuna prunes single-objective
+    studies only)."""
+    objectives = getattr(cfg, "objectives", None)
+    if objectives is None:
+        return
+    objectives = list(objectives)
+    if len(objectives) < 2 or len(set(objectives)) != len(objectives) or not set(objectives) <= set(PARETO_FIGURES):
+        raise ConfigError(f"strategy.objectives={objectives}: two or more distinct of {', '.join(PARETO_FIGURES)} "
+                          "(e.g. [metric,params]); null: one objective")
+    if "metric" in objectives[1:]:
+        raise ConfigError(f"strategy.objectives={objectives}: `metric` (the task's metric) can only come first")
+    if getattr(cfg, "objective", None) is not None:
+        raise ConfigError("strategy.objective and strategy.objectives are both set: use objectives=[...] alone")
+    if getattr(cfg, "pruner", None) is not None:
+        raise ConfigError("strategy.pruner works on one objective (Optuna prunes single-objective studies only): "
+                          "unset strategy.pruner or strategy.objectives")
+
+
+def objective_directions(cfg, metric_direction: str) -> list:
+    """The direction of each of ``strategy.objectives`` (``metric``: ``metric_direction``, the task's); one objective:
+    ``[direction]`` of ``strategy.objective`` (null: ``metric_direction``)."""
+    names = list(getattr(cfg, "objectives", None) or [getattr(cfg, "objective", None) or "metric"])
+    return [metric_direction if n == "metric" else OBJECTIVES[n][1] for n in names]
+
+
 def check_objective(objective: Optional[str]) -> None:
     """ConfigError unless ``objective`` is None or a key of :data:`OBJECTIVES`."""
     if objective is not None and objective not in OBJECTIVES:
@@ -167,6 +204,7 @@ def check_objective(objective: Optional[str]) -> None:
 
 def _check_budget(cfg) -> None:
     check_objective(getattr(cfg, "objective", None))
+    check_objectives(cfg)
     check_pruner(cfg)
     if getattr(cfg, "repeat", False) and cfg.storage:
         raise ConfigError("strategy.repeat=true draws with replacement for one worker; a shared study "
@@ -374,6 +412,8 @@ class BayesianStrategy:
         if self.sampler_name not in SAMPLERS + ("random", "evolution"):
             raise ConfigError(f"strategy.sampler={cfg.sampler!r}; valid: {', '.join(SAMPLERS)}")
         self.cfg, self.space, self.direction = cfg, space, direction
+        #: one direction per objective (``strategy.objectives``; one objective: ``[direction]``)
+        self.directions = objective_directions(cfg, direction) if getattr(cfg, "objectives", None) else [direction]
         self.size = space_genotype_count(space)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         if cfg.storage:
@@ -395,7 +435,8 @@ class BayesianStrategy:
                 storage = self.storage = _storage(url, cfg.heartbeat_interval if cfg.storage else None,
                                                   cfg.grace_period)
                 return optuna.create_study(study_name=cfg.study_name, storage=storage, sampler=sampler,
-                                           pruner=make_pruner(cfg), direction=direction, load_if_exists=True)
+                                           pruner=make_pruner(cfg), directions=self.directions,
+                                           load_if_exists=True)
 
             self.study = _retry_creation_race(open_study)
         except Exception as err:  # SQLAlchemy's errors (bad URL, server down) share no base class with ours
@@ -414,9 +455,10 @@ class BayesianStrategy:
                 if t.user_attrs.get("proposed") and self._complete(t.params):
                     self.study.enqueue_trial(dict(t.params), user_attrs={"resumes": t.number})
                 self.study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-        if self.study.direction.name.lower() != direction:
-            raise ConfigError(f"study {cfg.study_name!r} in {storage} was created to {self.study.direction.name.lower()}"
-                              f", this run needs to {direction}")
+        made = [d.name.lower() for d in self.study.directions]
+        if made != self.directions:
+            raise ConfigError(f"study {cfg.study_name!r} in {storage} was created to {' / '.join(made)}, this run needs "
+                              f"to {' / '.join(self.directions)}")
 
     def _continued(self, running: list):
         """A pruned search's own study, resumed: its interrupted trial (the newest RUNNING one with its params) goes
@@ -599,7 +641,7 @@ class BayesianStrategy:
             earlier = [t for t in trials if t.number < number]
             done = [t for t in earlier if t.state == State.COMPLETE and t.params == choice]
             if done:
-                return done[0].value
+                return _study_value(done[0])
             choosing = [t for t in earlier if t.state == State.RUNNING and not t.user_attrs.get("proposed")]
             running = [t for t in earlier if t.state == State.RUNNING and t.user_attrs.get("proposed")
                        and t.params == choice and (self.heartbeats or not _stale(t, trials))]
@@ -673,11 +715,11 @@ class BayesianStrategy:
         if not self.cfg.storage:
             return None
         done = [t for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                if t.value is not None and math.isfinite(t.value)]
+                if t.values and math.isfinite(_first_value(t))]
         if not done:
             return None
-        best = (min if self.direction == "minimize" else max)(done, key=lambda t: t.value)
-        return best.value, self.space.from_decisions(best.params)
+        best = (min if self.direction == "minimize" else max)(done, key=_first_value)
+        return _first_value(best), self.space.from_decisions(best.params)
 
     def stopped(self, completed: int, poll_seconds: float = 1.0) -> bool:
         """The study's budget (``trials`` evaluated trials: finished, pruned -- as ASHA and Hyperband count the
@@ -704,12 +746,24 @@ class BayesianStrategy:
             time.sleep(poll_seconds)
 
 
+def _first_value(trial) -> float:
+    """A finished trial's (first) objective value: its metric (``strategy.objectives`` start with it)."""
+    return trial.values[0]
+
+
+def _study_value(trial):
+    """A finished trial's result as the engine takes it: its value, or the list of its values (several objectives)."""
+    return trial.values[0] if len(trial.values) == 1 else list(trial.values)
+
+
 def _sampler(cfg, seed: int):
     import optuna
 
     if cfg.sampler == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=cfg.n_startup_trials,
                                          warn_independent_sampling=False)
+    if cfg.sampler == "nsga2":  # generations of n_startup_trials (its first generation: random draws)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(2, cfg.n_startup_trials))
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.n_startup_trials, multivariate=True)
 
 

@@ -53,7 +53,7 @@ def _finished_error():
 def record_result(study, trial, value: Optional[float], train_tokens: int) -> int:
     """Finish ``trial`` (an ``optuna.trial.Trial`` of ``study``) with ``value``, whatever another worker did to it.
 
-    ``value`` None or non-finite: the trial ends FAIL (``evaluated`` set, so its genotype is not drawn again).
+    ``value``: a float, or a list of floats (a study of several objectives).  None or non-finite: the trial ends FAIL (``evaluated`` set, so its genotype is not drawn again).
     A finite value for a trial still RUNNING is told as usual.  If another worker marked the trial FAIL
     meanwhile (its heartbeat was late: this worker was paused), the result is kept: a new COMPLETE trial with the
     trial's params, distributions and user attributes plus ``replaces`` is added, logged as one line; if such a
@@ -66,7 +66,9 @@ def record_result(study, trial, value: Optional[float], train_tokens: int) -> in
     import optuna
 
     State = optuna.trial.TrialState
-    finite = value is not None and math.isfinite(value)
+    # several objectives: a list of values, finite only when every one is
+    finite = value is not None and all(v is not None and math.isfinite(v)
+                                       for v in (value if isinstance(value, (list, tuple)) else [value]))
     try:
         trial.set_user_attr("train_tokens", int(train_tokens))
         if finite:
@@ -89,7 +91,8 @@ def record_result(study, trial, value: Optional[float], train_tokens: int) -> in
     if existing is None:
         attrs = {**frozen.user_attrs, "train_tokens": int(train_tokens), "replaces": frozen.number}
         study.add_trial(optuna.trial.create_trial(params=frozen.params, distributions=frozen.distributions,
-                                                  value=value, user_attrs=attrs))
+                                                  values=list(value) if isinstance(value, (list, tuple))
+                                                  else [value], user_attrs=attrs))
         existing = replacement_of(study, frozen.number)
         log.warning("trial %d of the study was marked failed by another worker while this one was paused (no "
                     "heartbeat within grace_period); its finished result (value %s) is recorded as new trial %d",
