@@ -90,3 +90,32 @@ def sampled_index(weights: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The sampled op [E] of each edge when ``weights`` come from :func:`gumbel_hard` (or :func:`with_index`), else
     None.  A supernet that can compute one op per edge (``space=darts_rnn``) reads it to skip the others."""
     return getattr(weights, _INDEX, None)
+
+
+class ParamPenalty:
+    """The differentiable parameter-count penalty of a one-shot search (``strategy.param_penalty``): λ times the
+    expected parameter count of the derived model, in millions, under the edge weights softmax(α),
+
+        R(α) = λ / 1e6 · Σ_e Σ_k softmax(α_e)_k · P[e, k]
+
+    with P[e, k] the parameters op k adds on edge e (``space.op_params(model)``), added to α's loss; its gradient
+    ∂R/∂α_ek = λ / 1e6 · p_ek (P[e, k] - Σ_j p_ej P[e, j]) is added to the hypergradient.  A relaxation of the count
+    as in the resource-constrained one-shot searches (e.g. FBNet, Wu et al. 2019, eq. 3; ProxylessNAS, Cai et al.
+    2019, eq. 5: expected latency under the architecture distribution).  λ in nats per million expected parameters.
+
+    Args:
+        weight: λ (> 0).  counts: P [E, K].
+    """
+
+    def __init__(self, weight: float, counts: torch.Tensor):
+        self.weight, self.counts = float(weight), counts
+
+    def expected(self, alphas: torch.Tensor) -> torch.Tensor:
+        """Σ softmax(α) · P: the expected parameter count (a scalar tensor, differentiable in α)."""
+        return (torch.softmax(alphas, dim=-1) * self.counts.to(alphas)).sum()
+
+    def gradient(self, alphas: torch.Tensor) -> torch.Tensor:
+        """∂R/∂α [E, K] at ``alphas`` (autograd through :meth:`expected`)."""
+        a = alphas.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(self.expected(a) * (self.weight / 1e6), [a])
+        return grad

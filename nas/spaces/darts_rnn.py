@@ -303,6 +303,23 @@ class DartsRNNSpace:
         """Raise GenotypeError unless ``genotype`` is a valid darts_rnn genotype."""
         check_space_genotype(genotype, self.name, check_cell_ops)
 
+    def op_params(self, model: nn.Module) -> torch.Tensor:
+        """The parameters each candidate op on each edge adds to a derived cell, [E, K] (float64; ``strategy.
+        param_penalty``).  A derived node keeps one input edge and one op with its own matrix W_i [nhid, 2 nhid]
+        whatever the op (``none`` is never derived: 0), so an edge into node i counts W_i's size / i (node i has i
+        candidate inputs): the expected count of a node is W_i's size times the mean non-none weight of its edges.
+        Every derived genotype of this space has the same count (steps x 2 nhid²): the penalty only pushes weight
+        towards ``none``."""
+        size = 2 * self.cfg.nhid * self.cfg.nhid
+        out = torch.zeros(self.alpha_shape, dtype=torch.float64)
+        offset = 0
+        for i in range(1, self.cfg.steps + 1):
+            for k, name in enumerate(self.ops):
+                if name != "none":
+                    out[offset:offset + i, k] = size / i
+            offset += i
+        return out
+
     def derive(self, alphas: torch.Tensor) -> Genotype:
         """DARTS discretization: per node, one edge (see :func:`nas.genotype.derive`)."""
         return derive(alphas, self.ops, self.name, k=1)

@@ -273,6 +273,16 @@ class HybridSpace:
         """Raise GenotypeError unless ``genotype`` is a valid hybrid genotype."""
         check_space_genotype(genotype, self.name, check_sequence_ops)
 
+    def op_params(self, model: nn.Module) -> torch.Tensor:
+        """The parameters of each candidate op's module on each edge of the supernet ``model``, [E, K] (float64; zero
+        ops 0; ``strategy.param_penalty``): what the op adds to a derived model that keeps that edge."""
+        dag = next(m for m in model.modules() if isinstance(m, HybridDAG))
+        out = torch.zeros(self.alpha_shape, dtype=torch.float64)
+        for e, edge in enumerate(dag.edges):
+            for j, k in enumerate(dag._active):
+                out[e, k] = sum(p.numel() for p in edge[j].parameters())
+        return out
+
     def derive(self, alphas: torch.Tensor) -> Genotype:
         """Per node, the top-``k`` incoming edges by their best non-zero softmax weight, each with that op
         (:func:`nas.genotype.derive`); the genotype records the space, op list, and output nodes."""

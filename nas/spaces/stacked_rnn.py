@@ -409,6 +409,17 @@ class StackedRNNSpace:
         layers = [StackLayer(self.ops, c.nhid, c.nhid, self.dropouts[0]) for _ in range(c.max_layers)]
         return self._model(Stack(layers, c.emsize, num_classes is None), ntoken, num_classes)
 
+    def op_params(self, model: nn.Module) -> torch.Tensor:
+        """The parameters of each candidate cell of each layer of the supernet ``model``, [max_layers, K] (float64;
+        identity 0; ``strategy.param_penalty``): what the cell adds to a derived stack that keeps that layer."""
+        stack = next(m for m in model.modules() if isinstance(m, Stack))
+        out = torch.zeros(self.alpha_shape, dtype=torch.float64)
+        for i, layer in enumerate(stack.layers):
+            for k, op in enumerate(layer.ops):
+                if op in layer.cells:
+                    out[i, k] = sum(p.numel() for p in layer.cells[op].parameters())
+        return out
+
     def derive(self, alphas: torch.Tensor) -> Genotype:
         """Per layer the op of the largest α (ties: the earlier op); an ``identity`` layer stays in the chain.
         The params are the supernet's: units ``nhid``, the first dropout, unidirectional.

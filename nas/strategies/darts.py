@@ -50,7 +50,7 @@ from torch.func import functional_call
 from nas import distributed
 from nas.genotype import Genotype
 from nas.losses import lm_nll
-from nas.mixed import edge_weights
+from nas.mixed import ParamPenalty, edge_weights
 from nas.strategies.base import STRATEGIES
 from nas.tasks.base import Batch, SentenceInputs  # noqa: F401  (the batch types step() takes)
 from nas.errors import ConfigError
@@ -81,6 +81,9 @@ class DartsConfig:
     #: (the training split's second half; w then trains on the first half only)
     alpha_split: str = "valid"
     alpha_init_std: float = 1e-3
+    #: λ of the differentiable parameter-count penalty: α's loss gains λ x the derived model's expected parameters in
+    #: millions under softmax(α) (:class:`nas.mixed.ParamPenalty`; nats per million parameters); 0: none
+    param_penalty: float = 0.0
 
 
 def _detached(hidden):
@@ -140,6 +143,7 @@ class DartsStrategy:
             torch.randn(*space.alpha_shape, dtype=p.dtype).mul_(cfg.alpha_init_std).to(p.device))
         self.optimizer = torch.optim.Adam([self.alphas], lr=cfg.arch_lr, betas=tuple(cfg.arch_betas),
                                           weight_decay=cfg.arch_weight_decay)
+        self.penalty = param_penalty(cfg, space, model)
 
     # -- what the engine uses ------------------------------------------------------------------
     def edge_weights(self) -> torch.Tensor:
@@ -161,6 +165,8 @@ class DartsStrategy:
         """
         self.optimizer.zero_grad(set_to_none=True)
         grad, hidden = self.arch_gradient(train, valid, eta)
+        if self.penalty is not None:  # + ∇α of the expected parameter count (strategy.param_penalty)
+            grad = grad + self.penalty.gradient(self.alphas)
         if not bool(torch.isfinite(grad).all()):
             from nas.errors import NonFiniteLossError
 
@@ -264,6 +270,19 @@ class DartsStrategy:
         (grad,) = torch.autograd.grad(loss, [alphas])
         return grad
 
+
+
+def param_penalty(cfg, space, model) -> Optional[ParamPenalty]:
+    """The :class:`nas.mixed.ParamPenalty` of ``cfg.param_penalty`` over ``space.op_params(model)``; None when it is 0.
+    Raises ConfigError for a negative weight or a space without ``op_params``."""
+    weight = getattr(cfg, "param_penalty", 0.0) or 0.0
+    if weight < 0:
+        raise ConfigError(f"strategy.param_penalty must be >= 0, got {weight}")
+    if weight == 0:
+        return None
+    if not hasattr(space, "op_params"):
+        raise ConfigError(f"strategy.param_penalty: space {type(space).__name__} does not count its ops' parameters")
+    return ParamPenalty(weight, space.op_params(model).to(next(model.parameters()).device))
 
 
 def _norm(tensors) -> float:

@@ -49,7 +49,7 @@ from nas.genotype import Genotype
 from nas.losses import lm_nll
 from nas.mixed import gumbel_hard, with_index
 from nas.strategies.base import STRATEGIES
-from nas.strategies.darts import ALPHA_SPLITS
+from nas.strategies.darts import ALPHA_SPLITS, param_penalty
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,9 @@ class GdasConfig:
     #: where α's batches come from: ``valid`` (the held-out split, as DARTS RNN) or ``train_half``
     alpha_split: str = "valid"
     alpha_init_std: float = 1e-3
+    #: λ of the differentiable parameter-count penalty: α's loss gains λ x the derived model's expected parameters in
+    #: millions under softmax(α) (:class:`nas.mixed.ParamPenalty`; nats per million parameters); 0: none
+    param_penalty: float = 0.0
 
 
 def check_config(cfg: GdasConfig) -> None:
@@ -127,6 +130,7 @@ class GdasStrategy:
             torch.randn(*space.alpha_shape, dtype=p.dtype).mul_(cfg.alpha_init_std).to(p.device))
         self.optimizer = torch.optim.Adam([self.alphas], lr=cfg.arch_lr, betas=tuple(cfg.arch_betas),
                                           weight_decay=cfg.arch_weight_decay)
+        self.penalty = param_penalty(cfg, space, model)
         self.epoch = 1
         self.tau = float(cfg.tau_max)
 
@@ -171,6 +175,8 @@ class GdasStrategy:
         """
         self.optimizer.zero_grad(set_to_none=True)
         grad, hidden = self.arch_gradient(valid)
+        if self.penalty is not None:  # + ∇α of the expected parameter count (strategy.param_penalty)
+            grad = grad + self.penalty.gradient(self.alphas)
         if not bool(torch.isfinite(grad).all()):
             raise NonFiniteLossError("the α gradient became non-finite (α was not updated); lower lr or arch_lr")
         self.alphas.grad = grad
