@@ -15,8 +15,12 @@ subprocess with its own run directory under ``--out``; a run whose ``metrics.jso
 an interrupted comparison continues where it stopped.
 
 Outputs in ``--out``: ``search/<strategy>/seed<s>/`` and ``train/<strategy>/seed<s>/`` (the runs),
-``results.csv`` (one row per strategy and seed), ``results.md`` (mean ± std per strategy), ``best_so_far.png``
-(best validation metric so far against training tokens spent, mean over seeds, one line per strategy).
+``results.csv`` (one row per strategy and seed), ``summary.csv`` and ``results.md`` (per strategy: mean ± sd over
+seeds, the 95% bootstrap CI of the mean retrained test metric, and its difference from ``--baseline`` (random
+search) with Welch's t-test p-value; see :func:`summarize`), ``best_so_far.png`` (best validation metric so far
+against training tokens spent, mean over seeds, one line per strategy), and ``tb_hparams/<strategy>_seed<s>/``
+(one TensorBoard run per search with its hparams and final metrics: ``tensorboard --logdir <out>/tb_hparams``,
+HPARAMS tab; see :func:`write_hparams`).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -103,6 +108,8 @@ def main(argv=None) -> None:
     p.add_argument("--device", default=None, help="device= for every run (default: the configs' auto)")
     p.add_argument("--num-threads", type=int, default=None,
                    help="num_threads= for every run (e.g. 1 when several comparisons share the cores)")
+    p.add_argument("--baseline", default="random",
+                   help="the strategy every other one is tested against (default: random)")
     args = p.parse_args(argv)
     preset = load_preset(args.preset)
     name = os.path.splitext(os.path.basename(args.preset))[0]
@@ -135,35 +142,201 @@ def main(argv=None) -> None:
                          "search_seconds": s["wall_seconds"], "search_tokens": recs[-1]["cum_train_tokens"],
                          "evaluations": len(recs), "retrain_seconds": t["wall_seconds"],
                          "genotype": json.dumps(s["genotype"]["nodes"])})
-    write_tables(rows, out, metric="accuracy" if preset["dataset"] == "sst2" else "perplexity")
+    write_tables(rows, out, metric="accuracy" if preset["dataset"] == "sst2" else "perplexity",
+                 baseline=args.baseline)
     plot(out, strategies, seeds)
-    print(f"results: {out}/results.md, results.csv, best_so_far.png")
+    write_hparams(rows, out, strategies)
+    print(f"results: {out}/results.md, results.csv, summary.csv, best_so_far.png; "
+          f"tensorboard --logdir {os.path.join(out, 'tb_hparams')} (HPARAMS tab)")
 
 
-def write_tables(rows: list, out: str, metric: str) -> None:
+#: the statistics' settings, fixed so that a table is reproducible from its results.csv
+CONFIDENCE = 0.95
+BOOTSTRAP_RESAMPLES = 9999
+BOOTSTRAP_METHOD = "percentile"
+BOOTSTRAP_SEED = 0
+
+
+def summarize(rows: list, baseline: str = "random") -> list:
+    """Per strategy (in the rows' order): mean and sd over seeds of every figure, and the statistics of the
+    retrained test metric (``row["test"]``: perplexity, or accuracy on SST-2).
+
+    ``rows``: one dict per (strategy, seed) with the keys of results.csv.  Returns one dict per strategy with
+    ``seeds``, ``<key>_mean`` / ``<key>_sd`` (sample sd, n - 1; 0 for one seed) for each figure, and:
+
+    * ``test_ci_low`` / ``test_ci_high``: the 95% bootstrap confidence interval of the mean test metric
+      (``scipy.stats.bootstrap``, percentile method, 9999 resamples, ``rng=0``; Efron & Tibshirani 1993, ch. 13).
+      None with one seed (a resample of one value has no spread).  The percentile interval lies inside the
+      seeds' range, so with 3-5 seeds it is narrower than the t interval and undercovers: read it as the spread
+      the seeds show, not as a guaranteed 95%.
+    * ``test_diff``: mean test metric minus the ``baseline``'s (in the metric's units; perplexity: negative is
+      better than the baseline), ``test_p``, ``welch_t``, ``welch_df``: Welch's unequal-variance t-test of the
+      two strategies' seeds (``scipy.stats.ttest_ind(equal_var=False)``, two-sided; Welch 1947).  None for the
+      baseline itself, when the baseline is not among the rows, or when either side has fewer than 2 seeds; the
+      p-value is NaN when both sides have no spread at all.
+    """
+    import numpy as np
+    from scipy import stats
+
+    keys = ("valid", "test", "test_accuracy", "test_cross_entropy", "params", "search_seconds", "search_tokens",
+            "evaluations", "retrain_seconds")
+    values = {}
+    for r in rows:
+        values.setdefault(r["strategy"], []).append(r)
+
+    def finite(rs, key):
+        return [float(r[key]) for r in rs if r.get(key) is not None and math.isfinite(float(r[key]))]
+
+    base = finite(values.get(baseline, []), "test")
+    out = []
+    for strategy, rs in values.items():
+        summary = {"strategy": strategy, "seeds": len(rs)}
+        for key in keys:
+            summary[f"{key}_mean"], summary[f"{key}_sd"] = mean_std(finite(rs, key))
+        test = finite(rs, "test")
+        summary["test_ci_low"] = summary["test_ci_high"] = None
+        if len(test) > 1:
+            ci = stats.bootstrap((np.asarray(test),), np.mean, confidence_level=CONFIDENCE,
+                                 n_resamples=BOOTSTRAP_RESAMPLES, method=BOOTSTRAP_METHOD,
+                                 rng=BOOTSTRAP_SEED).confidence_interval
+            summary["test_ci_low"], summary["test_ci_high"] = float(ci.low), float(ci.high)
+        summary["baseline"] = baseline
+        summary["test_diff"] = summary["test_p"] = summary["welch_t"] = summary["welch_df"] = None
+        if strategy != baseline and base:
+            summary["test_diff"] = statistics.fmean(test) - statistics.fmean(base)
+            if len(test) > 1 and len(base) > 1:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    res = stats.ttest_ind(test, base, equal_var=False)
+                summary["test_p"], summary["welch_t"], summary["welch_df"] = (float(res.pvalue), float(res.statistic),
+                                                                             float(res.df))
+        out.append(summary)
+    return out
+
+
+def _ci_cell(s: dict) -> str:
+    if s["test_ci_low"] is None:
+        return f"— ({s['seeds']} seed: no CI)" if s["seeds"] == 1 else "—"
+    return f"[{s['test_ci_low']:.2f}, {s['test_ci_high']:.2f}]"
+
+
+def _test_cells(s: dict) -> tuple:
+    """The markdown cells 'difference from the baseline' and 'p (Welch)'."""
+    if s["strategy"] == s["baseline"]:
+        return "—", "—"
+    if s["test_diff"] is None:
+        return f"— (no {s['baseline']})", "—"
+    diff = f"{s['test_diff']:+.2f}"
+    if s["test_p"] is None:
+        return diff, "— (< 2 seeds)"
+    if not math.isfinite(s["test_p"]):
+        return diff, "— (no spread)"
+    return diff, f"{s['test_p']:.3g}"
+
+
+def write_tables(rows: list, out: str, metric: str, baseline: str = "random") -> None:
+    """results.csv (``rows`` as they are), summary.csv (:func:`summarize`, full precision) and results.md (the
+    summary rounded for reading) in ``out``.  ``metric``: ``perplexity`` or ``accuracy`` (the column names)."""
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    summaries = summarize(rows, baseline)
+    with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(summaries[0]))
+        w.writeheader()
+        w.writerows(summaries)
     # the test accuracy has its own column where the metric is not already accuracy (language models: next-token)
     accuracy = metric != "accuracy"
     lines = [f"| strategy | seeds | retrained valid {metric} | retrained test {metric} | "
+             f"test {metric}: 95% CI of the mean | Δ test vs {baseline} | p vs {baseline} (Welch) | "
              + ("test accuracy | " if accuracy else "") + "test cross-entropy | params | search wall s | "
-             "search tokens | evaluations |", "|---" * (9 + accuracy) + "|"]
-    for strategy in dict.fromkeys(r["strategy"] for r in rows):
-        rs = [r for r in rows if r["strategy"] == strategy]
-        cells = {k: mean_std([r[k] for r in rs]) for k in ("valid", "test", "test_accuracy", "test_cross_entropy",
-                                                           "params", "search_seconds", "search_tokens",
-                                                           "evaluations")}
-        lines.append(f"| {strategy} | {len(rs)} | {cells['valid'][0]:.2f} ± {cells['valid'][1]:.2f} | "
-                     f"{cells['test'][0]:.2f} ± {cells['test'][1]:.2f} | "
-                     + (f"{cells['test_accuracy'][0]:.4f} ± {cells['test_accuracy'][1]:.4f} | " if accuracy else "")
-                     + f"{cells['test_cross_entropy'][0]:.4f} ± {cells['test_cross_entropy'][1]:.4f} | "
-                     f"{cells['params'][0]:,.0f} | {cells['search_seconds'][0]:.0f} ± {cells['search_seconds'][1]:.0f} | "
-                     f"{cells['search_tokens'][0]:,.0f} | {cells['evaluations'][0]:.1f} |")
+             "search tokens | evaluations |", "|---" * (12 + accuracy) + "|"]
+    for s in summaries:
+        diff, p = _test_cells(s)
+        lines.append(f"| {s['strategy']} | {s['seeds']} | {s['valid_mean']:.2f} ± {s['valid_sd']:.2f} | "
+                     f"{s['test_mean']:.2f} ± {s['test_sd']:.2f} | {_ci_cell(s)} | {diff} | {p} | "
+                     + (f"{s['test_accuracy_mean']:.4f} ± {s['test_accuracy_sd']:.4f} | " if accuracy else "")
+                     + f"{s['test_cross_entropy_mean']:.4f} ± {s['test_cross_entropy_sd']:.4f} | "
+                     f"{s['params_mean']:,.0f} | {s['search_seconds_mean']:.0f} ± {s['search_seconds_sd']:.0f} | "
+                     f"{s['search_tokens_mean']:,.0f} | {s['evaluations_mean']:.1f} |")
+    n = sorted({s["seeds"] for s in summaries})
+    lines += ["", f"Mean ± sd over seeds ({'/'.join(map(str, n))} per strategy). CI: 95% percentile bootstrap of "
+              f"the mean test {metric} (scipy.stats.bootstrap, {BOOTSTRAP_RESAMPLES} resamples, rng="
+              f"{BOOTSTRAP_SEED}); with few seeds it lies within the seeds' range and is too narrow. Δ: mean test "
+              f"{metric} minus {baseline}'s; p: Welch's two-sided t-test of the seeds against {baseline}'s "
+              "(scipy.stats.ttest_ind, equal_var=False). Full precision: summary.csv."]
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _search_config(out: str, strategy: str, seed) -> dict:
+    """The resolved config of a search run (its run dir's config.yaml) as a dict; {} when it has none."""
+    from omegaconf import OmegaConf
+
+    path = os.path.join(out, "search", strategy, f"seed{seed}", "config.yaml")
+    return OmegaConf.to_container(OmegaConf.load(path)) if os.path.isfile(path) else {}
+
+
+def _select(cfg: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(cfg, dict) or part not in cfg:
+            return None
+        cfg = cfg[part]
+    return cfg
+
+
+#: the search settings every run's hparams show (from its resolved config), besides the preset's overrides
+HPARAM_SETTINGS = ("strategy.name", "epochs", "space.nhid", "batch_size")
+#: results.csv key -> the metric's name in the HParams view
+HPARAM_METRICS = {"valid": "retrained/valid", "test": "retrained/test", "test_accuracy": "retrained/test_accuracy",
+                  "test_cross_entropy": "retrained/test_cross_entropy", "params": "retrained/params",
+                  "search_seconds": "search/wall_seconds", "search_tokens": "search/train_tokens",
+                  "evaluations": "search/evaluations", "retrain_seconds": "retrain/wall_seconds"}
+
+
+def write_hparams(rows: list, out: str, strategies: dict) -> str:
+    """One TensorBoard run per (strategy, seed) in ``<out>/tb_hparams/<strategy>_seed<seed>/``, written with
+    ``SummaryWriter.add_hparams``: hparams ``strategy`` (the preset's name), ``seed``, the search settings of
+    :data:`HPARAM_SETTINGS` and every key the preset's override lists set (``strategies``: name -> overrides),
+    read from each search run's resolved ``config.yaml``; metrics :data:`HPARAM_METRICS`.  Returns the folder.
+
+    TensorBoard takes the HParams table's columns from one run's experiment summary, so every run gets the same
+    keys: a key a run's config lacks (darts has no ``strategy.budget_tokens``) is ``"—"``, and a key that is not a
+    number (or not a bool) in every run is written as text in all of them; a metric missing from any run is left
+    out.  The folder is rewritten from ``rows`` each time (it is derived data)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    root = os.path.join(out, "tb_hparams")
+    shutil.rmtree(root, ignore_errors=True)
+    keys = list(HPARAM_SETTINGS)
+    for extra in strategies.values():
+        for override in extra:
+            key = override.split("=", 1)[0].lstrip("+~")
+            if "." in key and key not in keys:  # strategy=<name> is strategy.name, already there
+                keys.append(key)
+    configs = {(r["strategy"], r["seed"]): _search_config(out, r["strategy"], r["seed"]) for r in rows}
+    raw = {run: {k: _select(cfg, k) for k in keys} for run, cfg in configs.items()}
+    kinds = {}
+    for k in keys:
+        vals = [h[k] for h in raw.values()]
+        if all(isinstance(v, bool) for v in vals):
+            kinds[k] = bool
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals):
+            kinds[k] = float
+        else:
+            kinds[k] = str
+    metrics = [k for k in HPARAM_METRICS
+               if all(r.get(k) is not None and math.isfinite(float(r[k])) for r in rows)]
+    for r in rows:
+        h = raw[(r["strategy"], r["seed"])]
+        hparams = {"strategy": r["strategy"], "seed": int(r["seed"])}
+        for k in keys:
+            v = h[k]
+            hparams[k] = v if kinds[k] is not str else ("—" if v is None else str(v))
+        with SummaryWriter(os.path.join(root, f"{r['strategy']}_seed{r['seed']}")) as w:
+            w.add_hparams(hparams, {HPARAM_METRICS[k]: float(r[k]) for k in metrics}, run_name=".")
+    return root
 
 
 def plot(out: str, strategies, seeds) -> None:
