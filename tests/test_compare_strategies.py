@@ -161,7 +161,7 @@ def test_comparison_pipeline_writes_table_and_plot_and_resumes(tmp_path):
     # smoke search is tested on its own (tests/test_blackbox.py); 8 runs instead of 20 keep the suite near 20 minutes
     strategies = ["darts_1st", "random"]
     cmd = [sys.executable, os.path.join(ROOT, "experiments", "compare_strategies", "run.py"), "--preset", "smoke",
-           "--out", str(tmp_path), "--strategies", *strategies]
+           "--out", str(tmp_path), "--strategies", *strategies, "--seeds", "0", "1", "--jobs", "2"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))

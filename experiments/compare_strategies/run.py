@@ -3,16 +3,16 @@
     python experiments/compare_strategies/run.py --preset cpu                 # PTB, DARTS cell space, 2-core CPU
     python experiments/compare_strategies/run.py --preset paper --device cuda  # the DARTS paper's size (GPU)
     python experiments/compare_strategies/run.py --preset smoke --out /tmp/cmp # the pipeline in minutes
-    # two processes, one core each, sharing one output folder (a last run without --seeds tabulates all):
-    python experiments/compare_strategies/run.py --preset cpu --seeds 0 --num-threads 1 &
-    python experiments/compare_strategies/run.py --preset cpu --seeds 1 --num-threads 1
+    # two runs at a time, one core each (one process owns --out; it keeps two subprocesses busy):
+    python experiments/compare_strategies/run.py --preset cpu3 --jobs 2 --num-threads 1
 
 A preset (``<name>.yaml`` beside this file) lists the dataset, the seeds, the overrides every ``search.py`` run
 gets, one override list per strategy (the search budget is set there: DARTS and random_ws spend it as supernet
 epochs, random and bayesian as ``strategy.budget_tokens`` of per-trial training -- the same currency, training
 tokens), and the overrides of the ``train.py`` run that retrains every final genotype.  Every run is a
 subprocess with its own run directory under ``--out``; a run whose ``metrics.json`` exists is not run again, so
-an interrupted comparison continues where it stopped.
+an interrupted comparison continues where it stopped.  One process owns ``--out`` at a time (a second is refused
+with ``RunDirBusy``); ``--jobs N`` runs N (strategy, seed) pairs side by side within it.
 
 Outputs in ``--out``: ``search/<strategy>/seed<s>/`` and ``train/<strategy>/seed<s>/`` (the runs),
 ``results.csv`` (one row per strategy and seed), ``summary.csv`` and ``results.md`` (per strategy: mean ± sd over
@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from nas.engine.resume import run_dir_status
 from nas.engine.rundir import RunDirBusy, own_run_dir
@@ -101,16 +102,21 @@ def mean_std(values):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="cpu", help="cpu | paper | smoke, or a path to a preset .yaml")
+    p.add_argument("--preset", default="cpu", help="cpu3 | cpu | paper | smoke, or a path to a preset .yaml")
     p.add_argument("--out", default=None, help="output folder (default: outputs/compare_strategies/<preset>)")
     p.add_argument("--seeds", type=int, nargs="*", help="override the preset's seeds")
     p.add_argument("--strategies", nargs="*", help="run only these strategies of the preset")
     p.add_argument("--device", default=None, help="device= for every run (default: the configs' auto)")
     p.add_argument("--num-threads", type=int, default=None,
                    help="num_threads= for every run (e.g. 1 when several comparisons share the cores)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="(strategy, seed) pairs run at once, each its own search then retraining (e.g. 2 with "
+                        "--num-threads 1 on 2 cores)")
     p.add_argument("--baseline", default="random",
                    help="the strategy every other one is tested against (default: random)")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
     preset = load_preset(args.preset)
     name = os.path.splitext(os.path.basename(args.preset))[0]
     out = os.path.abspath(args.out or os.path.join("outputs", "compare_strategies", name))
@@ -122,26 +128,37 @@ def main(argv=None) -> None:
     strategies = {k: v for k, v in preset["strategies"].items() if not args.strategies or k in args.strategies}
     common = [f"dataset={preset['dataset']}"] + ([f"device={args.device}"] if args.device else [])
     common += [f"num_threads={args.num_threads}"] if args.num_threads else []
-    rows = []
-    for strategy, extra in strategies.items():
-        for seed in seeds:
-            print(f"{strategy}, seed {seed}", flush=True)
-            sdir = os.path.join(out, "search", strategy, f"seed{seed}")
-            s = run("search.py", common + preset["search"] + extra + [f"seed={seed}"], sdir,
-                    os.path.join(out, "logs", f"search_{strategy}_seed{seed}.log"))
-            tdir = os.path.join(out, "train", strategy, f"seed{seed}")
-            t = run("train.py", common + preset["train"] + [f"arch={sdir}", f"seed={seed}"], tdir,
-                    os.path.join(out, "logs", f"train_{strategy}_seed{seed}.log"))
-            recs = trials(sdir)
-            rows.append({"strategy": strategy, "seed": seed,
-                         "valid": t.get("best_valid_ppl", t.get("best_valid_accuracy")),
-                         "test": t.get("test_ppl", t.get("test_accuracy")),
-                         # the seed article's three evaluations of the retrained model (test split)
-                         "test_accuracy": t.get("test_accuracy"), "test_cross_entropy": t.get("test_cross_entropy"),
-                         "params": t.get("params"),
-                         "search_seconds": s["wall_seconds"], "search_tokens": recs[-1]["cum_train_tokens"],
-                         "evaluations": len(recs), "retrain_seconds": t["wall_seconds"],
-                         "genotype": json.dumps(s["genotype"]["nodes"])})
+    def one(strategy: str, extra: list, seed: int) -> dict:
+        """Search with ``strategy`` and retrain its genotype, for one seed: its results.csv row."""
+        print(f"{strategy}, seed {seed}", flush=True)
+        sdir = os.path.join(out, "search", strategy, f"seed{seed}")
+        s = run("search.py", common + preset["search"] + extra + [f"seed={seed}"], sdir,
+                os.path.join(out, "logs", f"search_{strategy}_seed{seed}.log"))
+        tdir = os.path.join(out, "train", strategy, f"seed{seed}")
+        t = run("train.py", common + preset["train"] + [f"arch={sdir}", f"seed={seed}"], tdir,
+                os.path.join(out, "logs", f"train_{strategy}_seed{seed}.log"))
+        recs = trials(sdir)
+        return {"strategy": strategy, "seed": seed,
+                "valid": t.get("best_valid_ppl", t.get("best_valid_accuracy")),
+                "test": t.get("test_ppl", t.get("test_accuracy")),
+                # the seed article's three evaluations of the retrained model (test split)
+                "test_accuracy": t.get("test_accuracy"), "test_cross_entropy": t.get("test_cross_entropy"),
+                "params": t.get("params"),
+                "search_seconds": s["wall_seconds"], "search_tokens": recs[-1]["cum_train_tokens"],
+                "evaluations": len(recs), "retrain_seconds": t["wall_seconds"],
+                "genotype": json.dumps(s["genotype"]["nodes"])}
+
+    pairs = [(strategy, extra, seed) for strategy, extra in strategies.items() for seed in seeds]
+    if args.jobs == 1:
+        rows = [one(*pair) for pair in pairs]
+    else:  # a queue of (strategy, seed) pairs, `--jobs` at a time, taken in the preset's order
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = [pool.submit(one, *pair) for pair in pairs]
+            try:
+                rows = [f.result() for f in futures]
+            except BaseException:  # a failed run (its message is raised here): start nothing new, let the
+                pool.shutdown(wait=True, cancel_futures=True)  # running ones finish (they resume anyway)
+                raise
     write_tables(rows, out, metric="accuracy" if preset["dataset"] == "sst2" else "perplexity",
                  baseline=args.baseline)
     plot(out, strategies, seeds)
@@ -288,6 +305,8 @@ def _select(cfg: dict, dotted: str):
 
 #: the search settings every run's hparams show (from its resolved config), besides the preset's overrides
 HPARAM_SETTINGS = ("strategy.name", "epochs", "space.nhid", "batch_size")
+#: override keys that choose a config group (not a setting: their choice shows as e.g. ``strategy.name``)
+CONFIG_GROUPS = ("strategy", "space", "dataset", "experiment", "tuning", "space_strategy")
 #: results.csv key -> the metric's name in the HParams view
 HPARAM_METRICS = {"valid": "retrained/valid", "test": "retrained/test", "test_accuracy": "retrained/test_accuracy",
                   "test_cross_entropy": "retrained/test_cross_entropy", "params": "retrained/params",
@@ -313,7 +332,7 @@ def write_hparams(rows: list, out: str, strategies: dict) -> str:
     for extra in strategies.values():
         for override in extra:
             key = override.split("=", 1)[0].lstrip("+~")
-            if "." in key and key not in keys:  # strategy=<name> is strategy.name, already there
+            if key not in CONFIG_GROUPS and key not in keys:  # strategy=<name> is strategy.name, already there
                 keys.append(key)
     configs = {(r["strategy"], r["seed"]): _search_config(out, r["strategy"], r["seed"]) for r in rows}
     raw = {run: {k: _select(cfg, k) for k in keys} for run, cfg in configs.items()}
