@@ -203,3 +203,30 @@ def test_comparison_pipeline_writes_table_and_plot_and_resumes(tmp_path):
     assert r.stdout.count("done before") == 2 * len(strategies) * 2 - 1 and "resume=" in r.stdout
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert {(row["strategy"], row["seed"]): row["test"] for row in rows} == before
+
+
+NINE = ["darts_1st", "darts_2nd", "random_ws", "gdas", "random", "bayesian", "evolution", "random_asha",
+        "bayesian_hyperband"]
+
+
+@pytest.mark.parametrize("name", ["cpu3", "paper"])
+def test_presets_run_every_strategy_with_three_seeds_at_one_token_budget(name):
+    preset = load_run().load_preset(name)
+    assert len(set(preset["seeds"])) >= 3 and sorted(preset["strategies"]) == sorted(NINE)
+
+    def settings(strategy):
+        return dict(o.split("=", 1) for o in preset["strategies"][strategy])
+
+    def unpruned_trial(s):  # training batches of a trial that is not stopped early
+        epochs, limit = int(s.get("strategy.trial_epochs", 1)), s.get("strategy.trial_limit_train_batches")
+        return epochs * int(limit) if limit else f"{epochs} whole epochs"
+
+    random = settings("random")
+    for strategy in ("bayesian", "evolution", "random_asha", "bayesian_hyperband"):
+        s = settings(strategy)  # the black-box ones: random's token budget, and unpruned trials as long as its
+        assert s["strategy.budget_tokens"] == random["strategy.budget_tokens"], strategy
+        assert unpruned_trial(s) == unpruned_trial(random), strategy
+    for strategy, kind in (("random_asha", "random"), ("bayesian_hyperband", "bayesian")):
+        s = settings(strategy)  # multi-fidelity: halving needs more than one epoch per trial
+        assert s["strategy"] == kind and s["strategy.pruner"] in ("asha", "hyperband")
+        assert int(s["strategy.trial_epochs"]) > 1, strategy
