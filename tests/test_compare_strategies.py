@@ -230,3 +230,10 @@ def test_presets_run_every_strategy_with_three_seeds_at_one_token_budget(name):
         s = settings(strategy)  # multi-fidelity: halving needs more than one epoch per trial
         assert s["strategy"] == kind and s["strategy.pruner"] in ("asha", "hyperband")
         assert int(s["strategy.trial_epochs"]) > 1, strategy
+
+
+def test_an_unknown_baseline_is_refused_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        load_run().main(["--preset", "smoke", "--baseline", "randm", "--out", str(tmp_path / "cmp")])
+    assert exit_.value.code == 2 and "--baseline 'randm' is not a strategy of the preset" in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()

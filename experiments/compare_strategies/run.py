@@ -118,6 +118,8 @@ def main(argv=None) -> None:
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
     preset = load_preset(args.preset)
+    if args.baseline not in preset["strategies"]:
+        p.error(f"--baseline {args.baseline!r} is not a strategy of the preset ({', '.join(preset['strategies'])})")
     name = os.path.splitext(os.path.basename(args.preset))[0]
     out = os.path.abspath(args.out or os.path.join("outputs", "compare_strategies", name))
     try:  # one comparison per output folder at a time (its runs would otherwise be started twice and mixed)
@@ -128,6 +130,7 @@ def main(argv=None) -> None:
     strategies = {k: v for k, v in preset["strategies"].items() if not args.strategies or k in args.strategies}
     common = [f"dataset={preset['dataset']}"] + ([f"device={args.device}"] if args.device else [])
     common += [f"num_threads={args.num_threads}"] if args.num_threads else []
+
     def one(strategy: str, extra: list, seed: int) -> dict:
         """Search with ``strategy`` and retrain its genotype, for one seed: its results.csv row."""
         print(f"{strategy}, seed {seed}", flush=True)
