@@ -3,20 +3,24 @@
     python experiments/compare_strategies/run.py --preset cpu                 # PTB, DARTS cell space, 2-core CPU
     python experiments/compare_strategies/run.py --preset paper --device cuda  # the DARTS paper's size (GPU)
     python experiments/compare_strategies/run.py --preset smoke --out /tmp/cmp # the pipeline in minutes
-    # two processes, one core each, sharing one output folder (a last run without --seeds tabulates all):
-    python experiments/compare_strategies/run.py --preset cpu --seeds 0 --num-threads 1 &
-    python experiments/compare_strategies/run.py --preset cpu --seeds 1 --num-threads 1
+    # two runs at a time, one core each (one process owns --out; it keeps two subprocesses busy):
+    python experiments/compare_strategies/run.py --preset cpu3 --jobs 2 --num-threads 1
 
 A preset (``<name>.yaml`` beside this file) lists the dataset, the seeds, the overrides every ``search.py`` run
 gets, one override list per strategy (the search budget is set there: DARTS and random_ws spend it as supernet
 epochs, random and bayesian as ``strategy.budget_tokens`` of per-trial training -- the same currency, training
 tokens), and the overrides of the ``train.py`` run that retrains every final genotype.  Every run is a
 subprocess with its own run directory under ``--out``; a run whose ``metrics.json`` exists is not run again, so
-an interrupted comparison continues where it stopped.
+an interrupted comparison continues where it stopped.  One process owns ``--out`` at a time (a second is refused
+with ``RunDirBusy``); ``--jobs N`` runs N (strategy, seed) pairs side by side within it.
 
 Outputs in ``--out``: ``search/<strategy>/seed<s>/`` and ``train/<strategy>/seed<s>/`` (the runs),
-``results.csv`` (one row per strategy and seed), ``results.md`` (mean ± std per strategy), ``best_so_far.png``
-(best validation metric so far against training tokens spent, mean over seeds, one line per strategy).
+``results.csv`` (one row per strategy and seed), ``summary.csv`` and ``results.md`` (per strategy: mean ± sd over
+seeds, the 95% bootstrap CI of the mean retrained test metric, and its difference from ``--baseline`` (random
+search) with Welch's t-test p-value; see :func:`summarize`), ``best_so_far.png`` (best validation metric so far
+against training tokens spent, mean over seeds, one line per strategy), and ``tb_hparams/<strategy>_seed<s>/``
+(one TensorBoard run per search with its hparams and final metrics: ``tensorboard --logdir <out>/tb_hparams``,
+HPARAMS tab; see :func:`write_hparams`).
 """
 from __future__ import annotations
 
@@ -25,10 +29,12 @@ import csv
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from nas.engine.resume import run_dir_status
 from nas.engine.rundir import RunDirBusy, own_run_dir
@@ -96,15 +102,24 @@ def mean_std(values):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="cpu", help="cpu | paper | smoke, or a path to a preset .yaml")
+    p.add_argument("--preset", default="cpu", help="cpu3 | cpu | paper | smoke, or a path to a preset .yaml")
     p.add_argument("--out", default=None, help="output folder (default: outputs/compare_strategies/<preset>)")
     p.add_argument("--seeds", type=int, nargs="*", help="override the preset's seeds")
     p.add_argument("--strategies", nargs="*", help="run only these strategies of the preset")
     p.add_argument("--device", default=None, help="device= for every run (default: the configs' auto)")
     p.add_argument("--num-threads", type=int, default=None,
                    help="num_threads= for every run (e.g. 1 when several comparisons share the cores)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="(strategy, seed) pairs run at once, each its own search then retraining (e.g. 2 with "
+                        "--num-threads 1 on 2 cores)")
+    p.add_argument("--baseline", default="random",
+                   help="the strategy every other one is tested against (default: random)")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
     preset = load_preset(args.preset)
+    if args.baseline not in preset["strategies"]:
+        p.error(f"--baseline {args.baseline!r} is not a strategy of the preset ({', '.join(preset['strategies'])})")
     name = os.path.splitext(os.path.basename(args.preset))[0]
     out = os.path.abspath(args.out or os.path.join("outputs", "compare_strategies", name))
     try:  # one comparison per output folder at a time (its runs would otherwise be started twice and mixed)
@@ -115,55 +130,235 @@ def main(argv=None) -> None:
     strategies = {k: v for k, v in preset["strategies"].items() if not args.strategies or k in args.strategies}
     common = [f"dataset={preset['dataset']}"] + ([f"device={args.device}"] if args.device else [])
     common += [f"num_threads={args.num_threads}"] if args.num_threads else []
-    rows = []
-    for strategy, extra in strategies.items():
-        for seed in seeds:
-            print(f"{strategy}, seed {seed}", flush=True)
-            sdir = os.path.join(out, "search", strategy, f"seed{seed}")
-            s = run("search.py", common + preset["search"] + extra + [f"seed={seed}"], sdir,
-                    os.path.join(out, "logs", f"search_{strategy}_seed{seed}.log"))
-            tdir = os.path.join(out, "train", strategy, f"seed{seed}")
-            t = run("train.py", common + preset["train"] + [f"arch={sdir}", f"seed={seed}"], tdir,
-                    os.path.join(out, "logs", f"train_{strategy}_seed{seed}.log"))
-            recs = trials(sdir)
-            rows.append({"strategy": strategy, "seed": seed,
-                         "valid": t.get("best_valid_ppl", t.get("best_valid_accuracy")),
-                         "test": t.get("test_ppl", t.get("test_accuracy")),
-                         # the seed article's three evaluations of the retrained model (test split)
-                         "test_accuracy": t.get("test_accuracy"), "test_cross_entropy": t.get("test_cross_entropy"),
-                         "params": t.get("params"),
-                         "search_seconds": s["wall_seconds"], "search_tokens": recs[-1]["cum_train_tokens"],
-                         "evaluations": len(recs), "retrain_seconds": t["wall_seconds"],
-                         "genotype": json.dumps(s["genotype"]["nodes"])})
-    write_tables(rows, out, metric="accuracy" if preset["dataset"] == "sst2" else "perplexity")
+
+    def one(strategy: str, extra: list, seed: int) -> dict:
+        """Search with ``strategy`` and retrain its genotype, for one seed: its results.csv row."""
+        print(f"{strategy}, seed {seed}", flush=True)
+        sdir = os.path.join(out, "search", strategy, f"seed{seed}")
+        s = run("search.py", common + preset["search"] + extra + [f"seed={seed}"], sdir,
+                os.path.join(out, "logs", f"search_{strategy}_seed{seed}.log"))
+        tdir = os.path.join(out, "train", strategy, f"seed{seed}")
+        t = run("train.py", common + preset["train"] + [f"arch={sdir}", f"seed={seed}"], tdir,
+                os.path.join(out, "logs", f"train_{strategy}_seed{seed}.log"))
+        recs = trials(sdir)
+        return {"strategy": strategy, "seed": seed,
+                "valid": t.get("best_valid_ppl", t.get("best_valid_accuracy")),
+                "test": t.get("test_ppl", t.get("test_accuracy")),
+                # the seed article's three evaluations of the retrained model (test split)
+                "test_accuracy": t.get("test_accuracy"), "test_cross_entropy": t.get("test_cross_entropy"),
+                "params": t.get("params"),
+                "search_seconds": s["wall_seconds"], "search_tokens": recs[-1]["cum_train_tokens"],
+                "evaluations": len(recs), "retrain_seconds": t["wall_seconds"],
+                "genotype": json.dumps(s["genotype"]["nodes"])}
+
+    pairs = [(strategy, extra, seed) for strategy, extra in strategies.items() for seed in seeds]
+    if args.jobs == 1:
+        rows = [one(*pair) for pair in pairs]
+    else:  # a queue of (strategy, seed) pairs, `--jobs` at a time, taken in the preset's order
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = [pool.submit(one, *pair) for pair in pairs]
+            try:
+                rows = [f.result() for f in futures]
+            except BaseException:  # a failed run (its message is raised here): start nothing new, let the
+                pool.shutdown(wait=True, cancel_futures=True)  # running ones finish (they resume anyway)
+                raise
+    write_tables(rows, out, metric="accuracy" if preset["dataset"] == "sst2" else "perplexity",
+                 baseline=args.baseline)
     plot(out, strategies, seeds)
-    print(f"results: {out}/results.md, results.csv, best_so_far.png")
+    write_hparams(rows, out, strategies)
+    print(f"results: {out}/results.md, results.csv, summary.csv, best_so_far.png; "
+          f"tensorboard --logdir {os.path.join(out, 'tb_hparams')} (HPARAMS tab)")
 
 
-def write_tables(rows: list, out: str, metric: str) -> None:
+#: the statistics' settings, fixed so that a table is reproducible from its results.csv
+CONFIDENCE = 0.95
+BOOTSTRAP_RESAMPLES = 9999
+BOOTSTRAP_METHOD = "percentile"
+BOOTSTRAP_SEED = 0
+
+
+def summarize(rows: list, baseline: str = "random") -> list:
+    """Per strategy (in the rows' order): mean and sd over seeds of every figure, and the statistics of the
+    retrained test metric (``row["test"]``: perplexity, or accuracy on SST-2).
+
+    ``rows``: one dict per (strategy, seed) with the keys of results.csv.  Returns one dict per strategy with
+    ``seeds``, ``<key>_mean`` / ``<key>_sd`` (sample sd, n - 1; 0 for one seed) for each figure, and:
+
+    * ``test_ci_low`` / ``test_ci_high``: the 95% bootstrap confidence interval of the mean test metric
+      (``scipy.stats.bootstrap``, percentile method, 9999 resamples, ``rng=0``; Efron & Tibshirani 1993, ch. 13).
+      None with one seed (a resample of one value has no spread).  The percentile interval lies inside the
+      seeds' range, so with 3-5 seeds it is narrower than the t interval and undercovers: read it as the spread
+      the seeds show, not as a guaranteed 95%.
+    * ``test_diff``: mean test metric minus the ``baseline``'s (in the metric's units; perplexity: negative is
+      better than the baseline), ``test_p``, ``welch_t``, ``welch_df``: Welch's unequal-variance t-test of the
+      two strategies' seeds (``scipy.stats.ttest_ind(equal_var=False)``, two-sided; Welch 1947).  None for the
+      baseline itself, when the baseline is not among the rows, or when either side has fewer than 2 seeds; the
+      p-value is NaN when both sides have no spread at all.
+    """
+    import numpy as np
+    from scipy import stats
+
+    keys = ("valid", "test", "test_accuracy", "test_cross_entropy", "params", "search_seconds", "search_tokens",
+            "evaluations", "retrain_seconds")
+    values = {}
+    for r in rows:
+        values.setdefault(r["strategy"], []).append(r)
+
+    def finite(rs, key):
+        return [float(r[key]) for r in rs if r.get(key) is not None and math.isfinite(float(r[key]))]
+
+    base = finite(values.get(baseline, []), "test")
+    out = []
+    for strategy, rs in values.items():
+        summary = {"strategy": strategy, "seeds": len(rs)}
+        for key in keys:
+            summary[f"{key}_mean"], summary[f"{key}_sd"] = mean_std(finite(rs, key))
+        test = finite(rs, "test")
+        summary["test_ci_low"] = summary["test_ci_high"] = None
+        if len(test) > 1:
+            ci = stats.bootstrap((np.asarray(test),), np.mean, confidence_level=CONFIDENCE,
+                                 n_resamples=BOOTSTRAP_RESAMPLES, method=BOOTSTRAP_METHOD,
+                                 rng=BOOTSTRAP_SEED).confidence_interval
+            summary["test_ci_low"], summary["test_ci_high"] = float(ci.low), float(ci.high)
+        summary["baseline"] = baseline
+        summary["test_diff"] = summary["test_p"] = summary["welch_t"] = summary["welch_df"] = None
+        if strategy != baseline and base:
+            summary["test_diff"] = statistics.fmean(test) - statistics.fmean(base)
+            if len(test) > 1 and len(base) > 1:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    res = stats.ttest_ind(test, base, equal_var=False)
+                summary["test_p"], summary["welch_t"], summary["welch_df"] = (float(res.pvalue), float(res.statistic),
+                                                                             float(res.df))
+        out.append(summary)
+    return out
+
+
+def _ci_cell(s: dict) -> str:
+    if s["test_ci_low"] is None:
+        return f"— ({s['seeds']} seed: no CI)" if s["seeds"] == 1 else "—"
+    return f"[{s['test_ci_low']:.2f}, {s['test_ci_high']:.2f}]"
+
+
+def _test_cells(s: dict) -> tuple:
+    """The markdown cells 'difference from the baseline' and 'p (Welch)'."""
+    if s["strategy"] == s["baseline"]:
+        return "—", "—"
+    if s["test_diff"] is None:
+        return f"— (no {s['baseline']})", "—"
+    diff = f"{s['test_diff']:+.2f}"
+    if s["test_p"] is None:
+        return diff, "— (< 2 seeds)"
+    if not math.isfinite(s["test_p"]):
+        return diff, "— (no spread)"
+    return diff, f"{s['test_p']:.3g}"
+
+
+def write_tables(rows: list, out: str, metric: str, baseline: str = "random") -> None:
+    """results.csv (``rows`` as they are), summary.csv (:func:`summarize`, full precision) and results.md (the
+    summary rounded for reading) in ``out``.  ``metric``: ``perplexity`` or ``accuracy`` (the column names)."""
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    summaries = summarize(rows, baseline)
+    with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(summaries[0]))
+        w.writeheader()
+        w.writerows(summaries)
     # the test accuracy has its own column where the metric is not already accuracy (language models: next-token)
     accuracy = metric != "accuracy"
     lines = [f"| strategy | seeds | retrained valid {metric} | retrained test {metric} | "
+             f"test {metric}: 95% CI of the mean | Δ test vs {baseline} | p vs {baseline} (Welch) | "
              + ("test accuracy | " if accuracy else "") + "test cross-entropy | params | search wall s | "
-             "search tokens | evaluations |", "|---" * (9 + accuracy) + "|"]
-    for strategy in dict.fromkeys(r["strategy"] for r in rows):
-        rs = [r for r in rows if r["strategy"] == strategy]
-        cells = {k: mean_std([r[k] for r in rs]) for k in ("valid", "test", "test_accuracy", "test_cross_entropy",
-                                                           "params", "search_seconds", "search_tokens",
-                                                           "evaluations")}
-        lines.append(f"| {strategy} | {len(rs)} | {cells['valid'][0]:.2f} ± {cells['valid'][1]:.2f} | "
-                     f"{cells['test'][0]:.2f} ± {cells['test'][1]:.2f} | "
-                     + (f"{cells['test_accuracy'][0]:.4f} ± {cells['test_accuracy'][1]:.4f} | " if accuracy else "")
-                     + f"{cells['test_cross_entropy'][0]:.4f} ± {cells['test_cross_entropy'][1]:.4f} | "
-                     f"{cells['params'][0]:,.0f} | {cells['search_seconds'][0]:.0f} ± {cells['search_seconds'][1]:.0f} | "
-                     f"{cells['search_tokens'][0]:,.0f} | {cells['evaluations'][0]:.1f} |")
+             "search tokens | evaluations |", "|---" * (12 + accuracy) + "|"]
+    for s in summaries:
+        diff, p = _test_cells(s)
+        lines.append(f"| {s['strategy']} | {s['seeds']} | {s['valid_mean']:.2f} ± {s['valid_sd']:.2f} | "
+                     f"{s['test_mean']:.2f} ± {s['test_sd']:.2f} | {_ci_cell(s)} | {diff} | {p} | "
+                     + (f"{s['test_accuracy_mean']:.4f} ± {s['test_accuracy_sd']:.4f} | " if accuracy else "")
+                     + f"{s['test_cross_entropy_mean']:.4f} ± {s['test_cross_entropy_sd']:.4f} | "
+                     f"{s['params_mean']:,.0f} | {s['search_seconds_mean']:.0f} ± {s['search_seconds_sd']:.0f} | "
+                     f"{s['search_tokens_mean']:,.0f} | {s['evaluations_mean']:.1f} |")
+    n = sorted({s["seeds"] for s in summaries})
+    lines += ["", f"Mean ± sd over seeds ({'/'.join(map(str, n))} per strategy). CI: 95% percentile bootstrap of "
+              f"the mean test {metric} (scipy.stats.bootstrap, {BOOTSTRAP_RESAMPLES} resamples, rng="
+              f"{BOOTSTRAP_SEED}); with few seeds it lies within the seeds' range and is too narrow. Δ: mean test "
+              f"{metric} minus {baseline}'s; p: Welch's two-sided t-test of the seeds against {baseline}'s "
+              "(scipy.stats.ttest_ind, equal_var=False). Full precision: summary.csv."]
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _search_config(out: str, strategy: str, seed) -> dict:
+    """The resolved config of a search run (its run dir's config.yaml) as a dict; {} when it has none."""
+    from omegaconf import OmegaConf
+
+    path = os.path.join(out, "search", strategy, f"seed{seed}", "config.yaml")
+    return OmegaConf.to_container(OmegaConf.load(path)) if os.path.isfile(path) else {}
+
+
+def _select(cfg: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(cfg, dict) or part not in cfg:
+            return None
+        cfg = cfg[part]
+    return cfg
+
+
+#: the search settings every run's hparams show (from its resolved config), besides the preset's overrides
+HPARAM_SETTINGS = ("strategy.name", "epochs", "space.nhid", "batch_size")
+#: override keys that choose a config group (not a setting: their choice shows as e.g. ``strategy.name``)
+CONFIG_GROUPS = ("strategy", "space", "dataset", "experiment", "tuning", "space_strategy")
+#: results.csv key -> the metric's name in the HParams view
+HPARAM_METRICS = {"valid": "retrained/valid", "test": "retrained/test", "test_accuracy": "retrained/test_accuracy",
+                  "test_cross_entropy": "retrained/test_cross_entropy", "params": "retrained/params",
+                  "search_seconds": "search/wall_seconds", "search_tokens": "search/train_tokens",
+                  "evaluations": "search/evaluations", "retrain_seconds": "retrain/wall_seconds"}
+
+
+def write_hparams(rows: list, out: str, strategies: dict) -> str:
+    """One TensorBoard run per (strategy, seed) in ``<out>/tb_hparams/<strategy>_seed<seed>/``, written with
+    ``SummaryWriter.add_hparams``: hparams ``strategy`` (the preset's name), ``seed``, the search settings of
+    :data:`HPARAM_SETTINGS` and every key the preset's override lists set (``strategies``: name -> overrides),
+    read from each search run's resolved ``config.yaml``; metrics :data:`HPARAM_METRICS`.  Returns the folder.
+
+    TensorBoard takes the HParams table's columns from one run's experiment summary, so every run gets the same
+    keys: a key a run's config lacks (darts has no ``strategy.budget_tokens``) is ``"—"``, and a key that is not a
+    number (or not a bool) in every run is written as text in all of them; a metric missing from any run is left
+    out.  The folder is rewritten from ``rows`` each time (it is derived data)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    root = os.path.join(out, "tb_hparams")
+    shutil.rmtree(root, ignore_errors=True)
+    keys = list(HPARAM_SETTINGS)
+    for extra in strategies.values():
+        for override in extra:
+            key = override.split("=", 1)[0].lstrip("+~")
+            if key not in CONFIG_GROUPS and key not in keys:  # strategy=<name> is strategy.name, already there
+                keys.append(key)
+    configs = {(r["strategy"], r["seed"]): _search_config(out, r["strategy"], r["seed"]) for r in rows}
+    raw = {run: {k: _select(cfg, k) for k in keys} for run, cfg in configs.items()}
+    kinds = {}
+    for k in keys:
+        vals = [h[k] for h in raw.values()]
+        if all(isinstance(v, bool) for v in vals):
+            kinds[k] = bool
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals):
+            kinds[k] = float
+        else:
+            kinds[k] = str
+    metrics = [k for k in HPARAM_METRICS
+               if all(r.get(k) is not None and math.isfinite(float(r[k])) for r in rows)]
+    for r in rows:
+        h = raw[(r["strategy"], r["seed"])]
+        hparams = {"strategy": r["strategy"], "seed": int(r["seed"])}
+        for k in keys:
+            v = h[k]
+            hparams[k] = v if kinds[k] is not str else ("—" if v is None else str(v))
+        with SummaryWriter(os.path.join(root, f"{r['strategy']}_seed{r['seed']}")) as w:
+            w.add_hparams(hparams, {HPARAM_METRICS[k]: float(r[k]) for k in metrics}, run_name=".")
+    return root
 
 
 def plot(out: str, strategies, seeds) -> None:
