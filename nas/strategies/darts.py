@@ -165,14 +165,7 @@ class DartsStrategy:
         """
         self.optimizer.zero_grad(set_to_none=True)
         grad, hidden = self.arch_gradient(train, valid, eta)
-        if self.penalty is not None:  # + ∇α of the expected parameter count (strategy.param_penalty)
-            grad = grad + self.penalty.gradient(self.alphas)
-        if not bool(torch.isfinite(grad).all()):
-            from nas.errors import NonFiniteLossError
-
-            raise NonFiniteLossError("the α gradient became non-finite (α was not updated); lower lr or arch_lr")
-        self.alphas.grad = grad
-        self.optimizer.step()
+        alpha_update(self, grad)
         return hidden
 
     def export(self) -> Genotype:
@@ -184,12 +177,7 @@ class DartsStrategy:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore α and Adam's state. Raises ValueError if α's shape does not match the space."""
-        alphas = state["alphas"]
-        if tuple(alphas.shape) != tuple(self.alphas.shape):
-            raise ValueError(f"checkpoint α has shape {tuple(alphas.shape)}, this space needs {tuple(self.alphas.shape)}")
-        with torch.no_grad():
-            self.alphas.copy_(alphas)
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_alpha_state(self, state)
 
     # -- the hypergradient ---------------------------------------------------------------------
     def arch_gradient(self, train: Batch, valid: Batch, eta: float):
@@ -270,6 +258,30 @@ class DartsStrategy:
         (grad,) = torch.autograd.grad(loss, [alphas])
         return grad
 
+
+
+def alpha_update(strategy, grad: torch.Tensor) -> None:
+    """One Adam step of ``strategy.alphas`` with ``grad`` [E, K] plus the parameter penalty's gradient
+    (``strategy.penalty``; darts, gdas).  Raises NonFiniteLossError (α unchanged) when the sum is not finite."""
+    if strategy.penalty is not None:  # + ∇α of the expected parameter count (strategy.param_penalty)
+        grad = grad + strategy.penalty.gradient(strategy.alphas)
+    if not bool(torch.isfinite(grad).all()):
+        from nas.errors import NonFiniteLossError
+
+        raise NonFiniteLossError("the α gradient became non-finite (α was not updated); lower lr or arch_lr")
+    strategy.alphas.grad = grad
+    strategy.optimizer.step()
+
+
+def load_alpha_state(strategy, state: dict) -> None:
+    """Restore ``strategy.alphas`` and its Adam state from ``state`` (``alphas``, ``optimizer``).  Raises ValueError
+    if α's shape does not match the space."""
+    alphas = state["alphas"]
+    if tuple(alphas.shape) != tuple(strategy.alphas.shape):
+        raise ValueError(f"checkpoint α has shape {tuple(alphas.shape)}, this space needs {tuple(strategy.alphas.shape)}")
+    with torch.no_grad():
+        strategy.alphas.copy_(alphas)
+    strategy.optimizer.load_state_dict(state["optimizer"])
 
 
 def param_penalty(cfg, space, model) -> Optional[ParamPenalty]:

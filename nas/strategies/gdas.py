@@ -44,12 +44,12 @@ from torch import nn
 from torch.func import functional_call
 
 from nas import distributed
-from nas.errors import ConfigError, NonFiniteLossError
+from nas.errors import ConfigError
 from nas.genotype import Genotype
 from nas.losses import lm_nll
 from nas.mixed import gumbel_hard, with_index
 from nas.strategies.base import STRATEGIES
-from nas.strategies.darts import ALPHA_SPLITS, param_penalty
+from nas.strategies.darts import ALPHA_SPLITS, alpha_update, load_alpha_state, param_penalty
 
 log = logging.getLogger(__name__)
 
@@ -175,12 +175,7 @@ class GdasStrategy:
         """
         self.optimizer.zero_grad(set_to_none=True)
         grad, hidden = self.arch_gradient(valid)
-        if self.penalty is not None:  # + ∇α of the expected parameter count (strategy.param_penalty)
-            grad = grad + self.penalty.gradient(self.alphas)
-        if not bool(torch.isfinite(grad).all()):
-            raise NonFiniteLossError("the α gradient became non-finite (α was not updated); lower lr or arch_lr")
-        self.alphas.grad = grad
-        self.optimizer.step()
+        alpha_update(self, grad)
         return hidden
 
     def export(self) -> Genotype:
@@ -193,11 +188,5 @@ class GdasStrategy:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore α, Adam's state and the τ schedule position. Raises ValueError if α's shape does not match."""
-        alphas = state["alphas"]
-        if tuple(alphas.shape) != tuple(self.alphas.shape):
-            raise ValueError(f"checkpoint α has shape {tuple(alphas.shape)}, "
-                             f"this space needs {tuple(self.alphas.shape)}")
-        with torch.no_grad():
-            self.alphas.copy_(alphas)
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_alpha_state(self, state)
         self.epoch, self.tau = int(state["epoch"]), float(state["tau"])
