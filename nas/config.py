@@ -6,6 +6,7 @@ here (and in each space's / strategy's own schema); YAML presets only override.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -153,12 +154,19 @@ RANGES = {
     "space.init_range": (0, True, None, False),
     **{f"space.{d}": (0, False, 1, True) for d in ("dropout", "dropouth", "dropoutx", "dropouti", "dropoute", "dropouta")},
     "strategy.arch_lr": (0, True, None, False), "strategy.arch_weight_decay": (0, False, None, False),
-    "strategy.alpha_init_std": (0, False, None, False),
+    "strategy.alpha_init_std": (0, False, None, False), "strategy.fd_epsilon": (0, True, None, False),
+    # issue 19's strategies: gdas's temperatures, the parameter penalty, evolution's sizes, the pruners' rungs
+    "strategy.tau_max": (0, True, None, False), "strategy.tau_min": (0, True, None, False),
+    "strategy.param_penalty": (0, False, None, False), "strategy.population": (1, False, None, False),
+    "strategy.sample_size": (1, False, None, False), "strategy.min_resource": (1, False, None, False),
+    "strategy.reduction_factor": (2, False, None, False), "strategy.min_early_stopping_rate": (0, False, None, False),
 }
 
 
 def _in_range(value, low, low_open, high, high_open) -> bool:
-    return ((low is None or (value > low if low_open else value >= low))
+    """Whether ``value`` lies in the range; never for nan or ±inf (an infinite lr, temperature or penalty is no
+    setting: it turns the first step's numbers into nan)."""
+    return (math.isfinite(value) and (low is None or (value > low if low_open else value >= low))
             and (high is None or (value < high if high_open else value <= high)))
 
 
@@ -181,7 +189,8 @@ def check_ranges(cfg) -> None:
         if not _in_range(value, low, low_open, high, high_open):
             lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
             hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
-            bad.append(f"{key}={value} (must be {' and '.join(x for x in (lo, hi) if x)})")
+            finite = "" if math.isfinite(value) else "finite and "
+            bad.append(f"{key}={value} (must be {finite}{' and '.join(x for x in (lo, hi) if x)})")
     betas = OmegaConf.select(cfg, "strategy.arch_betas", default=None, throw_on_missing=False)
     if betas is not None and not all(0 <= b < 1 for b in betas):
         bad.append(f"strategy.arch_betas={list(betas)} (each must be >= 0 and < 1)")

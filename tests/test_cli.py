@@ -351,6 +351,11 @@ def test_a_resume_of_the_other_scripts_run_names_the_script_and_leaves_that_run_
     ("space.dropout=1.5", "space.dropout=1.5 (must be >= 0 and < 1)"), ("space.dropoute=1", "space.dropoute=1.0"),
     ("strategy.arch_lr=-1", "strategy.arch_lr=-1.0 (must be > 0)"), ("batch_size=0", "batch_size=0 (must be >= 1)"),
     ("strategy.arch_betas=[0.9,1.0]", "strategy.arch_betas=[0.9, 1.0]"), ("limit_train_batches=0", "limit_train_batches=0"),
+    # not finite: passed every lower bound before (a fresh-user trial of issue 19's options)
+    ("lr=inf", "lr=inf (must be finite and > 0)"), ("strategy.param_penalty=nan", "strategy.param_penalty=nan"),
+    ("strategy=gdas strategy.tau_max=inf", "strategy.tau_max=inf (must be finite and > 0)"),
+    ("strategy=evolution strategy.population=0", "strategy.population=0 (must be >= 1)"),
+    ("strategy=random strategy.reduction_factor=1", "strategy.reduction_factor=1 (must be >= 2)"),
 ])
 def test_out_of_range_settings_are_refused_naming_the_key_and_range(override, named):
     from nas.config import check_ranges
@@ -358,7 +363,7 @@ def test_out_of_range_settings_are_refused_naming_the_key_and_range(override, na
 
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
         ok = compose("search", ["experiment=smoke"])
-        bad = compose("search", ["experiment=smoke", override])
+        bad = compose("search", ["experiment=smoke", *override.split()])
     check_ranges(ok)  # the presets' values are in range
     with pytest.raises(ConfigError, match=re.escape(named)):
         check_ranges(bad)

@@ -39,6 +39,7 @@ then the global batch's, identical on every rank.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from collections import Counter
 from typing import Callable, Dict, List, Optional
@@ -288,8 +289,8 @@ def param_penalty(cfg, space, model) -> Optional[ParamPenalty]:
     """The :class:`nas.mixed.ParamPenalty` of ``cfg.param_penalty`` over ``space.op_params(model)``; None when it is 0.
     Raises ConfigError for a negative weight or a space without ``op_params``."""
     weight = getattr(cfg, "param_penalty", 0.0) or 0.0
-    if weight < 0:
-        raise ConfigError(f"strategy.param_penalty must be >= 0, got {weight}")
+    if not weight >= 0 or math.isinf(weight):
+        raise ConfigError(f"strategy.param_penalty must be finite and >= 0, got {weight}")
     if weight == 0:
         return None
     if not hasattr(space, "op_params"):

@@ -36,6 +36,7 @@ reference code is D-X-Y/AutoDL-Projects: ``exps/algos/GDAS.py`` and ``lib/models
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
@@ -83,8 +84,8 @@ class GdasConfig:
 
 def check_config(cfg: GdasConfig) -> None:
     """Raise ConfigError (one line) for a setting :class:`GdasStrategy` cannot run."""
-    if not cfg.tau_min > 0 or not cfg.tau_max > 0:
-        raise ConfigError(f"strategy.tau_max and strategy.tau_min must be > 0, got {cfg.tau_max} and {cfg.tau_min}")
+    if not (0 < cfg.tau_min < math.inf and 0 < cfg.tau_max < math.inf):
+        raise ConfigError(f"strategy.tau_max and strategy.tau_min must be finite and > 0, got {cfg.tau_max} and {cfg.tau_min}")
     if cfg.tau_min > cfg.tau_max:
         raise ConfigError(f"strategy.tau_min={cfg.tau_min} is above strategy.tau_max={cfg.tau_max}")
     if cfg.eval_path not in EVAL_PATHS:
