@@ -88,6 +88,8 @@ def test_a_search_whose_every_trial_failed_ends_with_a_one_line_error(tmp_path):
     with pytest.raises(SearchFailed, match="no trial of random succeeded"):
         search_black_box(cfg, str(tmp_path), evaluate=lambda genotype, trial_dir: TrialResult(float("inf"), 0.1, 10))
     assert len(records(tmp_path)) == 3 and not os.path.exists(tmp_path / "genotype.json")
+    # each says why (a held-out figure that overflowed is a failed trial, as a diverged one)
+    assert all("valid_ppl is not finite" in r["failed"] for r in records(tmp_path))
 
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf

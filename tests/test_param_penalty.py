@@ -84,5 +84,5 @@ def test_darts_rnn_counts_and_bad_penalties():
     # a derived cell keeps one edge per node: node i's i edges share its matrix (2 * 8 * 8), none counts 0
     assert counts[:, space.ops.index("none")].sum() == 0
     assert counts[:, space.ops.index("tanh")].tolist() == [128.0, 64.0, 64.0] + [128 / 3] * 3
-    with pytest.raises(ConfigError, match="param_penalty must be >= 0"):
+    with pytest.raises(ConfigError, match="param_penalty must be finite and >= 0"):
         STRATEGIES.get("darts")(DartsConfig(param_penalty=-1.0), space, model, None)

@@ -96,3 +96,25 @@ def test_pareto_settings_are_one_line_errors(tmp_path):
         with pytest.raises(ConfigError, match=message) as err:
             search_black_box(cfg, str(tmp_path / str(abs(hash(override)))), evaluate=two_targets(cfg)[0])
         assert "\n" not in str(err.value)
+
+
+def test_a_tie_on_the_first_objective_goes_to_the_better_second_and_three_objectives_plot(tmp_path):
+    """Two genotypes share the best metric; the one with fewer params is genotype.json (found by a fresh-user trial:
+    the first recorded, the larger, was kept).  A third objective: the front is over all three."""
+    cfg = cfg_for(["strategy=random", "strategy.trials=30", "strategy.objectives=[metric,params,cross_entropy]"])
+    order = []
+
+    def evaluate(genotype, trial_dir):
+        order.append(genotype)
+        # the metric: 0 for the first two genotypes drawn, 1 after; params: 9 for the first, 5 for the second
+        n = len(order)
+        return TrialResult(0.0 if n <= 2 else 1.0, 0.01, 10, figures={"params": {1: 9, 2: 5}.get(n, 1),
+                                                                  "cross_entropy": float(n), "accuracy": None})
+
+    search_black_box(cfg, str(tmp_path), evaluate=evaluate)
+    assert key(json.load(open(tmp_path / "genotype.json"))) == key(order[1].to_dict())
+    written = json.load(open(tmp_path / PARETO_FILE))
+    assert written["objectives"] == ["valid_ppl", "params", "cross_entropy"]
+    # front over three: trial 2 (0, 5, 2) dominates trial 1 (0, 9, 1)? no: trial 1 has the lower cross-entropy
+    assert [m["trial"] for m in written["front"]][:2] == [2, 1] and 3 in {m["trial"] for m in written["front"]}
+    assert os.path.getsize(tmp_path / "pareto.png") > 1000

@@ -229,7 +229,7 @@ def test_an_interrupted_pruned_search_resumes_as_if_never_interrupted(tmp_path, 
     (["strategy=random", "strategy.pruner=median", "strategy.trial_epochs=3"], "valid: asha, hyperband"),
     (["strategy=random", "strategy.pruner=asha", "strategy.trial_epochs=3", "strategy.repeat=true"], "repeat"),
     (["strategy=bayesian", "strategy.pruner=asha", "strategy.trial_epochs=3", "strategy.reduction_factor=1"],
-     "reduction_factor >= 2"),
+     r"reduction_factor=1 \(must be >= 2\)"),
 ])
 def test_bad_pruner_settings_are_one_line_config_errors(tmp_path, overrides, message):
     cfg = cfg_for(overrides)

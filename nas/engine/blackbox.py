@@ -191,8 +191,8 @@ def strategy_directions(strategy) -> list:
 
 def pareto_front(records: list, objectives: list, directions: list) -> list:
     """The records (``trials.jsonl``'s) of the non-dominated trials among those with every objective's value
-    (:func:`nas.strategies.evolution.non_dominated_ranks`), best first objective first; a genotype repeated
-    counts once."""
+    (:func:`nas.strategies.evolution.non_dominated_ranks`), best first objective first (ties: by the next
+    objectives); a genotype repeated counts once."""
     from nas.strategies.evolution import non_dominated_ranks
 
     seen, scored = set(), []
@@ -203,8 +203,11 @@ def pareto_front(records: list, objectives: list, directions: list) -> list:
             seen.add(key)
             scored.append(r)
     ranks = non_dominated_ranks([[r["objectives"][n] for n in objectives] for r in scored], directions)
-    sign = 1.0 if directions[0] == "minimize" else -1.0
-    return sorted((r for r, k in zip(scored, ranks) if k == 0), key=lambda r: sign * r["objectives"][objectives[0]])
+    signs = [1.0 if d == "minimize" else -1.0 for d in directions]
+    # best first objective first; a tie on it goes to the better next objective (a front member with the same metric
+    # and more parameters is not the one to retrain)
+    return sorted((r for r, k in zip(scored, ranks) if k == 0),
+                  key=lambda r: [s * r["objectives"][n] for s, n in zip(signs, objectives)])
 
 
 def write_pareto(run_dir: str, records: list, objectives: list, directions: list) -> list:
@@ -231,7 +234,12 @@ def write_pareto(run_dir: str, records: list, objectives: list, directions: list
     ax.scatter([r["objectives"][x] for r in scored], [r["objectives"][y] for r in scored], s=18, color="0.6",
                label="trials")
     pts = sorted((r["objectives"][x], r["objectives"][y]) for r in front)
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="C3", label="Pareto front", drawstyle="steps-post")
+    if len(objectives) == 2:  # the front is a staircase in these two axes
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="C3", label="Pareto front", drawstyle="steps-post")
+    else:  # a front over more objectives is no curve in two of them: its members, marked
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color="C3",
+                label=f"Pareto front over {', '.join(label[n] for n in objectives)}")
+        ax.set_title(f"front over {len(objectives)} objectives, drawn in the first two", fontsize=9)
     for r in front:
         ax.annotate(str(r["trial"]), (r["objectives"][x], r["objectives"][y]), fontsize=7, xytext=(3, 3),
                     textcoords="offset points")
@@ -288,7 +296,13 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
     reclaimed = strategy.reclaim(trials.study_trials) if hasattr(strategy, "reclaim") else None
     log.info("search: space=%s strategy=%s%s on %s: up to %d trials of %d epoch(s)%s, %s genotypes in the space, "
              "run dir %s", cfg.space.name, cfg.strategy.name,
-             f" (sampler {cfg.strategy.sampler})" if "sampler" in cfg.strategy else "", cfg.dataset.name, cfg.strategy.trials,
+             (f" (sampler {cfg.strategy.sampler})" if "sampler" in cfg.strategy else "")
+             + (f" (population {strategy.population_size}, sample {strategy.sample_size})"
+                if hasattr(strategy, "population_size") else "")
+             + (f" (pruner {cfg.strategy.pruner}: min_resource {cfg.strategy.min_resource}, reduction_factor "
+                f"{cfg.strategy.reduction_factor})" if cfg.strategy.get("pruner") else "")
+             + (f" (objectives {', '.join(cfg.strategy.objectives)})" if cfg.strategy.get("objectives") else ""),
+             cfg.dataset.name, cfg.strategy.trials,
              cfg.strategy.trial_epochs, f", budget {cfg.strategy.budget_tokens} tokens"
              if cfg.strategy.budget_tokens else "", f"{strategy.size:,}", run_dir)
     start = time.time()
@@ -342,6 +356,12 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
                     except Exception:
                         strategy.tell(proposal.handle, None)  # the study marks it failed; a worker never loses it
                         raise
+                finished = failure is None and result.pruned is None and proposal.known is None
+                if finished and (result.value is None or not math.isfinite(result.value)):
+                    # trained to the end, but its held-out figure is nan / inf (e.g. a valid perplexity that
+                    # overflowed): failed as a diverged trial is, with a record and a warning that say so
+                    failure = f"the trial's {metric} is not finite (its held-out loss overflowed)"
+                    log.warning("trial %d failed: %s (%s)", trials.n + 1, failure, result.run_dir)
                 values = objective_values(cfg, result)
                 if result.pruned is not None:  # stopped at a rung: a PRUNED study trial, its tokens counted
                     told = strategy.tell_pruned(proposal.handle, result.pruned, result.train_tokens)
@@ -375,6 +395,10 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
     # the three evaluations of the best trial: this worker's record of it (None when another worker of a shared
     # study trained it)
     figures = trials.best_figures
+    if cfg.strategy.get("objectives"):  # a Pareto search: a tie on the first objective goes to the better next one
+        front = pareto_front(trials.records, list(cfg.strategy.objectives), strategy_directions(strategy))
+        if front and front[0]["value"] == best_value:
+            best_genotype, figures = Genotype.from_dict(front[0]["genotype"]), {k: front[0].get(k) for k in OBJECTIVES}
     if shared is not None and better(shared[0], best_value, direction):  # another worker's trial of the study
         best_value, best_genotype = shared
         figures = trials.figures_of(best_genotype)

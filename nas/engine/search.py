@@ -262,8 +262,11 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
                 value = task.value(valid)
                 genotype = task.record_origin(strategy.export(), cfg)
                 state["best_value"] = pick(state["best_value"], value)
+                penalty = getattr(strategy, "penalty", None)  # strategy.param_penalty: the expected count it weighs
+                expected = None if penalty is None else float(penalty.expected(strategy.alphas.detach()))
                 state["history"].append({"epoch": epoch, **meter.figures(), **task.valid_figures(valid),
-                                         "genotype": genotype.to_dict()})
+                                         "genotype": genotype.to_dict(),
+                                         **({} if expected is None else {"expected_params": expected})})
                 # on the step axis, as every training tag: an epoch's figures at the step that ended it
                 writer.add_scalar(f"valid/{metric}", value, state["step"])
                 writer.add_scalar("valid/loss", valid.loss, state["step"])
@@ -273,8 +276,9 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
                               {"accuracy": valid.accuracy, "cross_entropy": valid.loss, "params": n_params})
                 pos.next_epoch()
                 keeper.save()
-                log.info("epoch %d: train %s %s, valid %s %s (loss %.4f), genotype %s", epoch, metric,
-                         task.fmt(meter.value), metric, task.fmt(value), valid.loss, genotype)
+                log.info("epoch %d: train %s %s, valid %s %s (loss %.4f), genotype %s%s", epoch, metric,
+                         task.fmt(meter.value), metric, task.fmt(value), valid.loss, genotype,
+                         "" if expected is None else f"; expected params under softmax(α) {expected:,.0f}")
                 bar.set_postfix({f"valid_{metric}": task.fmt(value)})
                 if epoch < cfg.epochs:
                     keeper.check_stop(f"after epoch {epoch}")

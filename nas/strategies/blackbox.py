@@ -240,7 +240,8 @@ def check_pruner(cfg) -> None:
     if first >= cfg.trial_epochs:
         raise ConfigError(f"strategy.pruner={pruner}: the first rung is at epoch {first}, not below "
                           f"strategy.trial_epochs={cfg.trial_epochs}, so nothing would be halved: raise trial_epochs "
-                          "or lower min_resource")
+                          f"(e.g. strategy.trial_epochs={max(3, first + 1)})"
+                          + ("" if cfg.min_resource == 1 else " or lower min_resource"))
 
 
 def rung_epochs(cfg, bracket: int = 0) -> list:
