@@ -181,6 +181,11 @@ def _composition_error(err: Exception, overrides: list, config_name: str) -> str
             cfg = compose(config_name, rest, return_hydra_config=True)
         except Exception:  # noqa: BLE001 (another bad override: suggest from the config alone)
             cfg = compose(config_name, [], return_hydra_config=True)
+        owners = _owners(key)
+        if owners:  # a key of another option of the group: say which ones take it, not the nearest spelling
+            group = key.split(".", 1)[0]
+            return (f"{key}: {group}={cfg.hydra.runtime.choices.get(group)} has no such key; it belongs to "
+                    f"{group}={', '.join(owners)}")
         keys = _dotted_keys(OmegaConf.to_container(cfg, resolve=False))
         groups = [g for g in ("dataset", "space", "strategy", "experiment") if g in cfg.hydra.runtime.choices]
         close = difflib.get_close_matches(key, keys + groups, n=1, cutoff=0.6)
@@ -192,6 +197,22 @@ def _composition_error(err: Exception, overrides: list, config_name: str) -> str
     detail = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() else ""
     head = text.strip().splitlines()[0] if text.strip() else type(err).__name__
     return f"{head}: {detail}" if detail else head
+
+
+def _owners(key: str) -> list:
+    """The registered strategies or spaces whose schema has the field of ``key`` (``strategy.objectives`` ->
+    random, bayesian, evolution); empty for any other key."""
+    import dataclasses
+
+    group, _, field = key.partition(".")
+    if group not in ("strategy", "space") or not field or "." in field:
+        return []
+    from nas.spaces import SPACES
+    from nas.strategies import STRATEGIES
+
+    registry = STRATEGIES if group == "strategy" else SPACES
+    return [name for name in registry.names() if registry.schema(name) is not None
+            and field in {f.name for f in dataclasses.fields(registry.schema(name))}]
 
 
 def _dotted_keys(node, prefix: str = "") -> list:

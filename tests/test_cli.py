@@ -266,6 +266,19 @@ def test_a_typo_gets_the_closest_valid_key_never_a_plus_hint(tmp_path, monkeypat
     assert suggestion in line and "+" not in line
 
 
+@pytest.mark.parametrize("args,says", [
+    (["strategy.objectives=[metric,params]"], "strategy.objectives: strategy=darts has no such key; it belongs to "
+                                              "strategy=bayesian, evolution, random"),
+    (["strategy=random", "strategy.param_penalty=1"], "it belongs to strategy=darts, gdas"),
+    (["strategy=bayesian", "strategy.population=4"], "it belongs to strategy=evolution"),
+    (["space=hybrid", "space.steps=3"], "space=hybrid has no such key; it belongs to space=darts_rnn"),
+])
+def test_a_key_of_another_strategy_or_space_names_its_owners(tmp_path, monkeypatch, capsys, args, says):
+    """Not the nearest spelling of an unrelated key (``strategy.objectives`` under darts got "did you mean
+    strategy.arch_betas?"; a fresh-user trial of issue 19)."""
+    assert says in refusal("search.py", args, tmp_path, monkeypatch, capsys)
+
+
 def test_a_bad_value_and_bad_syntax_are_one_line(tmp_path, monkeypatch, capsys):
     assert "could not be converted to Float" in refusal("search.py", ["lr=abc"], tmp_path, monkeypatch, capsys)
     assert "cannot parse the override 'space.ops=[tanh'" in refusal("search.py", ["space.ops=[tanh"], tmp_path,
