@@ -401,3 +401,35 @@ def test_resume_in_the_same_run_dir_continues_numbering_cost_and_best(tmp_path, 
         study = optuna.load_study(study_name="nas", storage=f"sqlite:///{tmp_path}/study.db")
         states = [t.state for t in study.trials]
         assert states.count(optuna.trial.TrialState.FAIL) == 1 and states.count(optuna.trial.TrialState.RUNNING) == 0
+
+
+@pytest.mark.parametrize("strategy", ["random", "evolution"])
+def test_ctrl_c_while_the_strategy_proposes_stops_before_training_and_resumes_exactly(tmp_path, monkeypatch,
+                                                                                      strategy):
+    """A SIGINT that lands during ``ask`` (a fresh-user trial: the next trial was set up and trained a step first)
+    stops the search before that proposal trains; the resume proposes it again, as an uninterrupted run would."""
+    from nas.engine.resume import Interrupted
+    from nas.strategies import STRATEGIES
+
+    cfg = cfg_for([f"strategy={strategy}", "strategy.trials=6"])
+    search_black_box(cfg, str(tmp_path / "whole"), evaluate=toy(cfg)[0])
+    cls = STRATEGIES.get(strategy)
+    real, asked = cls.ask, []
+
+    def ask(self, *a, **k):
+        proposal = real(self, *a, **k)
+        asked.append(proposal)
+        if len(asked) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return proposal
+
+    monkeypatch.setattr(cls, "ask", ask)
+    evaluate, calls = toy(cfg)
+    with pytest.raises(Interrupted, match="after trial 2"):
+        search_black_box(cfg, str(tmp_path / "cut"), evaluate=evaluate)
+    assert len(calls) == 2 and len(records(tmp_path / "cut")) == 2
+    monkeypatch.setattr(cls, "ask", real)
+    search_black_box(cfg_for([f"resume={tmp_path / 'cut'}"]), evaluate=toy(cfg)[0])
+    keep = ("trial", "genotype", "value", "best_value")
+    assert [{k: r[k] for k in keep} for r in records(tmp_path / "cut")] == \
+        [{k: r[k] for k in keep} for r in records(tmp_path / "whole")]

@@ -328,6 +328,9 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
                 if proposal is None:
                     log.info("the space is exhausted after %d genotypes", trials.n)
                     break
+                if stop_requested() is not None:  # Ctrl-C while the strategy proposed: stop before training it (the
+                    # proposal is not recorded; a resume proposes it again, as for a trial cut off in training)
+                    raise interrupted(run_dir, "search.py", f"after trial {trials.n}", "trials.jsonl is up to date")
                 failure = None
                 if proposal.known is not None:  # the same genotype again (Bayesian): report, do not retrain
                     known = proposal.known  # several objectives: the earlier trial's values
