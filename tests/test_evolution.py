@@ -182,3 +182,33 @@ def test_bad_evolution_settings_are_one_line_errors(tmp_path):
         with pytest.raises(ConfigError, match=r"out of range: strategy\.(population|sample_size)=0 \(must be >= 1\)") as err:
             search_black_box(cfg, str(tmp_path / override[-1]), evaluate=toy(cfg)[0])
         assert "\n" not in str(err.value)
+
+
+def test_two_evolution_workers_share_one_population_and_never_train_a_genotype_twice(tmp_path):
+    """Two workers on one journal storage: the budget is the study's, every trial is one worker's, and no genotype
+    is trained twice (the population is the study's evaluated trials, whoever trained them)."""
+    from optuna.storages.journal import JournalFileBackend
+
+    from test_blackbox import run_workers
+
+    storage = f"journal:{tmp_path}/study.log"
+    cfg = cfg_for(["strategy=evolution", "strategy.trials=16", "strategy.population=4", f"strategy.storage={storage}"])
+    trained = []
+
+    def evaluate_for(i):
+        evaluate, calls = toy(cfg)
+        trained.append(calls)
+        return evaluate
+
+    run_workers(cfg, tmp_path, evaluate_for)
+    study = optuna.load_study(study_name="nas",
+                              storage=optuna.storages.JournalStorage(JournalFileBackend(f"{tmp_path}/study.log")))
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) >= 16
+    mine = [len(records(tmp_path / f"w{i}")) for i in range(2)]
+    assert all(n > 0 for n in mine) and sum(mine) == len(done)
+    keys = [g.key() for calls in trained for g in calls]
+    assert len(keys) == len(set(keys))
+    # after the first 4 evaluated, each trial is a one-decision mutation of one of the trials evaluated before it
+    params = [dict(t.params) for t in sorted(done, key=lambda t: t.number)]
+    assert sum(min(hamming(p, q) for q in params[:n]) == 1 for n, p in enumerate(params) if n >= 4) >= len(params) - 6
