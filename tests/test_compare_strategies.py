@@ -237,3 +237,38 @@ def test_an_unknown_baseline_is_refused_before_anything_runs(tmp_path, capsys):
         load_run().main(["--preset", "smoke", "--baseline", "randm", "--out", str(tmp_path / "cmp")])
     assert exit_.value.code == 2 and "--baseline 'randm' is not a strategy of the preset" in capsys.readouterr().err
     assert not (tmp_path / "cmp").exists()
+
+
+def test_stopping_interrupts_the_runs_under_way_and_starts_no_new_one(tmp_path):
+    """``stop_runs`` (Ctrl-C or a failed run with ``--jobs`` > 1) sends SIGINT to the runs under way and ``run`` then
+    starts nothing (before, the other worker thread started its next search after a Ctrl-C and the script waited for
+    it).  A stand-in script that sleeps until SIGINT plays the search."""
+    import threading
+    import time
+
+    mod = load_run()
+    script = tmp_path / "sleeper.py"
+    script.write_text("import sys, time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    sys.exit(3)\n")
+    mod.ROOT = str(tmp_path)
+    outcome = {}
+
+    def worker():
+        try:
+            mod.run("sleeper.py", [], str(tmp_path / "a"), str(tmp_path / "logs" / "a.log"))
+        except SystemExit as err:
+            outcome["exit"] = str(err)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    deadline = time.time() + 20
+    while not mod._RUNNING and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # the sleeper is in its sleep
+    start = time.time()
+    mod.stop_runs()
+    t.join(timeout=20)
+    assert not t.is_alive() and time.time() - start < 10
+    assert "failed (exit 3)" in outcome["exit"]  # it was interrupted, not left to sleep its 60 s
+    with pytest.raises(SystemExit, match="not started"):
+        mod.run("sleeper.py", [], str(tmp_path / "b"), str(tmp_path / "logs" / "b.log"))
+    assert not (tmp_path / "b").exists()

@@ -31,8 +31,10 @@ import math
 import os
 import shutil
 import statistics
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -41,6 +43,22 @@ from nas.engine.rundir import RunDirBusy, own_run_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
+
+#: set once the comparison is stopping (Ctrl-C, or a run failed): no new run starts
+STOPPING = threading.Event()
+_RUNNING: set = set()  # the subprocesses under way (``--jobs`` > 1: several)
+_RUNNING_LOCK = threading.Lock()
+
+
+def stop_runs() -> None:
+    """Stop the comparison: start no new run, and send SIGINT to the runs under way (each writes its checkpoint and
+    stops; the next call of this script resumes it).  Without this, a Ctrl-C with ``--jobs 2`` let the other worker
+    thread start its next search and waited for it to end."""
+    STOPPING.set()
+    with _RUNNING_LOCK:
+        for proc in _RUNNING:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
 
 
 PRESET_KEYS = ("dataset", "seeds", "search", "strategies", "train")
@@ -77,10 +95,19 @@ def run(script: str, overrides: list, run_dir: str, log_path: str) -> dict:
     else:
         cmd = [sys.executable, os.path.join(ROOT, script)] + overrides + ["progress=false",
                                                                           f"hydra.run.dir={run_dir}"]
+    if STOPPING.is_set():
+        sys.exit(f"stopping: {script} into {run_dir} not started (it runs when this script is run again)")
     print("  $ " + " ".join(cmd[1:]), flush=True)
     start = time.time()
     with open(log_path, "a") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        with _RUNNING_LOCK:
+            _RUNNING.add(proc)
+        try:
+            proc.wait()
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING.discard(proc)
     if proc.returncode != 0:
         sys.exit(f"{script} failed (exit {proc.returncode}) after {time.time() - start:.0f} s; log: {log_path}")
     print(f"  {time.time() - start:.0f} s", flush=True)
@@ -159,8 +186,9 @@ def main(argv=None) -> None:
             futures = [pool.submit(one, *pair) for pair in pairs]
             try:
                 rows = [f.result() for f in futures]
-            except BaseException:  # a failed run (its message is raised here): start nothing new, let the
-                pool.shutdown(wait=True, cancel_futures=True)  # running ones finish (they resume anyway)
+            except BaseException:  # Ctrl-C, or a failed run (its message is raised here): start nothing new, stop
+                stop_runs()  # the running ones at their next step (they resume when this script runs again)
+                pool.shutdown(wait=True, cancel_futures=True)
                 raise
     write_tables(rows, out, metric="accuracy" if preset["dataset"] == "sst2" else "perplexity",
                  baseline=args.baseline)
