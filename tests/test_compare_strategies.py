@@ -248,7 +248,10 @@ def test_stopping_interrupts_the_runs_under_way_and_starts_no_new_one(tmp_path):
 
     mod = load_run()
     script = tmp_path / "sleeper.py"
-    script.write_text("import sys, time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    sys.exit(3)\n")
+    # its own SIGINT handler, as search.py and train.py install one (a process started in the background, e.g. a CI
+    # job, inherits SIGINT ignored, and Python then raises no KeyboardInterrupt)
+    script.write_text("import signal, sys, time\nsignal.signal(signal.SIGINT, lambda *a: sys.exit(3))\n"
+                      "time.sleep(60)\n")
     mod.ROOT = str(tmp_path)
     outcome = {}
 
