@@ -250,8 +250,11 @@ def test_stopping_interrupts_the_runs_under_way_and_starts_no_new_one(tmp_path):
     script = tmp_path / "sleeper.py"
     # its own SIGINT handler, as search.py and train.py install one (a process started in the background, e.g. a CI
     # job, inherits SIGINT ignored, and Python then raises no KeyboardInterrupt)
-    script.write_text("import signal, sys, time\nsignal.signal(signal.SIGINT, lambda *a: sys.exit(3))\n"
-                      "time.sleep(60)\n")
+    # it says when it is ready: a SIGINT that lands during the interpreter's start-up (a loaded CI machine) is not
+    # the case under test
+    ready = tmp_path / "ready"
+    script.write_text("import pathlib, signal, sys, time\nsignal.signal(signal.SIGINT, lambda *a: sys.exit(3))\n"
+                      f"pathlib.Path({str(ready)!r}).write_text('1')\ntime.sleep(60)\n")
     mod.ROOT = str(tmp_path)
     outcome = {}
 
@@ -264,9 +267,8 @@ def test_stopping_interrupts_the_runs_under_way_and_starts_no_new_one(tmp_path):
     t = threading.Thread(target=worker)
     t.start()
     deadline = time.time() + 20
-    while not mod._RUNNING and time.time() < deadline:
+    while not (mod._RUNNING and ready.exists()) and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(0.5)  # the sleeper is in its sleep
     start = time.time()
     mod.stop_runs()
     t.join(timeout=20)
