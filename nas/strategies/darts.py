@@ -139,12 +139,7 @@ class DartsStrategy:
         # parameters registered under several names (the tied embedding/decoder matrix)
         uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
         self._tied = {n for n, p in model.named_parameters() if uses[id(p)] > 1}
-        p = next(model.parameters())
-        self.alphas = nn.Parameter(
-            torch.randn(*space.alpha_shape, dtype=p.dtype).mul_(cfg.alpha_init_std).to(p.device))
-        self.optimizer = torch.optim.Adam([self.alphas], lr=cfg.arch_lr, betas=tuple(cfg.arch_betas),
-                                          weight_decay=cfg.arch_weight_decay)
-        self.penalty = param_penalty(cfg, space, model)
+        init_alphas(self, cfg, space, model)
 
     # -- what the engine uses ------------------------------------------------------------------
     def edge_weights(self) -> torch.Tensor:
@@ -259,6 +254,18 @@ class DartsStrategy:
         (grad,) = torch.autograd.grad(loss, [alphas])
         return grad
 
+
+
+def init_alphas(strategy, cfg, space, model: nn.Module) -> None:
+    """Give a one-shot strategy (darts, gdas) its α [E, K] ~ N(0, ``alpha_init_std``²) from torch's generator, in the
+    model's dtype and device, α's Adam (``arch_lr``, ``arch_betas``, ``arch_weight_decay``) and its parameter
+    penalty (:func:`param_penalty`; None when ``param_penalty`` is 0).  Raises ConfigError for a bad penalty."""
+    p = next(model.parameters())
+    strategy.alphas = nn.Parameter(
+        torch.randn(*space.alpha_shape, dtype=p.dtype).mul_(cfg.alpha_init_std).to(p.device))
+    strategy.optimizer = torch.optim.Adam([strategy.alphas], lr=cfg.arch_lr, betas=tuple(cfg.arch_betas),
+                                          weight_decay=cfg.arch_weight_decay)
+    strategy.penalty = param_penalty(cfg, space, model)
 
 
 def alpha_update(strategy, grad: torch.Tensor) -> None:

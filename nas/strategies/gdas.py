@@ -50,7 +50,7 @@ from nas.genotype import Genotype
 from nas.losses import lm_nll
 from nas.mixed import gumbel_hard, with_index
 from nas.strategies.base import STRATEGIES
-from nas.strategies.darts import ALPHA_SPLITS, alpha_update, load_alpha_state, param_penalty
+from nas.strategies.darts import ALPHA_SPLITS, alpha_update, init_alphas, load_alpha_state
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +126,7 @@ class GdasStrategy:
                  weight_decay: float = 0.0, clip: Optional[float] = None, seed: int = 0):
         check_config(cfg)
         self.cfg, self.space, self.model = cfg, space, model
-        p = next(model.parameters())
-        self.alphas = nn.Parameter(
-            torch.randn(*space.alpha_shape, dtype=p.dtype).mul_(cfg.alpha_init_std).to(p.device))
-        self.optimizer = torch.optim.Adam([self.alphas], lr=cfg.arch_lr, betas=tuple(cfg.arch_betas),
-                                          weight_decay=cfg.arch_weight_decay)
-        self.penalty = param_penalty(cfg, space, model)
+        init_alphas(self, cfg, space, model)
         self.epoch = 1
         self.tau = float(cfg.tau_max)
 
