@@ -210,16 +210,15 @@ def pareto_front(records: list, objectives: list, directions: list) -> list:
                   key=lambda r: [s * r["objectives"][n] for s, n in zip(signs, objectives)])
 
 
-def write_pareto(run_dir: str, records: list, objectives: list, directions: list) -> list:
-    """Write the front (:func:`pareto_front`) as ``pareto.json`` (per member: trial, genotype, each objective's
+def write_pareto(run_dir: str, records: list, front: list, objectives: list, directions: list) -> None:
+    """Write ``front`` (the records :func:`pareto_front` picks from ``records``) as ``pareto.json`` (per member: trial, genotype, each objective's
     value, accuracy, cross-entropy, params) and ``pareto.png`` (the first objective against the second, every trial
-    a dot, the front joined and highlighted); returns the front's records."""
+    a dot, the front joined and highlighted)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    front = pareto_front(records, objectives, directions)
     # `metric` is named by the task's metric (e.g. valid_ppl)
     label = {n: (records[0]["metric"] if n == "metric" and records else n) for n in objectives}
     members = [{"trial": r["trial"], "genotype": r["genotype"],
@@ -251,7 +250,6 @@ def write_pareto(run_dir: str, records: list, objectives: list, directions: list
     fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     os.replace(tmp, os.path.join(run_dir, "pareto.png"))
-    return front
 
 
 @scoped  # the run dir this call takes is given back when it returns
@@ -398,10 +396,10 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
     # the three evaluations of the best trial: this worker's record of it (None when another worker of a shared
     # study trained it)
     figures = trials.best_figures
-    if cfg.strategy.get("objectives"):  # a Pareto search: a tie on the first objective goes to the better next one
-        front = pareto_front(trials.records, list(cfg.strategy.objectives), strategy_directions(strategy))
-        if front and front[0]["value"] == best_value:
-            best_genotype, figures = Genotype.from_dict(front[0]["genotype"]), {k: front[0].get(k) for k in OBJECTIVES}
+    objectives = list(cfg.strategy.get("objectives") or [])
+    front = pareto_front(trials.records, objectives, strategy_directions(strategy)) if objectives else None
+    if front and front[0]["value"] == best_value:  # a Pareto search: a tie on the first objective goes to the next
+        best_genotype, figures = Genotype.from_dict(front[0]["genotype"]), {k: front[0].get(k) for k in OBJECTIVES}
     if shared is not None and better(shared[0], best_value, direction):  # another worker's trial of the study
         best_value, best_genotype = shared
         figures = trials.figures_of(best_genotype)
@@ -423,8 +421,8 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
                **{name: (figures or {}).get(k) for k, (name, _, _) in OBJECTIVES.items()},
                "trials": trials.n, "train_tokens": trials.cum_tokens, "wall_seconds": wall,
                "genotype": best_genotype.to_dict()}
-    if cfg.strategy.get("objectives"):  # a Pareto search: the front of this worker's trials
-        front = write_pareto(run_dir, trials.records, list(cfg.strategy.objectives), strategy_directions(strategy))
+    if front is not None:  # a Pareto search: the front of this worker's trials
+        write_pareto(run_dir, trials.records, front, objectives, strategy_directions(strategy))
         metrics["pareto_front"] = len(front)
         log.info("Pareto front of %s: %d of %d trials (%s, %s)", " / ".join(cfg.strategy.objectives), len(front),
                  trials.n, os.path.join(run_dir, PARETO_FILE), os.path.join(run_dir, "pareto.png"))
