@@ -22,6 +22,11 @@ from nas.atomic import atomic_write_text
 
 #: op names that mean "no edge"; they are never part of a derived genotype.
 ZERO_OPS = frozenset({"none", "zero"})
+#: ops the cap ``space.max_parameter_free`` counts (:func:`cap_parameter_free`): ``identity``, the op a collapsing
+#: DARTS search drifts to (Zela et al., ICLR 2020, sec. 3; the recurrent counterpart of the CNN cell's skip_connect).
+#: In stacked_rnn and hybrid it has no parameters; in the DARTS recurrent cell every op, identity too, follows its
+#: node's matrix W_i, and identity is the op that adds no nonlinearity (the zero ops are never derived).
+PARAMETER_FREE_OPS = frozenset({"identity"})
 
 
 class GenotypeError(ValueError):
@@ -257,14 +262,15 @@ def edge_count(steps: int) -> int:
 
 
 def derive(alphas: torch.Tensor, ops: Sequence[str], space: str, k: int = 1,
-           concat: Iterable[int] | None = None) -> Genotype:
+           concat: Iterable[int] | None = None, max_parameter_free: Optional[int] = None) -> Genotype:
     """Discretize architecture parameters into a genotype (DARTS, Liu et al. 2019, sec. 2.4).
 
     For each intermediate node ``i`` (1..steps), with edges from nodes ``0..i-1`` stored in
     consecutive α rows: take the row-wise softmax, score each predecessor by its largest weight over
     the non-zero ops, keep the ``k`` best predecessors (ties: lower node index), each with its
     strongest non-zero op (ties: earlier op).  Softmax, not raw logits, decides between predecessors,
-    and adding a constant to a row changes nothing.
+    and adding a constant to a row changes nothing.  With ``max_parameter_free`` the kept edges then go through
+    :func:`cap_parameter_free` (the predecessors stay; surplus ``identity`` ops give way to the edge's best other op).
 
     Args:
         alphas: [E, K] architecture logits, ``E = steps*(steps+1)/2`` edges in node order.
@@ -272,12 +278,14 @@ def derive(alphas: torch.Tensor, ops: Sequence[str], space: str, k: int = 1,
         space: space name recorded in the genotype.
         k: edges kept per node (DARTS RNN: 1; capped at the node's number of inputs).
         concat: output nodes; default ``1..steps`` (all intermediate nodes, as DARTS RNN).
+        max_parameter_free: at most this many kept edges with an op of :data:`PARAMETER_FREE_OPS` (None: no cap).
 
     Returns:
         the derived :class:`Genotype` (it never contains a zero op).
 
     Raises:
-        GenotypeError: if α's shape does not match ``ops`` / a triangular edge count, or every op is zero.
+        GenotypeError: if α's shape does not match ``ops`` / a triangular edge count, or every op is zero, or the
+        cap cannot hold (no other non-zero op).
     """
     if alphas.dim() != 2 or alphas.size(1) != len(ops):
         raise GenotypeError(f"alphas of shape {tuple(alphas.shape)} do not fit {len(ops)} ops {list(ops)}")
@@ -285,16 +293,87 @@ def derive(alphas: torch.Tensor, ops: Sequence[str], space: str, k: int = 1,
     if not keep:
         raise GenotypeError(f"op list {list(ops)} has no non-zero op")
     steps = steps_for_edges(alphas.size(0))
-    probs = torch.softmax(alphas.detach().double().cpu(), dim=-1)[:, keep]  # [E, K']
-    nodes, offset = [], 0
+    full = torch.softmax(alphas.detach().double().cpu(), dim=-1)
+    probs = full[:, keep]  # [E, K']
+    picks, offset = [], 0  # (node, input, α row, α column) of every kept edge, in node order
     for i in range(1, steps + 1):
         w = probs[offset:offset + i]  # [i, K'] rows = predecessors 0..i-1
         best_w, best_k = w.max(dim=1)  # max returns the first maximal index on ties
         order = sorted(range(i), key=lambda j: (-best_w[j].item(), j))[:min(k, i)]
-        nodes.append(tuple(Edge(ops[keep[best_k[j].item()]], j) for j in sorted(order)))
+        picks += [(i, j, offset + j, keep[best_k[j].item()]) for j in sorted(order)]
         offset += i
-    return Genotype(space=space, ops=tuple(ops), nodes=tuple(nodes),
+    columns = [c for *_, c in picks]
+    if max_parameter_free is not None:
+        columns = cap_parameter_free([(row, c) for _, _, row, c in picks], full, ops, max_parameter_free)
+    nodes = [[] for _ in range(steps)]
+    for (i, j, _, _), c in zip(picks, columns):
+        nodes[i - 1].append(Edge(ops[c], j))
+    return Genotype(space=space, ops=tuple(ops), nodes=tuple(tuple(n) for n in nodes),
                     concat=tuple(concat) if concat is not None else tuple(range(1, steps + 1)), k=k)
+
+
+def cap_parameter_free(picks: Sequence[Tuple[int, int]], probs: torch.Tensor, ops: Sequence[str],
+                       cap: int) -> list:
+    """Hold a derived genotype to at most ``cap`` ops of :data:`PARAMETER_FREE_OPS` (``space.max_parameter_free``).
+
+    The rule of P-DARTS (Chen et al., ICCV 2019, sec. 3.3, "search space regularization", which keeps the M skip
+    connections of largest weight): the ``cap`` parameter-free picks of largest softmax weight stay (ties: the
+    earlier pick); each other one takes the best allowed op of its own α row instead -- the largest softmax weight
+    among the non-zero ops that are not parameter-free (ties: the earlier op).  The picked edges (a DAG node's
+    predecessors, a stack's layers) stay where they are.
+
+    Args:
+        picks: ``(α row, α column)`` of each pick, in genotype order.
+        probs: softmax(α) [E, K].
+        ops: the K op names.
+        cap: the most parameter-free picks allowed (>= 0).
+    Returns:
+        the picks' α columns after the cap, in the same order.
+    Raises:
+        GenotypeError: a negative cap, or a surplus pick with no allowed op to take instead.
+    """
+    if cap < 0:
+        raise GenotypeError(f"space.max_parameter_free must be >= 0 (null: no cap), got {cap}")
+    columns = [c for _, c in picks]
+    free = [n for n, (_, c) in enumerate(picks) if ops[c] in PARAMETER_FREE_OPS]
+    if len(free) <= cap:
+        return columns
+    allowed = [c for c, name in enumerate(ops) if name not in ZERO_OPS and name not in PARAMETER_FREE_OPS]
+    if not allowed:
+        raise GenotypeError(f"space.max_parameter_free={cap}: op list {list(ops)} has no other non-zero op to take "
+                            "the place of the surplus parameter-free ones")
+    ranked = sorted(free, key=lambda n: (-probs[picks[n][0], picks[n][1]].item(), n))
+    for n in ranked[cap:]:
+        row = probs[picks[n][0]]
+        columns[n] = max(allowed, key=lambda c: (row[c].item(), -c))
+    return columns
+
+
+def dag_margins(alphas: torch.Tensor, ops: Sequence[str], k: int = 1) -> list:
+    """How decided each node's choice is under :func:`derive` (uncapped): per node ``i``, the smallest lead in
+    softmax weight of a kept edge's op over the best alternative to it -- the second-best non-zero op of the same
+    edge, or the best non-zero op of a predecessor the node drops.  A lead below a few hundredths means the choice
+    can flip with noise (issue 20; u01 item 10).
+
+    Args: as :func:`derive`.  Returns: ``[(node, lead)]``, nodes 1..steps, leads in [0, 1].
+    Raises: GenotypeError as :func:`derive`.
+    """
+    if alphas.dim() != 2 or alphas.size(1) != len(ops):
+        raise GenotypeError(f"alphas of shape {tuple(alphas.shape)} do not fit {len(ops)} ops {list(ops)}")
+    keep = [j for j, name in enumerate(ops) if name not in ZERO_OPS]
+    steps = steps_for_edges(alphas.size(0))
+    probs = torch.softmax(alphas.detach().double().cpu(), dim=-1)[:, keep]
+    out, offset = [], 0
+    for i in range(1, steps + 1):
+        w = probs[offset:offset + i]
+        top2 = w.topk(min(2, w.size(1)), dim=1).values  # [i, 2]
+        order = sorted(range(i), key=lambda j: (-top2[j, 0].item(), j))
+        kept, dropped = order[:min(k, i)], order[min(k, i):]
+        rival = max((top2[j, 0].item() for j in dropped), default=0.0)
+        leads = [top2[j, 0].item() - max(rival, top2[j, 1].item() if top2.size(1) > 1 else 0.0) for j in kept]
+        out.append((i, min(leads)))
+        offset += i
+    return out
 
 
 def steps_for_edges(num_edges: int) -> int:

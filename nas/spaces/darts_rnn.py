@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from nas.distributed import global_batch_norm
-from nas.genotype import Genotype, GenotypeError, dag_decisions, derive, edge_count, genotype_from_decisions
+from nas.genotype import (Genotype, GenotypeError, dag_decisions, dag_margins, derive, edge_count,
+                          genotype_from_decisions)
 from nas.layers import dropout_mask
 from nas.mixed import sampled_index
 from nas.ops import DARTS_RNN_OPS, cell_activation, check_cell_ops
@@ -57,6 +58,9 @@ class DartsRNNConfig:
     batchnorm: bool = True
     #: weights of the cell and of the tied embedding/decoder ~ U(-r, r) (the reference code's INITRANGE)
     init_range: float = 0.04
+    #: at most this many ``identity`` ops in a derived cell (null: no cap; issue 20): surplus ones, the weakest
+    #: first, give way to their edge's best other op (:func:`nas.genotype.cap_parameter_free`, P-DARTS's rule)
+    max_parameter_free: Optional[int] = None
 
 
 class DartsCell(nn.Module):
@@ -321,8 +325,14 @@ class DartsRNNSpace:
         return out
 
     def derive(self, alphas: torch.Tensor) -> Genotype:
-        """DARTS discretization: per node, one edge (see :func:`nas.genotype.derive`)."""
-        return derive(alphas, self.ops, self.name, k=1)
+        """DARTS discretization: per node, one edge (see :func:`nas.genotype.derive`), with at most
+        ``space.max_parameter_free`` identity ops."""
+        return derive(alphas, self.ops, self.name, k=1, max_parameter_free=self.cfg.max_parameter_free)
+
+    def decision_margins(self, alphas: torch.Tensor) -> list:
+        """Per node, the lead of its choice over the best alternative (:func:`nas.genotype.dag_margins`, k = 1):
+        ``[("node i", lead)]``."""
+        return [(f"node {i}", lead) for i, lead in dag_margins(alphas, self.ops, 1)]
 
     def decisions(self) -> list:
         """The categorical decisions of one genotype: per node its input and op (:func:`nas.genotype.dag_decisions`,

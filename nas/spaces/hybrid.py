@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from nas.errors import ConfigError
-from nas.genotype import ZERO_OPS, Genotype, dag_decisions, derive, edge_count, genotype_from_decisions
+from nas.genotype import (ZERO_OPS, Genotype, dag_decisions, dag_margins, derive, edge_count,
+                          genotype_from_decisions)
 from nas.layers import LockedDropout, dropout, embedded_dropout, mean_over_lengths, padded_embedding
 from nas.mixed import sampled_index
 from nas.sequence_ops import HYBRID_OPS, build_sequence_op, check_sequence_ops, padding_mask
@@ -60,6 +61,9 @@ class HybridConfig:
     dropouti: float = 0.1
     dropoute: float = 0.0
     dropouta: float = 0.0
+    #: at most this many ``identity`` ops in a derived DAG (null: no cap; issue 20): surplus ones, the weakest first,
+    #: give way to their edge's best other op (:func:`nas.genotype.cap_parameter_free`, P-DARTS's rule)
+    max_parameter_free: Optional[int] = None
 
 
 class HybridDAG(nn.Module):
@@ -286,7 +290,13 @@ class HybridSpace:
     def derive(self, alphas: torch.Tensor) -> Genotype:
         """Per node, the top-``k`` incoming edges by their best non-zero softmax weight, each with that op
         (:func:`nas.genotype.derive`); the genotype records the space, op list, and output nodes."""
-        return derive(alphas, self.ops, self.name, k=self.cfg.k, concat=self.concat)
+        return derive(alphas, self.ops, self.name, k=self.cfg.k, concat=self.concat,
+                      max_parameter_free=self.cfg.max_parameter_free)
+
+    def decision_margins(self, alphas: torch.Tensor) -> list:
+        """Per node, the smallest lead of a kept edge over its best alternative (:func:`nas.genotype.dag_margins`):
+        ``[("node i", lead)]``."""
+        return [(f"node {i}", lead) for i, lead in dag_margins(alphas, self.ops, self.cfg.k)]
 
     def decisions(self) -> list:
         """The categorical decisions of one genotype (:func:`nas.genotype.dag_decisions`, with this space's k)."""

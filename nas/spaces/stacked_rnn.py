@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from nas.errors import ConfigError
-from nas.genotype import Edge, Genotype, GenotypeError
+from nas.genotype import Edge, Genotype, GenotypeError, cap_parameter_free
 from nas.layers import LockedDropout, embedded_dropout, mean_over_lengths, padded_embedding
 from nas.mixed import sampled_index
 from nas.spaces.base import SPACES, check_space_genotype
@@ -68,6 +68,9 @@ class StackedRNNConfig:
     nhid: int = 128
     dropouti: float = 0.1
     dropoute: float = 0.0
+    #: one-shot derivation: at most this many ``identity`` layers (null: no cap; issue 20): surplus ones, the weakest
+    #: first, take their layer's best cell (:func:`nas.genotype.cap_parameter_free`, P-DARTS's rule)
+    max_parameter_free: Optional[int] = None
 
 
 def check_cells(ops) -> None:
@@ -422,14 +425,24 @@ class StackedRNNSpace:
 
     def derive(self, alphas: torch.Tensor) -> Genotype:
         """Per layer the op of the largest α (ties: the earlier op); an ``identity`` layer stays in the chain.
+        With ``space.max_parameter_free`` at most that many identity layers (:func:`nas.genotype.cap_parameter_free`).
         The params are the supernet's: units ``nhid``, the first dropout, unidirectional.
 
         Raises: GenotypeError if α's shape is not :attr:`alpha_shape`.
         """
         if tuple(alphas.shape) != self.alpha_shape:
             raise GenotypeError(f"alphas of shape {tuple(alphas.shape)} do not fit stacked_rnn's {self.alpha_shape}")
-        ops = [self.ops[k] for k in alphas.detach().argmax(dim=1).tolist()]
+        columns = alphas.detach().argmax(dim=1).tolist()
+        if self.cfg.max_parameter_free is not None:
+            probs = torch.softmax(alphas.detach().double().cpu(), dim=-1)
+            columns = cap_parameter_free(list(enumerate(columns)), probs, self.ops, self.cfg.max_parameter_free)
+        ops = [self.ops[k] for k in columns]
         return self._chain(ops, [self._one_shot_params(o) for o in ops])
+
+    def decision_margins(self, alphas: torch.Tensor) -> list:
+        """Per layer, the lead in softmax weight of its op over the layer's second-best op: ``[("layer i", lead)]``."""
+        top2 = torch.softmax(alphas.detach().double().cpu(), dim=-1).topk(2, dim=1).values
+        return [(f"layer {i}", (top2[i - 1, 0] - top2[i - 1, 1]).item()) for i in range(1, top2.size(0) + 1)]
 
     def path_weights(self, genotype: Genotype, dtype=None, device=None) -> torch.Tensor:
         """The supernet's layer weights [max_layers, K] computing exactly ``genotype`` (one-hot per layer; layers
