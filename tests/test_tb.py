@@ -9,7 +9,7 @@ import pytest
 from nas.errors import NonFiniteLossError
 from nas.engine.resume import Interrupted
 from nas.engine.search import search
-from nas.engine.tb import OTHER_TAGS, SCALAR_TAGS
+from nas.engine.tb import OTHER_TAGS, SCALAR_TAGS, scalar_tag_allowed
 from nas.engine.train import train
 from test_resume import RETRAIN, SEARCH, compose_cfg, interrupt_after, nan_at, resume
 
@@ -29,7 +29,8 @@ def assert_one_point_per_step(points: dict, script: str) -> None:
     for tag, pts in points.items():
         steps = [s for s, _ in pts]
         assert all(a < b for a, b in zip(steps, steps[1:])), (tag, steps)
-    assert set(points) <= set(SCALAR_TAGS[script]), set(points) - set(SCALAR_TAGS[script])
+    unknown = {t for t in points if not scalar_tag_allowed(t, SCALAR_TAGS[script])}
+    assert not unknown, unknown
 
 
 def readme_tags() -> dict:
@@ -126,7 +127,7 @@ def test_reload_best_again_and_again_writes_one_point_per_reload(tmp_path, corpu
 def test_resumed_search_has_the_tensorboard_of_an_uninterrupted_one(tmp_path, corpus, monkeypatch):
     """Stopped at step 12 of 15 and resumed: every scalar tag has the same points as a run never stopped -- the
     cost-axis tags too (a purge at the checkpoint's step once removed search/best_vs_tokens, whose steps are token
-    counts).  search/best_vs_seconds is wall time: only its number of points is compared."""
+    counts).  search/best_vs_seconds and diagnostics/hessian_seconds are wall time: only their steps are compared."""
     overrides = SEARCH + [f"dataset.root={corpus}", "epochs=3", "log_every=1"]
     search(compose_cfg("search", overrides), run_dir=str(tmp_path / "whole"))
     interrupt_after(monkeypatch, 12, signal.SIGTERM)
@@ -140,6 +141,8 @@ def test_resumed_search_has_the_tensorboard_of_an_uninterrupted_one(tmp_path, co
     for tag in whole:
         if tag == "search/best_vs_seconds":
             assert len(cut[tag]) == len(whole[tag]) == 3
+        elif tag == "diagnostics/hessian_seconds":
+            assert [p for p, _ in cut[tag]] == [p for p, _ in whole[tag]] and len(cut[tag]) == 3
         else:
             assert cut[tag] == whole[tag], tag
     assert [s for s, _ in cut["search/best_vs_tokens"]] == [s for s, _ in whole["search/best_vs_tokens"]]

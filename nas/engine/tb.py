@@ -26,7 +26,12 @@ def alpha_heatmap(alphas: torch.Tensor, ops: Sequence[str], title: str = "", row
     probs = torch.softmax(alphas.detach().float().cpu(), dim=-1).numpy()
     n_edges = probs.shape[0]
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(ops), 1.0 + 0.22 * n_edges))
-    im = ax.imshow(probs, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(1e-6, float(probs.max())))
+    # the colour scale spans the values shown (u01 item 9: from 0, a nearly uniform α was one flat colour); the
+    # colour bar gives the scale
+    low, high = float(probs.min()), float(probs.max())
+    if high - low < 1e-6:
+        low, high = low - 5e-7, high + 5e-7
+    im = ax.imshow(probs, aspect="auto", cmap="viridis", vmin=low, vmax=high)
     ax.set_xticks(range(len(ops)), labels=list(ops), rotation=30)
     ax.set_yticks(range(n_edges), labels=row_labels or edge_labels(steps_for_edges(n_edges)), fontsize=7)
     ax.set_xlabel("op")
@@ -44,6 +49,23 @@ def log_alphas(writer, alphas: torch.Tensor, ops: Sequence[str], epoch: int, tag
     ``<tag>/softmax``."""
     writer.add_figure(f"{tag}/softmax", alpha_heatmap(alphas, ops, f"softmax(α) after epoch {epoch}", row_labels),
                       epoch)
+
+
+def op_share_figure(history: list, ops: Sequence[str]):
+    """A stacked-area Figure of each op's share of softmax(α) over the epochs (``history``: the search's per-epoch
+    records with ``diagnostics.op_shares``; :mod:`nas.diagnostics`).  The caller closes the figure."""
+    rows = [h for h in history if h.get("diagnostics")]
+    epochs = [h["epoch"] for h in rows]
+    fig, ax = plt.subplots(figsize=(6.0, 3.2))
+    if rows:
+        ax.stackplot(epochs, [[h["diagnostics"]["op_shares"][op] for h in rows] for op in ops], labels=list(ops))
+        ax.set_xlim(epochs[0], max(epochs[-1], epochs[0] + 1))
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("share of softmax(α)")
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def log_genotype(writer, genotype, step: int) -> None:
@@ -105,8 +127,8 @@ def _params_label(params: dict) -> str:
     return "\n" + " ".join(parts) if parts else ""
 
 
-def log_genotype_figure(writer, genotype, step: int, png_path: str | None = None) -> None:
-    """The genotype's DAG picture as a TensorBoard image (``genotype/dag``) and, with ``png_path``, a PNG file."""
+def log_genotype_figure(writer, genotype, step: int, png_path: str | None = None, tag: str = "genotype/dag") -> None:
+    """The genotype's DAG picture as a TensorBoard image (``tag``) and, with ``png_path``, a PNG file."""
     import os
 
     fig = genotype_figure(genotype)
@@ -115,7 +137,7 @@ def log_genotype_figure(writer, genotype, step: int, png_path: str | None = None
         tmp = png_path + ".tmp.png"
         fig.savefig(tmp, dpi=110)
         os.replace(tmp, png_path)  # atomic: a reader never sees half a PNG
-    writer.add_figure("genotype/dag", fig, step)
+    writer.add_figure(tag, fig, step)
 
 
 # -- the scalar tags each script writes, and a writer that writes only what a checkpoint covers ------------------
@@ -131,6 +153,10 @@ SCALAR_TAGS = {
         "lr/weights", "lr/alphas",
         "search/best_vs_tokens", "search/best_vs_seconds", "search/value",
         "faults/rollback_lr_scale",
+        # the collapse diagnostics (nas.diagnostics); ``/*``: one tag per op of the space
+        "diagnostics/op_share/*", "diagnostics/op_count/*", "diagnostics/edge_entropy_mean",
+        "diagnostics/edge_entropy_min", "diagnostics/parameter_free_genotype", "diagnostics/parameter_free_mass",
+        "diagnostics/hessian_eigenvalue", "diagnostics/hessian_seconds",
     ),
     "train.py": (
         "train/loss", "train/ppl", "train/epoch_ppl", "valid/ppl", "valid/loss", "test/ppl", "test/loss",
@@ -141,9 +167,16 @@ SCALAR_TAGS = {
 }
 #: the other (text and image) tags: ``config`` and ``genotype`` are stored by TensorBoard as ``<tag>/text_summary``
 OTHER_TAGS = {
-    "search.py": ("config", "genotype", "genotype/dag", "alphas/softmax"),
+    "search.py": ("config", "genotype", "genotype/dag", "genotype/final_dag", "alphas/softmax",
+                  "diagnostics/op_shares"),
     "train.py": ("config", "genotype", "genotype/dag"),
 }
+
+
+def scalar_tag_allowed(tag: str, tags) -> bool:
+    """Whether scalar ``tag`` is one of ``tags`` (:data:`SCALAR_TAGS`' form: ``prefix/*`` allows any tag under
+    ``prefix/``)."""
+    return tag in tags or any(t.endswith("/*") and tag.startswith(t[:-1]) for t in tags)
 
 
 class CommittedWriter:
@@ -158,15 +191,15 @@ class CommittedWriter:
     (every ``checkpoint_every`` steps and each epoch end), and a SIGKILL loses the events since the last one,
     as it loses the steps.
 
-    ``tags``: the scalar tags allowed (:data:`SCALAR_TAGS` of the script); another tag raises ValueError, a
-    programming error caught by the tests.
+    ``tags``: the scalar tags allowed (:data:`SCALAR_TAGS` of the script; ``prefix/*`` allows every tag under
+    ``prefix/``); another tag raises ValueError, a programming error caught by the tests.
     """
 
     def __init__(self, writer, tags):
         self.writer, self.tags, self.pending = writer, frozenset(tags), []
 
     def add_scalar(self, tag: str, value, step: int) -> None:
-        if tag not in self.tags:
+        if not scalar_tag_allowed(tag, self.tags):
             raise ValueError(f"TensorBoard scalar tag {tag!r} is not in nas.engine.tb.SCALAR_TAGS for this script; "
                              "add it there and to the README's TensorBoard table")
         self.pending.append(("add_scalar", (tag, value, step), {}))
