@@ -102,6 +102,7 @@ def _resolved_run_dir(argv: list, script: str) -> str:
 PRESETS = {
     "darts_ptb": ("search.py",),
     "darts_ptb_2nd": ("search.py",),
+    "darts_ptb_es": ("search.py",),
     "rsws_ptb": ("search.py",),
     "seed_example": ("search.py",),
     "darts_ptb_retrain": ("train.py",),

@@ -13,6 +13,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from nas.diagnostics import DiagnosticsConfig
+
 
 @dataclass
 class DatasetConfig:
@@ -112,6 +114,8 @@ class SearchConfig(LMRunConfig):
     #: the weights' optimizer: ``sgd`` (DARTS) or ``adam`` (the sentence classifiers).  The second-order
     #: update's virtual step is an SGD step with ξ = lr either way (DARTS eq. 6; with Adam an approximation)
     optimizer: str = "sgd"
+    #: collapse diagnostics of a one-shot search and DARTS-ES (nas.diagnostics; black-box strategies ignore them)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     #: a label that tells apart the workers of one shared study in a sweep (``python search.py -m
     #: hydra/launcher=workers worker=range(4) strategy.storage=...``: four jobs, four workers); it changes nothing else
     worker: int = 0
@@ -160,6 +164,13 @@ RANGES = {
     "strategy.param_penalty": (0, False, None, False), "strategy.population": (1, False, None, False),
     "strategy.sample_size": (1, False, None, False), "strategy.min_resource": (1, False, None, False),
     "strategy.reduction_factor": (2, False, None, False), "strategy.min_early_stopping_rate": (0, False, None, False),
+    # issue 20: the collapse diagnostics and the cap on parameter-free ops
+    "space.max_parameter_free": (0, False, None, False), "diagnostics.every": (1, False, None, False),
+    "diagnostics.hessian_batches": (1, False, None, False), "diagnostics.hessian_tol": (0, True, None, False),
+    "diagnostics.hessian_max_matvecs": (1, False, None, False), "diagnostics.decided_margin": (0, False, 1, False),
+    "diagnostics.parameter_free_share": (0, False, 1, False), "diagnostics.early_stop.window": (1, False, None, False),
+    "diagnostics.early_stop.delta": (1, False, None, False), "diagnostics.early_stop.factor": (0, True, None, False),
+    "diagnostics.early_stop.start_epoch": (1, False, None, False),
 }
 
 

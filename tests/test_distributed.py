@@ -103,6 +103,8 @@ def test_torchrun_search_equals_one_process(tmp_path, space, unrolled, corpus):
         assert a["genotype"] == b["genotype"]
         assert a["valid_ppl"] == pytest.approx(b["valid_ppl"], rel=1e-9)  # summed over both ranks' columns
         assert a["train_ppl"] == pytest.approx(b["train_ppl"], rel=1e-9)
+        # the collapse diagnostics' eigenvalue: the global batch's (products averaged over the ranks), as one process's
+        assert a["diagnostics"]["hessian_eigenvalue"] == pytest.approx(b["diagnostics"]["hessian_eigenvalue"], rel=1e-6)
     # both ranks derived the genotype rank 0 wrote (the engine also compares them at every epoch)
     log = ddp.stdout + ddp.stderr
     from nas.genotype import Genotype

@@ -141,6 +141,12 @@ def test_paper_presets_hold_the_paper_settings():
     assert (s.dropout, s.dropouth, s.dropoutx, s.dropouti, s.dropoute) == (0.75, 0.25, 0.75, 0.2, 0.0)
     assert list(s.ops) == ["none", "tanh", "relu", "sigmoid", "identity"] and s.steps == 8
     assert cfg.strategy.alpha_split == "valid" and cfg_for(["experiment=darts_ptb"]).strategy.unrolled is False
+    # DARTS-ES: darts_ptb's settings, with the early-stopping rule of the RobustDARTS code (its defaults, and its
+    # eigenvalue every 2 epochs)
+    es = cfg_for(["experiment=darts_ptb_es"])
+    assert (es.epochs, es.lr, es.space.nhid, es.strategy.unrolled) == (50, 20.0, 300, False)
+    e = es.diagnostics.early_stop
+    assert (es.diagnostics.every, e.enabled, e.window, e.delta, e.factor, e.start_epoch) == (2, True, 5, 4, 1.3, 11)
 
 
 def test_corpus_smaller_than_one_batch_is_a_clear_error(tmp_path, corpus):

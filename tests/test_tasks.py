@@ -29,7 +29,8 @@ SMALL = ["experiment=smoke", "batch_size=8", "eval_batch_size=8", "limit_eval_ba
          "checkpoint_every=3"]
 DARTS = ["strategy=darts", "strategy.unrolled=false"]
 #: metrics entries that measure time, not computation
-TIMING = ("wall_seconds", "tokens_per_second", "train_seconds", "test_seconds", "seconds", "cum_wall_seconds")
+TIMING = ("wall_seconds", "tokens_per_second", "train_seconds", "test_seconds", "seconds", "cum_wall_seconds",
+          "hessian_seconds")
 
 
 def compose_cfg(name, overrides):

@@ -23,7 +23,9 @@ from nas.engine.asgd import SEARCH_OPTIMIZERS, make_optimizer, set_lr
 from nas.engine.common import check_data_parallel, compile_model, configure_runtime, seed_everything
 from nas.engine.resume import Keeper, load_into, open_run, resume_config, start_run, stop_signals
 from nas.engine.rundir import scoped
+from nas.diagnostics import CollapseMonitor
 from nas.engine.tb import log_alphas, log_genotype, log_genotype_figure
+from nas.genotype import Genotype
 from nas.engine.trials import TrialLog
 from nas.errors import ConfigError, NonFiniteLossError
 from nas.spaces import build_space
@@ -161,16 +163,18 @@ class OneShotOutputs:
         log_genotype_figure(self.writer, genotype, epoch)
         self.writer.flush()
 
-    def final(self, record=lambda genotype: genotype):
-        """Write the strategy's final genotype (``genotype.json``, ``genotype.png``), passed through ``record`` (which
-        adds its origin), and return it."""
-        genotype = record(self.strategy.export())
+    def final(self, record=lambda genotype: genotype, genotype=None):
+        """Write the strategy's final genotype (``genotype`` given: that one, e.g. DARTS-ES's) to ``genotype.json``
+        and ``genotype.png`` (TensorBoard: ``genotype/final_dag``, so that ``genotype/dag`` holds one picture per
+        epoch), passed through ``record`` (which adds its origin), and return it."""
+        genotype = record(self.strategy.export() if genotype is None else genotype)
         distributed.check_same(str(genotype), "final genotype")
         if not distributed.is_writer():
             log.info("final genotype %s (the same as rank 0's)", genotype)  # (the log tags the rank)
             return genotype
         genotype.save(os.path.join(self.run_dir, "genotype.json"))
-        log_genotype_figure(self.writer, genotype, self.cfg.epochs, os.path.join(self.run_dir, "genotype.png"))
+        log_genotype_figure(self.writer, genotype, self.cfg.epochs, os.path.join(self.run_dir, "genotype.png"),
+                            tag="genotype/final_dag")
         return genotype
 
 
@@ -241,12 +245,13 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
     writer = start_run(keeper, resuming, cfg_yaml, tags=task.scalar_tags)
     bar = task.progress_bar(cfg, data, "search", state)
     outputs = OneShotOutputs(run_dir, cfg, writer, space, strategy, f"valid_{metric}", task.direction)
+    monitor = CollapseMonitor(cfg, space, model, strategy, task, data, writer)
     if distributed.is_writer():
         outputs.trials.resume(keep=lambda r: r["epoch"] < pos.epoch)
     pick = min if task.direction == "minimize" else max
     try:
         with stop_signals():
-            while pos.epoch <= cfg.epochs:
+            while pos.epoch <= cfg.epochs and not state.get("early_stop"):  # (a resume after DARTS-ES: done)
                 try:
                     epoch = pos.epoch
                     if pos.batch == 0:
@@ -261,12 +266,14 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
                 valid = task.evaluate(model, data, "valid", cfg, strategy.eval_weights(), cfg.limit_eval_batches)
                 value = task.value(valid)
                 genotype = task.record_origin(strategy.export(), cfg)
+                diagnostics = monitor.epoch(epoch, genotype, state["step"], keeper.clock.now)
                 state["best_value"] = pick(state["best_value"], value)
                 penalty = getattr(strategy, "penalty", None)  # strategy.param_penalty: the expected count it weighs
                 expected = None if penalty is None else float(penalty.expected(strategy.alphas.detach()))
                 state["history"].append({"epoch": epoch, **meter.figures(), **task.valid_figures(valid),
                                          "genotype": genotype.to_dict(),
-                                         **({} if expected is None else {"expected_params": expected})})
+                                         **({} if expected is None else {"expected_params": expected}),
+                                         **({} if diagnostics is None else {"diagnostics": diagnostics})})
                 # on the step axis, as every training tag: an epoch's figures at the step that ended it
                 writer.add_scalar(f"valid/{metric}", value, state["step"])
                 writer.add_scalar("valid/loss", valid.loss, state["step"])
@@ -274,15 +281,28 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
                 outputs.epoch(epoch, genotype, value, keeper.clock.now() - state["epoch_start"],
                               state["tokens"] - state["epoch_tokens"],
                               {"accuracy": valid.accuracy, "cross_entropy": valid.loss, "params": n_params})
+                monitor.log_history(state["history"], epoch)
+                stop = monitor.early_stop(state["history"], epoch)  # DARTS-ES (diagnostics.early_stop)
+                if stop is not None:
+                    state["early_stop"] = stop
                 pos.next_epoch()
                 keeper.save()
                 log.info("epoch %d: train %s %s, valid %s %s (loss %.4f), genotype %s%s", epoch, metric,
                          task.fmt(meter.value), metric, task.fmt(value), valid.loss, genotype,
                          "" if expected is None else f"; expected params under softmax(α) {expected:,.0f}")
                 bar.set_postfix({f"valid_{metric}": task.fmt(value)})
+                if stop is not None:
+                    log.info("DARTS-ES: the Hessian's eigenvalue grew by %.2fx (local means %.4g -> %.4g, more than "
+                             "diagnostics.early_stop.factor=%g): search stopped after epoch %d; the genotype is "
+                             "epoch %d's", stop["ratio"], stop["previous"], stop["current"],
+                             cfg.diagnostics.early_stop.factor, epoch, stop["genotype_epoch"])
+                    break
                 if epoch < cfg.epochs:
                     keeper.check_stop(f"after epoch {epoch}")
-        genotype = outputs.final(lambda g: task.record_origin(g, cfg))
+        early = state.get("early_stop")
+        genotype = outputs.final(lambda g: task.record_origin(g, cfg), None if early is None else Genotype.from_dict(
+            next(h["genotype"] for h in state["history"] if h["epoch"] == early["genotype_epoch"])))
+        decided = monitor.report(genotype)
         writer.commit()  # the final genotype's picture (no checkpoint after it)
     finally:
         bar.close()
@@ -297,6 +317,8 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
                "train_tokens": state["tokens"], "wall_seconds": wall,
                "tokens_per_second": state["tokens"] / max(wall, 1e-9), "params": n_params,
                "rollbacks": state["rollbacks"], "processes": distributed.size(), "genotype": genotype.to_dict(),
+               # issue 20: DARTS-ES's decision (null: ran to the end) and how decided the final α is
+               "epochs_run": len(history), "early_stop": state.get("early_stop"), "decidedness": decided,
                "history": history}
     if distributed.is_writer():
         atomic_write_text(os.path.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")

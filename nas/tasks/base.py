@@ -166,6 +166,11 @@ class Task:
         (:class:`Batch`, :class:`SentenceInputs`)."""
         raise NotImplementedError
 
+    def alpha_batches(self, cfg, data, model, n: int) -> list:
+        """The first ``n`` batches of the α split, the same at every call, for the collapse diagnostics' Hessian of
+        the validation loss (:mod:`nas.diagnostics`); empty: this task offers none (no eigenvalue is computed)."""
+        return []
+
     def weight_step(self, model, optimizer, batch, cfg, weights=None) -> StepResult:
         """One weight update on ``batch`` (gradient clipped to ``cfg.clip``).
         Raises nas.errors.NonFiniteLossError when the loss or the gradient is NaN/inf (nothing updated then)."""

@@ -305,6 +305,11 @@ class ClassificationTask(Task):
                 break
             yield Step(_inputs(b), next(position.alpha) if search else None)
 
+    def alpha_batches(self, cfg, data: SentenceData, model, n: int) -> list:
+        """The α split's first ``n`` batches of ``batch_size`` sentences, in the split's order (no shuffle)."""
+        batches = sentence_batches(data.search, cfg.batch_size, shuffle=False, device=data.device, drop_last=True)
+        return [_inputs(b) for b in itertools.islice(batches, n)]
+
     def weight_step(self, model, optimizer, batch: SentenceInputs, cfg, weights=None) -> StepResult:
         loss, correct = classifier_step(model, optimizer, batch, cfg.clip, weights)
         return StepResult(loss, None, tokens=int(batch.lengths.sum()), correct=correct, count=batch.targets.numel())

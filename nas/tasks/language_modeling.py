@@ -390,6 +390,12 @@ class LanguageModelingTask(Task):
                 alpha = Batch(data_v, targets_v, hidden_v)
             yield Step(Batch(data_t, targets_t, hidden), alpha, data_t.size(0) / cfg.bptt, seq_len)
 
+    def alpha_batches(self, cfg, data, model, n: int) -> list:
+        """The α split's first ``n`` segments of ``bptt`` rows, each from a zero hidden state."""
+        rows = data.search.size(0) - 1
+        return [Batch(*get_batch(data.search, i, cfg.bptt), model.init_hidden(data.search.size(1)))
+                for i in range(0, min(n * cfg.bptt, rows), cfg.bptt)]
+
     def weight_step(self, model, optimizer, batch: Batch, cfg, weights=None) -> StepResult:
         raw, hidden = weight_step(model, optimizer, batch.data, batch.targets, batch.hidden, cfg.clip,
                                   cfg.ar_alpha, cfg.tar_beta, weights)
