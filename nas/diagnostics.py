@@ -160,8 +160,9 @@ def lanczos_top_eigenvalue(matvec: Callable[[torch.Tensor], torch.Tensor], dim: 
         tol: stop when the top Ritz pair's residual ‖A y - θ y‖ = β_m |s_m| is at most ``tol`` · |θ|.
         max_matvecs: and after this many products at most.
     Returns:
-        ``{"value": θ, "matvecs": m, "residual": β_m |s_m|}``; the start vector is a fixed draw (seed 0 of a
-        private generator), so the result is deterministic and the global random state untouched.
+        ``{"value": θ, "matvecs": m, "residual": β_m |s_m| (absolute), "converged": whether the residual reached
+        tol · |θ| (or the Krylov space was exhausted) within the products}``; the start vector is a fixed draw (seed
+        0 of a private generator), so the result is deterministic and the global random state untouched.
     Raises:
         ValueError: ``dim`` < 1 or ``max_matvecs`` < 1.
     """
@@ -187,10 +188,10 @@ def lanczos_top_eigenvalue(matvec: Callable[[torch.Tensor], torch.Tensor], dim: 
         theta, S = torch.linalg.eigh(T)
         value, residual = theta[-1].item(), beta * abs(S[-1, -1].item())
         if residual <= tol * max(abs(value), 1e-30) or beta <= 1e-12 * max(abs(value), 1e-30):
-            return {"value": value, "matvecs": m, "residual": residual}
+            return {"value": value, "matvecs": m, "residual": residual, "converged": True}
         off.append(beta)
         basis.append(w / beta)
-    return {"value": value, "matvecs": len(diag), "residual": residual}
+    return {"value": value, "matvecs": len(diag), "residual": residual, "converged": False}
 
 
 @contextmanager
@@ -291,6 +292,39 @@ def hessian_epochs(every: int, epochs: int) -> List[int]:
     return sorted(set(range(1, epochs + 1, every)) | {epochs})
 
 
+def earliest_stop_epoch(every: int, epochs: int, cfg: EarlyStopConfig) -> Optional[int]:
+    """The first epoch after which DARTS-ES's rule can stop a search of ``epochs`` epochs (None: it never can):
+    the eigenvalue ``delta + window // 2`` places after the first one computed at or after ``start_epoch``, if that
+    is before the last epoch."""
+    checked = hessian_epochs(every, epochs)[:-1]  # never after the last epoch
+    first = next((n for n, e in enumerate(checked) if e >= cfg.start_epoch), None)
+    if first is None or first + cfg.delta + cfg.window // 2 >= len(checked):
+        return None
+    return checked[first + cfg.delta + cfg.window // 2]
+
+
+def check_diagnostics(cfg) -> None:
+    """Refuse, before a search writes anything, diagnostics settings that cannot work together.
+
+    Raises:
+        ConfigError: ``diagnostics.early_stop.enabled`` without the eigenvalue it stops on (``diagnostics.enabled``
+        and ``diagnostics.hessian``), or with a strategy that has no α (black-box strategies, random_ws).
+    """
+    from nas.errors import ConfigError
+    from nas.strategies import STRATEGIES
+
+    d = cfg.diagnostics
+    if not d.early_stop.enabled:
+        return
+    if not (d.enabled and d.hessian):
+        raise ConfigError("diagnostics.early_stop.enabled=true needs diagnostics.enabled=true and "
+                          "diagnostics.hessian=true (it stops on the Hessian's eigenvalue)")
+    if not getattr(STRATEGIES.get(cfg.strategy.name), "has_alphas", False):
+        with_alphas = sorted(n for n in STRATEGIES.names() if getattr(STRATEGIES.get(n), "has_alphas", False))
+        raise ConfigError(f"diagnostics.early_stop.enabled=true: strategy={cfg.strategy.name} has no α to watch "
+                          f"(DARTS-ES stops one-shot searches of {', '.join(with_alphas)})")
+
+
 # -- the engine's side -----------------------------------------------------------------------------------------------
 class CollapseMonitor:
     """Per-epoch diagnostics and DARTS-ES for the one-shot search loop (:func:`nas.engine.search.search`).
@@ -308,11 +342,12 @@ class CollapseMonitor:
         self.active = bool(self.dcfg.enabled) and hasattr(strategy, "alphas")
         self._batches = None
         self._task, self._data = task, data
-        if self.dcfg.early_stop.enabled and not (self.active and self.dcfg.hessian):
-            from nas.errors import ConfigError
-
-            raise ConfigError("diagnostics.early_stop.enabled=true needs diagnostics.enabled=true and "
-                              "diagnostics.hessian=true (it stops on the Hessian's eigenvalue)")
+        es = self.dcfg.early_stop
+        if self.active and es.enabled and earliest_stop_epoch(self.dcfg.every, cfg.epochs, es) is None:
+            log.warning("diagnostics.early_stop can never stop this search: with epochs=%d, diagnostics.every=%d, "
+                        "window=%d, delta=%d and start_epoch=%d its first check would come at or after the last "
+                        "epoch (README: Collapse diagnostics)", cfg.epochs, self.dcfg.every, es.window, es.delta,
+                        es.start_epoch)
 
     def _hessian_batches(self):
         if self._batches is None:
@@ -342,7 +377,14 @@ class CollapseMonitor:
                 eig = hessian_eigenvalue(self.model, alphas, batches, self.dcfg.hessian_tol,
                                          self.dcfg.hessian_max_matvecs)
                 out.update({"hessian_eigenvalue": eig["value"], "hessian_matvecs": eig["matvecs"],
-                            "hessian_residual": eig["residual"], "hessian_seconds": clock() - start})
+                            "hessian_residual": eig["residual"], "hessian_converged": eig["converged"],
+                            "hessian_seconds": clock() - start})
+                if not eig["converged"]:
+                    log.warning("epoch %d: the Hessian's eigenvalue %.4g did not converge in %d products (residual "
+                                "%.2g, %.2g of the value; diagnostics.hessian_tol=%g): raise "
+                                "diagnostics.hessian_max_matvecs for a closer figure", epoch, eig["value"],
+                                eig["matvecs"], eig["residual"], eig["residual"] / max(abs(eig["value"]), 1e-30),
+                                self.dcfg.hessian_tol)
         w = self.writer
         for op in self.ops:
             w.add_scalar(f"diagnostics/op_share/{op}", shares[op], step)
@@ -388,12 +430,13 @@ class CollapseMonitor:
         if not self.active:
             return None
         d = decidedness(self.strategy.alphas.detach(), self.ops, self.space, self.dcfg.decided_margin)
-        leads = ", ".join(f"{x['name']} {x['lead']:.3f}" for x in d["decisions"])
-        tops = " ".join(f"{e['top']:.2f}" for e in d["edges"])
-        log.info("decidedness: leads of the genotype's choices over their best alternatives: %s; top softmax weight "
-                 "per edge: %s", leads, tops)
+        leads = ", ".join(f"{x['name']} {x['lead']:.3g}" for x in d["decisions"])
+        tops = sorted(e["top"] for e in d["edges"])
+        log.info("decidedness: leads of the genotype's choices over their best alternatives (softmax weight): %s; "
+                 "top softmax weight of the %d α rows: min %.3g, median %.3g, max %.3g (each row in metrics.json's "
+                 "decidedness.edges)", leads, len(tops), tops[0], tops[len(tops) // 2], tops[-1])
         if not d["decided"]:
-            log.warning("the genotype is not decided: its weakest choice leads by %.3f softmax weight, under "
+            log.warning("the genotype is not decided: its weakest choice leads by %.3g softmax weight, under "
                         "diagnostics.decided_margin=%g; another seed or a few more steps may well derive another "
                         "genotype (search longer, or raise strategy.arch_lr)", d["min_lead"], d["margin"])
         return d

@@ -349,11 +349,13 @@ def cap_parameter_free(picks: Sequence[Tuple[int, int]], probs: torch.Tensor, op
     return columns
 
 
-def dag_margins(alphas: torch.Tensor, ops: Sequence[str], k: int = 1) -> list:
-    """How decided each node's choice is under :func:`derive` (uncapped): per node ``i``, the smallest lead in
-    softmax weight of a kept edge's op over the best alternative to it -- the second-best non-zero op of the same
-    edge, or the best non-zero op of a predecessor the node drops.  A lead below a few hundredths means the choice
-    can flip with noise (issue 20; u01 item 10).
+def dag_margins(alphas: torch.Tensor, ops: Sequence[str], k: int = 1,
+                max_parameter_free: Optional[int] = None) -> list:
+    """How decided each node's choice is under :func:`derive`: per node ``i``, the smallest lead in softmax weight
+    of a kept edge's op over the best alternative to it -- the second-best non-zero op of the same edge, or the best
+    non-zero op of a predecessor the node drops.  With ``max_parameter_free``, an edge whose op the cap replaced
+    (:func:`cap_parameter_free`) chose among the edge's allowed ops: its lead is over the best other allowed op of
+    that edge.  A lead below a few hundredths means the choice can flip with noise (u01 item 10).
 
     Args: as :func:`derive`.  Returns: ``[(node, lead)]``, nodes 1..steps, leads in [0, 1].
     Raises: GenotypeError as :func:`derive`.
@@ -361,19 +363,32 @@ def dag_margins(alphas: torch.Tensor, ops: Sequence[str], k: int = 1) -> list:
     if alphas.dim() != 2 or alphas.size(1) != len(ops):
         raise GenotypeError(f"alphas of shape {tuple(alphas.shape)} do not fit {len(ops)} ops {list(ops)}")
     keep = [j for j, name in enumerate(ops) if name not in ZERO_OPS]
+    allowed = [c for c in keep if ops[c] not in PARAMETER_FREE_OPS]
     steps = steps_for_edges(alphas.size(0))
-    probs = torch.softmax(alphas.detach().double().cpu(), dim=-1)[:, keep]
-    out, offset = [], 0
+    full = torch.softmax(alphas.detach().double().cpu(), dim=-1)
+    probs = full[:, keep]
+    leads, picks, offset = [], [], 0  # per kept edge: (node, lead without the cap), and (α row, column)
     for i in range(1, steps + 1):
         w = probs[offset:offset + i]
-        top2 = w.topk(min(2, w.size(1)), dim=1).values  # [i, 2]
-        order = sorted(range(i), key=lambda j: (-top2[j, 0].item(), j))
+        top2 = w.topk(min(2, w.size(1)), dim=1)
+        order = sorted(range(i), key=lambda j: (-top2.values[j, 0].item(), j))
         kept, dropped = order[:min(k, i)], order[min(k, i):]
-        rival = max((top2[j, 0].item() for j in dropped), default=0.0)
-        leads = [top2[j, 0].item() - max(rival, top2[j, 1].item() if top2.size(1) > 1 else 0.0) for j in kept]
-        out.append((i, min(leads)))
+        rival = max((top2.values[j, 0].item() for j in dropped), default=0.0)
+        for j in sorted(kept):
+            second = top2.values[j, 1].item() if top2.values.size(1) > 1 else 0.0
+            leads.append((i, top2.values[j, 0].item() - max(rival, second)))
+            picks.append((offset + j, keep[top2.indices[j, 0].item()]))
         offset += i
-    return out
+    if max_parameter_free is not None:
+        capped = cap_parameter_free(picks, full, ops, max_parameter_free)
+        for n, ((row, before), after) in enumerate(zip(picks, capped)):
+            if after != before:  # chosen by the cap among the allowed ops of its edge
+                others = [full[row, c].item() for c in allowed if c != after]
+                leads[n] = (leads[n][0], full[row, after].item() - max(others, default=0.0))
+    out = {}
+    for node, lead in leads:
+        out[node] = min(out.get(node, lead), lead)
+    return sorted(out.items())
 
 
 def steps_for_edges(num_edges: int) -> int:

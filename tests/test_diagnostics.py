@@ -8,8 +8,9 @@ import os
 import pytest
 import torch
 
-from nas.diagnostics import (EarlyStopConfig, alpha_loss, analysis_mode, decidedness, early_stop_decision, edge_entropy,
-                             hessian_eigenvalue, hessian_epochs, lanczos_top_eigenvalue, op_histogram, op_shares)
+from nas.diagnostics import (EarlyStopConfig, alpha_loss, analysis_mode, decidedness, earliest_stop_epoch,
+                             early_stop_decision, edge_entropy, hessian_eigenvalue, hessian_epochs,
+                             lanczos_top_eigenvalue, op_histogram, op_shares)
 from nas.genotype import GenotypeError, dag_margins, derive
 from nas.spaces import SPACES
 from nas.spaces.darts_rnn import DartsRNNConfig
@@ -29,7 +30,9 @@ def test_lanczos_finds_the_largest_eigenvalue_not_the_largest_magnitude():
     q, _ = torch.linalg.qr(torch.randn(5, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
     a = q @ torch.diag(torch.tensor([-9.0, -1.0, 0.5, 2.0, 3.0], dtype=torch.float64)) @ q.t()
     out = lanczos_top_eigenvalue(lambda v: a @ v, 5, tol=1e-10, max_matvecs=5)
-    assert abs(out["value"] - 3.0) < 1e-9 and out["matvecs"] <= 5
+    assert abs(out["value"] - 3.0) < 1e-9 and out["matvecs"] <= 5 and out["converged"]
+    short = lanczos_top_eigenvalue(lambda v: a @ v, 5, tol=1e-10, max_matvecs=2)  # stopped before convergence
+    assert not short["converged"] and short["matvecs"] == 2 and short["residual"] > 1e-10 * abs(short["value"])
 
 
 def tiny_supernet(name):
@@ -69,6 +72,15 @@ def test_hessian_eigenvalue_equals_the_dense_hessians_largest(name):
 def test_hessian_epochs_follow_the_reference_schedule():
     # the reference computes at 0-based epochs 0, 2, 4, ... and the last: here 1, 3, 5, ... and the last
     assert hessian_epochs(2, 6) == [1, 3, 5, 6] and hessian_epochs(1, 3) == [1, 2, 3]
+
+
+def test_earliest_stop_epoch():
+    """The rule of test_early_stop_rule_by_hand first acts after epoch 5 of 6 (never with 5 epochs: that check would
+    be after the last).  darts_ptb_es (every 2, window 5, delta 4, from epoch 11, 50 epochs): the reference's first
+    check is at 0-based epoch 22 (la_epochs[e] - 2·4 >= 10 with la_epochs[e] = e - 2·2), here epoch 23."""
+    es = EarlyStopConfig(True, window=3, delta=2, factor=1.5, start_epoch=2)
+    assert earliest_stop_epoch(1, 6, es) == 5 and earliest_stop_epoch(1, 5, es) is None
+    assert earliest_stop_epoch(2, 50, EarlyStopConfig(True)) == 23
 
 
 # -- DARTS-ES --------------------------------------------------------------------------------------------------------
@@ -129,6 +141,13 @@ def test_cap_in_the_stacked_rnn_space_keeps_the_strongest_identity_layer():
     # cell (all cells 0: the first cell), layer 3 its best cell (lstm 0.5)
     first_cell = next(o for o in ops if o != "identity")
     assert [n[0].op for n in sp.derive(a).nodes] == [first_cell, "identity", "lstm"]
+    # the decidedness of that capped genotype: layer 1's cell leads the other cells by 0 (all at logit 0), layer 2's
+    # identity leads gru, layer 3's lstm leads the other cells (logit 0.5 over 0)
+    p = torch.softmax(a, -1)
+    margins = dict(sp.decision_margins(a))
+    assert margins["layer 1"] == 0.0
+    assert math.isclose(margins["layer 2"], (p[1, ident] - p[1, gru]).item())
+    assert math.isclose(margins["layer 3"], (p[2, lstm] - p[2, gru]).item())
 
 
 def test_dag_margins_and_decidedness_by_hand():
@@ -148,6 +167,11 @@ def test_dag_margins_and_decidedness_by_hand():
     # per edge: the top weight and its lead over the row's second (none counts here: it is α's mass)
     assert [(e["op"], round(e["top"], 6), round(e["lead"], 6)) for e in d["edges"]] == [
         ("tanh", 0.5, 0.2), ("sigmoid", 0.4, 0.1), ("relu", 0.35, 0.15)]
+    # with the cap, a choice the cap made leads the edge's other allowed ops: one node whose identity (0.4) gives way
+    # to tanh (0.3), which leads relu (0.25) by 0.05 (uncapped: identity over tanh by 0.1)
+    one = probs_to_logits([[0.0001, 0.3, 0.25, 0.0499, 0.4]])
+    assert math.isclose(dag_margins(one, DARTS_OPS, 1)[0][1], 0.1, abs_tol=1e-12)
+    assert math.isclose(dag_margins(one, DARTS_OPS, 1, max_parameter_free=0)[0][1], 0.05, abs_tol=1e-12)
 
 
 def test_op_histogram_shares_and_entropy():
@@ -193,7 +217,7 @@ def push_to_identity(monkeypatch, eigenvalues, until_epoch=None, steps_per_epoch
 
     def fake(model, alphas, batches, tol, max_matvecs):
         calls.append(1)
-        return {"value": eigenvalues[len(calls) - 1], "matvecs": 1, "residual": 0.0}
+        return {"value": eigenvalues[len(calls) - 1], "matvecs": 1, "residual": 0.0, "converged": True}
 
     monkeypatch.setattr(DartsStrategy, "arch_gradient", pushed)
     monkeypatch.setattr(diagnostics, "hessian_eigenvalue", fake)
@@ -248,6 +272,22 @@ def test_search_pushed_to_identity_is_reported_warned_stopped_and_capped(tmp_pat
     got = json.load(open(tmp_path / "cap" / "genotype.json"))
     assert [node[0]["op"] for node in got["nodes"]] == expected
     assert [node[0]["input"] for node in got["nodes"]] == [e.input for n in plain.nodes for e in n]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["diagnostics.hessian=false"], "needs diagnostics.enabled=true and diagnostics.hessian=true"),
+    (["diagnostics.enabled=false"], "needs diagnostics.enabled=true and diagnostics.hessian=true"),
+    (["strategy=random"], "strategy=random has no α to watch"),
+    (["strategy=random_ws"], "strategy=random_ws has no α to watch"),
+])
+def test_early_stopping_without_its_eigenvalue_is_refused_before_anything_is_written(tmp_path, corpus, extra, message):
+    from nas.engine.search import search
+    from nas.errors import ConfigError
+
+    cfg = cfg_for(TINY + [f"dataset.root={corpus}", "diagnostics.early_stop.enabled=true"] + extra)
+    with pytest.raises(ConfigError, match=message):
+        search(cfg, run_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists() or not os.listdir(tmp_path / "run")
 
 
 def test_diagnostics_do_not_change_the_search(tmp_path, corpus):

@@ -3,8 +3,8 @@
     python experiments/collapse/run.py --preset cpu                   # PTB, 2-core CPU (see cpu.yaml for the time)
     python experiments/collapse/run.py --preset smoke --out /tmp/col  # the pipeline in about a minute
 
-Per seed of the preset, one ``search.py`` run with the diagnostics on every epoch (``nas/diagnostics.py``; issue
-20) and early stopping *off*, so that the search runs to the end; DARTS-ES's rule (``EarlyStopConfig``, the
+Per seed of the preset, one ``search.py`` run with the collapse diagnostics every epoch (``nas/diagnostics.py``;
+README: "Collapse diagnostics and DARTS-ES") and early stopping *off*, so that the search runs to the end; DARTS-ES's rule (``EarlyStopConfig``, the
 preset's ``early_stop`` settings) is then applied to the recorded eigenvalues after each epoch, as the search would
 have applied it, to show where it would have stopped and which epoch's genotype it would have returned (the
 reference code's "simulate" mode, ``--early_stop 2``).
@@ -129,6 +129,7 @@ def plot(out: str, rows: list, decisions: dict) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.0, 6.0), sharex=True)
     for seed in decisions:
@@ -143,12 +144,13 @@ def plot(out: str, rows: list, decisions: dict) -> None:
         if d is not None:
             for ax in (top, bottom):
                 ax.axvline(d["stopped_after_epoch"], color=line.get_color(), ls=":", lw=1)
-            top.annotate(f"ES: epoch {d['genotype_epoch']}'s genotype", (d["stopped_after_epoch"], ev[-1][1]),
-                         fontsize=8, color=line.get_color())
+            top.annotate(f" ES: stop, epoch {d['genotype_epoch']}'s genotype", (d["stopped_after_epoch"], 0.97),
+                         xycoords=("data", "axes fraction"), va="top", fontsize=8, color=line.get_color())
     top.set_ylabel("largest eigenvalue of ∇²_α L_val")
     top.legend(fontsize=8)
     bottom.set_ylabel("identity")
     bottom.set_xlabel("epoch")
+    bottom.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     bottom.set_ylim(0, 1)
     bottom.legend(fontsize=7)
     fig.tight_layout()

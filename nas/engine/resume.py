@@ -314,6 +314,10 @@ def open_run(cfg, run_dir: Optional[str], schema, script: str, continue_same: bo
         return cfg, run_dir, os.path.isfile(os.path.join(run_dir, CHECKPOINT))
     check_nan_policy(cfg, script)
     check_ranges(cfg)  # before anything is written: a refused run leaves nothing
+    if "diagnostics" in cfg:  # search.py
+        from nas.diagnostics import check_diagnostics
+
+        check_diagnostics(cfg)
     resolve_paths(cfg)  # r02: a resume from another directory must read the very same files
     pin_data_folder(cfg)  # (and dataset.root=null: the folder $NAS_DATA or the cache gave)
     run_dir = os.path.abspath(run_dir or run_dir_from_hydra())

@@ -163,18 +163,19 @@ class OneShotOutputs:
         log_genotype_figure(self.writer, genotype, epoch)
         self.writer.flush()
 
-    def final(self, record=lambda genotype: genotype, genotype=None):
+    def final(self, record=lambda genotype: genotype, genotype=None, step=None):
         """Write the strategy's final genotype (``genotype`` given: that one, e.g. DARTS-ES's) to ``genotype.json``
         and ``genotype.png`` (TensorBoard: ``genotype/final_dag``, so that ``genotype/dag`` holds one picture per
-        epoch), passed through ``record`` (which adds its origin), and return it."""
+        epoch, at ``step``: default the configured epochs), passed through ``record`` (which adds its origin), and
+        return it."""
         genotype = record(self.strategy.export() if genotype is None else genotype)
         distributed.check_same(str(genotype), "final genotype")
         if not distributed.is_writer():
             log.info("final genotype %s (the same as rank 0's)", genotype)  # (the log tags the rank)
             return genotype
         genotype.save(os.path.join(self.run_dir, "genotype.json"))
-        log_genotype_figure(self.writer, genotype, self.cfg.epochs, os.path.join(self.run_dir, "genotype.png"),
-                            tag="genotype/final_dag")
+        log_genotype_figure(self.writer, genotype, self.cfg.epochs if step is None else step,
+                            os.path.join(self.run_dir, "genotype.png"), tag="genotype/final_dag")
         return genotype
 
 
@@ -301,7 +302,8 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
                     keeper.check_stop(f"after epoch {epoch}")
         early = state.get("early_stop")
         genotype = outputs.final(lambda g: task.record_origin(g, cfg), None if early is None else Genotype.from_dict(
-            next(h["genotype"] for h in state["history"] if h["epoch"] == early["genotype_epoch"])))
+            next(h["genotype"] for h in state["history"] if h["epoch"] == early["genotype_epoch"])),
+            step=state["history"][-1]["epoch"])  # (DARTS-ES: the epoch it stopped after)
         decided = monitor.report(genotype)
         writer.commit()  # the final genotype's picture (no checkpoint after it)
     finally:

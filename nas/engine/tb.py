@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # headless: figures are rendered to images, never shown
 import matplotlib.pyplot as plt  # noqa: E402
@@ -61,6 +62,7 @@ def op_share_figure(history: list, ops: Sequence[str]):
         ax.stackplot(epochs, [[h["diagnostics"]["op_shares"][op] for h in rows] for op in ops], labels=list(ops))
         ax.set_xlim(epochs[0], max(epochs[-1], epochs[0] + 1))
     ax.set_ylim(0.0, 1.0)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("share of softmax(α)")
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)

@@ -330,9 +330,9 @@ class DartsRNNSpace:
         return derive(alphas, self.ops, self.name, k=1, max_parameter_free=self.cfg.max_parameter_free)
 
     def decision_margins(self, alphas: torch.Tensor) -> list:
-        """Per node, the lead of its choice over the best alternative (:func:`nas.genotype.dag_margins`, k = 1):
-        ``[("node i", lead)]``."""
-        return [(f"node {i}", lead) for i, lead in dag_margins(alphas, self.ops, 1)]
+        """Per node, the lead of its choice over the best alternative (:func:`nas.genotype.dag_margins`, k = 1, with
+        the space's ``max_parameter_free``): ``[("node i", lead)]``."""
+        return [(f"node {i}", lead) for i, lead in dag_margins(alphas, self.ops, 1, self.cfg.max_parameter_free)]
 
     def decisions(self) -> list:
         """The categorical decisions of one genotype: per node its input and op (:func:`nas.genotype.dag_decisions`,

@@ -294,9 +294,10 @@ class HybridSpace:
                       max_parameter_free=self.cfg.max_parameter_free)
 
     def decision_margins(self, alphas: torch.Tensor) -> list:
-        """Per node, the smallest lead of a kept edge over its best alternative (:func:`nas.genotype.dag_margins`):
-        ``[("node i", lead)]``."""
-        return [(f"node {i}", lead) for i, lead in dag_margins(alphas, self.ops, self.cfg.k)]
+        """Per node, the smallest lead of a kept edge over its best alternative (:func:`nas.genotype.dag_margins`, with
+        the space's ``max_parameter_free``): ``[("node i", lead)]``."""
+        return [(f"node {i}", lead)
+                for i, lead in dag_margins(alphas, self.ops, self.cfg.k, self.cfg.max_parameter_free)]
 
     def decisions(self) -> list:
         """The categorical decisions of one genotype (:func:`nas.genotype.dag_decisions`, with this space's k)."""

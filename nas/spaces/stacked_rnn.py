@@ -440,9 +440,17 @@ class StackedRNNSpace:
         return self._chain(ops, [self._one_shot_params(o) for o in ops])
 
     def decision_margins(self, alphas: torch.Tensor) -> list:
-        """Per layer, the lead in softmax weight of its op over the layer's second-best op: ``[("layer i", lead)]``."""
-        top2 = torch.softmax(alphas.detach().double().cpu(), dim=-1).topk(2, dim=1).values
-        return [(f"layer {i}", (top2[i - 1, 0] - top2[i - 1, 1]).item()) for i in range(1, top2.size(0) + 1)]
+        """Per layer, the lead in softmax weight of its derived op over the layer's best other op -- with
+        ``space.max_parameter_free``, a layer the cap turned into a cell leads the layer's other cells:
+        ``[("layer i", lead)]``."""
+        probs = torch.softmax(alphas.detach().double().cpu(), dim=-1)
+        chosen = [n[0].op for n in self.derive(alphas).nodes]
+        out = []
+        for i, op in enumerate(chosen, 1):
+            c, capped = self.ops.index(op), op != self.ops[probs[i - 1].argmax().item()]
+            rivals = [k for k, name in enumerate(self.ops) if k != c and not (capped and name == IDENTITY)]
+            out.append((f"layer {i}", (probs[i - 1, c] - max(probs[i - 1, k] for k in rivals)).item()))
+        return out
 
     def path_weights(self, genotype: Genotype, dtype=None, device=None) -> torch.Tensor:
         """The supernet's layer weights [max_layers, K] computing exactly ``genotype`` (one-hot per layer; layers

@@ -122,6 +122,8 @@ class DartsStrategy:
     """
 
     kind = "one_shot"
+    #: it has architecture parameters α (``alphas`` [E, K]): the collapse diagnostics watch them
+    has_alphas = True
 
     def __init__(self, cfg: DartsConfig, space, model: nn.Module,
                  train_objective: Callable, weight_decay: float = 0.0, clip: Optional[float] = None, seed: int = 0):

@@ -119,6 +119,8 @@ class GdasStrategy:
     """
 
     kind = "one_shot"
+    #: it has architecture parameters α (``alphas`` [E, K]): the collapse diagnostics watch them
+    has_alphas = True
     #: the engine makes the weight step before the α step (the reference's order)
     weights_first = True
 
