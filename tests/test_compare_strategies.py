@@ -277,3 +277,40 @@ def test_stopping_interrupts_the_runs_under_way_and_starts_no_new_one(tmp_path):
     with pytest.raises(SystemExit, match="not started"):
         mod.run("sleeper.py", [], str(tmp_path / "b"), str(tmp_path / "logs" / "b.log"))
     assert not (tmp_path / "b").exists()
+
+
+def test_a_signal_to_a_comparison_started_in_the_background_stops_its_run(tmp_path):
+    """A comparison started in the background (``nohup ... &`` from a script) inherits SIGINT ignored: ``kill -INT``
+    once did nothing.  With its handlers installed, SIGINT to it (here: this process, running ``run`` with
+    ``--jobs 1``) raises KeyboardInterrupt, and the run under way is stopped too, not left orphaned."""
+    import signal
+    import threading
+    import time
+
+    mod = load_run()
+    script = tmp_path / "sleeper.py"
+    ready, stopped = tmp_path / "ready", tmp_path / "stopped"
+    script.write_text("import pathlib, signal, sys, time\n"
+                      f"signal.signal(signal.SIGINT, lambda *a: (pathlib.Path({str(stopped)!r}).write_text('1'), "
+                      "sys.exit(3)))\n"
+                      f"pathlib.Path({str(ready)!r}).write_text('1')\ntime.sleep(60)\n")
+    mod.ROOT = str(tmp_path)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.getsignal(signal.SIGTERM)
+    try:
+        mod.install_stop_handlers()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+        def interrupt():
+            deadline = time.time() + 20
+            while not ready.exists() and time.time() < deadline:
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=interrupt, daemon=True).start()
+        start = time.time()
+        with pytest.raises(KeyboardInterrupt):
+            mod.run("sleeper.py", [], str(tmp_path / "a"), str(tmp_path / "logs" / "a.log"))
+        assert stopped.exists() and time.time() - start < 15  # the run got its SIGINT and ended before run() did
+    finally:
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])

@@ -64,6 +64,18 @@ def stop_runs() -> None:
 PRESET_KEYS = ("dataset", "seeds", "search", "strategies", "train")
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def install_stop_handlers() -> None:
+    """SIGINT and SIGTERM stop the comparison as Ctrl-C does (:func:`stop_runs`).  A job started in the background
+    (``nohup ... &`` from a script, a CI job) inherits SIGINT ignored, and Python then installs no handler of its
+    own: ``kill -INT`` did nothing to such a comparison."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminate)
+
+
 def load_preset(name: str, folder: str = HERE, keys=PRESET_KEYS) -> dict:
     """The preset ``name`` (a ``.yaml`` in ``folder``, or a path to one) as a dict.
 
@@ -105,6 +117,11 @@ def run(script: str, overrides: list, run_dir: str, log_path: str) -> dict:
             _RUNNING.add(proc)
         try:
             proc.wait()
+        except BaseException:  # Ctrl-C / SIGTERM in this thread (--jobs 1): the run stops at its next step, with a
+            if proc.poll() is None:  # checkpoint, before this script goes (it would otherwise run on, orphaned)
+                proc.send_signal(signal.SIGINT)
+                proc.wait()
+            raise
         finally:
             with _RUNNING_LOCK:
                 _RUNNING.discard(proc)
@@ -144,6 +161,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
+    install_stop_handlers()
     preset = load_preset(args.preset)
     if args.baseline not in preset["strategies"]:
         p.error(f"--baseline {args.baseline!r} is not a strategy of the preset ({', '.join(preset['strategies'])})")
