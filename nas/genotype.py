@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Iterable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -287,6 +287,32 @@ def derive(alphas: torch.Tensor, ops: Sequence[str], space: str, k: int = 1,
         GenotypeError: if α's shape does not match ``ops`` / a triangular edge count, or every op is zero, or the
         cap cannot hold (no other non-zero op).
     """
+    full, picks = _dag_picks(alphas, ops, k)
+    columns = [p.column for p in picks]
+    if max_parameter_free is not None:
+        columns = cap_parameter_free([(p.row, p.column) for p in picks], full, ops, max_parameter_free)
+    steps = steps_for_edges(alphas.size(0))
+    nodes = [[] for _ in range(steps)]
+    for p, c in zip(picks, columns):
+        nodes[p.node - 1].append(Edge(ops[c], p.input))
+    return Genotype(space=space, ops=tuple(ops), nodes=tuple(tuple(n) for n in nodes),
+                    concat=tuple(concat) if concat is not None else tuple(range(1, steps + 1)), k=k)
+
+
+class _Pick(NamedTuple):
+    """One edge :func:`derive` keeps: node ``node`` takes ``input`` with the op of α column ``column`` (α row
+    ``row``); ``lead``: that choice's softmax weight minus its best alternative's (:func:`dag_margins`)."""
+
+    node: int
+    input: int
+    row: int
+    column: int
+    lead: float
+
+
+def _dag_picks(alphas: torch.Tensor, ops: Sequence[str], k: int) -> tuple:
+    """DARTS's selection (:func:`derive`, uncapped) with each kept edge's lead: ``(softmax(α) [E, K] float64, [_Pick]
+    in node order)``.  Raises GenotypeError as :func:`derive`."""
     if alphas.dim() != 2 or alphas.size(1) != len(ops):
         raise GenotypeError(f"alphas of shape {tuple(alphas.shape)} do not fit {len(ops)} ops {list(ops)}")
     keep = [j for j, name in enumerate(ops) if name not in ZERO_OPS]
@@ -295,21 +321,18 @@ def derive(alphas: torch.Tensor, ops: Sequence[str], space: str, k: int = 1,
     steps = steps_for_edges(alphas.size(0))
     full = torch.softmax(alphas.detach().double().cpu(), dim=-1)
     probs = full[:, keep]  # [E, K']
-    picks, offset = [], 0  # (node, input, α row, α column) of every kept edge, in node order
+    picks, offset = [], 0
     for i in range(1, steps + 1):
         w = probs[offset:offset + i]  # [i, K'] rows = predecessors 0..i-1
         best_w, best_k = w.max(dim=1)  # max returns the first maximal index on ties
-        order = sorted(range(i), key=lambda j: (-best_w[j].item(), j))[:min(k, i)]
-        picks += [(i, j, offset + j, keep[best_k[j].item()]) for j in sorted(order)]
+        second = w.topk(2, dim=1).values[:, 1] if w.size(1) > 1 else torch.zeros(i, dtype=w.dtype)
+        order = sorted(range(i), key=lambda j: (-best_w[j].item(), j))
+        kept, dropped = order[:min(k, i)], order[min(k, i):]
+        rival = max((best_w[j].item() for j in dropped), default=0.0)  # the best predecessor the node drops
+        picks += [_Pick(i, j, offset + j, keep[best_k[j].item()],
+                        best_w[j].item() - max(rival, second[j].item())) for j in sorted(kept)]
         offset += i
-    columns = [c for *_, c in picks]
-    if max_parameter_free is not None:
-        columns = cap_parameter_free([(row, c) for _, _, row, c in picks], full, ops, max_parameter_free)
-    nodes = [[] for _ in range(steps)]
-    for (i, j, _, _), c in zip(picks, columns):
-        nodes[i - 1].append(Edge(ops[c], j))
-    return Genotype(space=space, ops=tuple(ops), nodes=tuple(tuple(n) for n in nodes),
-                    concat=tuple(concat) if concat is not None else tuple(range(1, steps + 1)), k=k)
+    return full, picks
 
 
 def cap_parameter_free(picks: Sequence[Tuple[int, int]], probs: torch.Tensor, ops: Sequence[str],
@@ -360,34 +383,18 @@ def dag_margins(alphas: torch.Tensor, ops: Sequence[str], k: int = 1,
     Args: as :func:`derive`.  Returns: ``[(node, lead)]``, nodes 1..steps, leads in [0, 1].
     Raises: GenotypeError as :func:`derive`.
     """
-    if alphas.dim() != 2 or alphas.size(1) != len(ops):
-        raise GenotypeError(f"alphas of shape {tuple(alphas.shape)} do not fit {len(ops)} ops {list(ops)}")
-    keep = [j for j, name in enumerate(ops) if name not in ZERO_OPS]
-    allowed = [c for c in keep if ops[c] not in PARAMETER_FREE_OPS]
-    steps = steps_for_edges(alphas.size(0))
-    full = torch.softmax(alphas.detach().double().cpu(), dim=-1)
-    probs = full[:, keep]
-    leads, picks, offset = [], [], 0  # per kept edge: (node, lead without the cap), and (α row, column)
-    for i in range(1, steps + 1):
-        w = probs[offset:offset + i]
-        top2 = w.topk(min(2, w.size(1)), dim=1)
-        order = sorted(range(i), key=lambda j: (-top2.values[j, 0].item(), j))
-        kept, dropped = order[:min(k, i)], order[min(k, i):]
-        rival = max((top2.values[j, 0].item() for j in dropped), default=0.0)
-        for j in sorted(kept):
-            second = top2.values[j, 1].item() if top2.values.size(1) > 1 else 0.0
-            leads.append((i, top2.values[j, 0].item() - max(rival, second)))
-            picks.append((offset + j, keep[top2.indices[j, 0].item()]))
-        offset += i
+    full, picks = _dag_picks(alphas, ops, k)
+    leads = [p.lead for p in picks]
     if max_parameter_free is not None:
-        capped = cap_parameter_free(picks, full, ops, max_parameter_free)
-        for n, ((row, before), after) in enumerate(zip(picks, capped)):
-            if after != before:  # chosen by the cap among the allowed ops of its edge
-                others = [full[row, c].item() for c in allowed if c != after]
-                leads[n] = (leads[n][0], full[row, after].item() - max(others, default=0.0))
+        allowed = [c for c, name in enumerate(ops) if name not in ZERO_OPS and name not in PARAMETER_FREE_OPS]
+        capped = cap_parameter_free([(p.row, p.column) for p in picks], full, ops, max_parameter_free)
+        for n, (p, after) in enumerate(zip(picks, capped)):
+            if after != p.column:  # chosen by the cap among the allowed ops of its edge
+                others = [full[p.row, c].item() for c in allowed if c != after]
+                leads[n] = full[p.row, after].item() - max(others, default=0.0)
     out = {}
-    for node, lead in leads:
-        out[node] = min(out.get(node, lead), lead)
+    for p, lead in zip(picks, leads):
+        out[p.node] = min(out.get(p.node, lead), lead)
     return sorted(out.items())
 
 
