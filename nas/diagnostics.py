@@ -110,12 +110,11 @@ def edge_entropy(alphas: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(dim=-1)
 
 
-def parameter_free_shares(genotype, alphas: torch.Tensor, ops: Sequence[str]) -> tuple:
-    """``(share of the genotype's ops, share of the softmax mass)`` held by :data:`nas.genotype.PARAMETER_FREE_OPS`
-    (the mass of every α row over every op; zero ops count in the denominator, as the mass is theirs too)."""
-    kept = [e.op for node in genotype.nodes for e in node]
-    share_genotype = sum(op in PARAMETER_FREE_OPS for op in kept) / max(1, len(kept))
-    shares = op_shares(alphas, ops)
+def parameter_free_shares(counts: dict, shares: dict) -> tuple:
+    """``(share of the genotype's ops, share of the softmax mass)`` held by :data:`nas.genotype.PARAMETER_FREE_OPS`,
+    from :func:`op_histogram`'s counts and :func:`op_shares`'s shares (the mass of every α row over every op; zero
+    ops count in the denominator, as the mass is theirs too)."""
+    share_genotype = sum(n for op, n in counts.items() if op in PARAMETER_FREE_OPS) / max(1, sum(counts.values()))
     return share_genotype, sum(v for op, v in shares.items() if op in PARAMETER_FREE_OPS)
 
 
@@ -351,9 +350,7 @@ class CollapseMonitor:
 
     def _hessian_batches(self):
         if self._batches is None:
-            make = getattr(self._task, "alpha_batches", None)
-            self._batches = [] if make is None else make(self.cfg, self._data, self.model,
-                                                         self.dcfg.hessian_batches)
+            self._batches = self._task.alpha_batches(self.cfg, self._data, self.model, self.dcfg.hessian_batches)
             if not self._batches:
                 log.info("diagnostics: task %s gives no α batches; no Hessian eigenvalue", self._task.name)
         return self._batches
@@ -366,7 +363,7 @@ class CollapseMonitor:
         alphas = self.strategy.alphas.detach()
         hist, shares = op_histogram(genotype, self.ops), op_shares(alphas, self.ops)
         ent = edge_entropy(alphas)
-        free_genotype, free_mass = parameter_free_shares(genotype, alphas, self.ops)
+        free_genotype, free_mass = parameter_free_shares(hist, shares)
         out = {"op_counts": hist, "op_shares": shares, "edge_entropy_mean": ent.mean().item(),
                "edge_entropy_min": ent.min().item(), "parameter_free_genotype": free_genotype,
                "parameter_free_mass": free_mass}
