@@ -192,6 +192,10 @@ def test_comparison_pipeline_writes_table_and_plot_and_resumes(tmp_path):
         - sum(float(r["test"]) for r in rows if r["strategy"] == "random") / 2, rel=1e-9)
     assert sorted(os.listdir(tmp_path / "tb_hparams")) == sorted(f"{s}_seed{k}" for s in strategies for k in (0, 1))
     assert os.path.getsize(tmp_path / "best_so_far.png") > 5000
+    cores = len(os.sched_getaffinity(0))  # --jobs 2 without --num-threads: every run gets its share of the cores
+    for kind in ("search", "train"):
+        cfg = open(tmp_path / kind / "random" / "seed1" / "config.yaml").read()
+        assert f"\nnum_threads: {max(1, cores // 2)}\n" in cfg, kind
     # a second run finds every run finished and only rebuilds the table
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.count("done before") == 2 * len(strategies) * 2 and "$ " not in r.stdout
@@ -203,6 +207,13 @@ def test_comparison_pipeline_writes_table_and_plot_and_resumes(tmp_path):
     assert r.stdout.count("done before") == 2 * len(strategies) * 2 - 1 and "resume=" in r.stdout
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert {(row["strategy"], row["seed"]): row["test"] for row in rows} == before
+
+
+def test_jobs_share_the_cores_out_unless_num_threads_is_given():
+    share = load_run().threads_per_job
+    # 2 jobs on 2 cores: 1 thread each, not torch's default of 2 each (4 busy threads on 2 cores)
+    assert [share(2, cores=2), share(2, cores=4), share(3, cores=8), share(4, cores=2)] == [1, 2, 2, 1]
+    assert share(1, cores=2) is None  # one job: torch's own default
 
 
 NINE = ["darts_1st", "darts_2nd", "random_ws", "gdas", "random", "bayesian", "evolution", "random_asha",

@@ -37,6 +37,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
 
 from nas.engine.resume import run_dir_status
 from nas.engine.rundir import RunDirBusy, own_run_dir
@@ -144,6 +145,20 @@ def mean_std(values):
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def threads_per_job(jobs: int, cores: Optional[int] = None) -> Optional[int]:
+    """The ``num_threads`` each of ``jobs`` runs at once gets when ``--num-threads`` is not given: the cores this
+    process may use (``os.sched_getaffinity``) shared out, at least 1; None for one job (torch's own default).
+
+    Without it, ``--jobs 2`` on 2 cores started two runs with torch's default of 2 threads each: four busy threads on
+    two cores, where OpenMP's busy waiting makes each run several times slower (README, "Shared cores").
+    """
+    if jobs <= 1:
+        return None
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // jobs)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="cpu", help="cpu3 | cpu | paper | smoke, or a path to a preset .yaml")
@@ -174,7 +189,11 @@ def main(argv=None) -> None:
     seeds = args.seeds if args.seeds else preset["seeds"]
     strategies = {k: v for k, v in preset["strategies"].items() if not args.strategies or k in args.strategies}
     common = [f"dataset={preset['dataset']}"] + ([f"device={args.device}"] if args.device else [])
-    common += [f"num_threads={args.num_threads}"] if args.num_threads else []
+    threads = args.num_threads or threads_per_job(args.jobs)
+    if threads and not args.num_threads:
+        print(f"--jobs {args.jobs}: num_threads={threads} for every run (the cores shared out; --num-threads sets it)",
+              flush=True)
+    common += [f"num_threads={threads}"] if threads else []
 
     def one(strategy: str, extra: list, seed: int) -> dict:
         """Search with ``strategy`` and retrain its genotype, for one seed: its results.csv row."""
