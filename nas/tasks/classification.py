@@ -17,10 +17,10 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from nas.data.sentences import LEGACY_HOLDOUT_BY, Sentences, check_batchable, load_sst2, sentence_batches
 from nas.engine.common import absolute_path
+from nas.engine.progress import run_progress
 from nas.errors import NonFiniteLossError
 from nas.tasks.base import TASKS, SentenceInputs, Step, StepResult, Task
 
@@ -210,8 +210,8 @@ class SentenceMeter:
             self.writer.add_scalar("train/accuracy", correct / n, step)
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, step)
+        self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)  # before update: its line shows it
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
     @property
     def loss(self) -> float:
@@ -318,8 +318,7 @@ class ClassificationTask(Task):
         return SentenceMeter(state, writer, bar, log_every, tuple(partial))
 
     def progress_bar(self, cfg, data: SentenceData, desc, state):
-        return tqdm(total=_steps_per_epoch(cfg, data.train) * cfg.epochs, initial=state["step"], desc=desc,
-                    unit="step", disable=not cfg.progress, dynamic_ncols=True)
+        return run_progress(cfg, _steps_per_epoch(cfg, data.train) * cfg.epochs, desc, "step", initial=state["step"])
 
     def evaluate(self, model, data: SentenceData, split, cfg, weights=None, max_batches=None):
         strategy = cfg.get("strategy")

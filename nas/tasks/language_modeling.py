@@ -20,6 +20,7 @@ from tqdm import tqdm
 from nas import distributed
 from nas.data import batchify, bptt_segments, check_min_size, get_batch, load_corpus
 from nas.engine.common import absolute_path
+from nas.engine.progress import run_progress
 from nas.errors import NonFiniteLossError
 from nas.losses import lm_nll
 from nas.tasks.base import TASKS, Batch, Step, StepResult, Task
@@ -98,8 +99,9 @@ def weight_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: torch.
     return raw_value, out.hidden.detach()
 
 
-def token_progress_bar(cfg, source: torch.Tensor, desc: str):
-    """A tqdm bar over the training target tokens of the whole run: ``source`` [T, B] is the training split.
+def token_progress_bar(cfg, source: torch.Tensor, desc: str, initial: int = 0):
+    """A tqdm bar (``progress=false``: log lines, :mod:`nas.engine.progress`) over the training target tokens of the
+    whole run: ``source`` [T, B] is the training split; ``initial``: the tokens already trained on (a resume).
 
     It counts tokens, not steps: an epoch scores every training row once, whatever the sampled lengths.
     """
@@ -107,8 +109,7 @@ def token_progress_bar(cfg, source: torch.Tensor, desc: str):
     per_epoch = (source.size(0) - 1) * columns
     if cfg.limit_train_batches:
         per_epoch = min(per_epoch, cfg.limit_train_batches * cfg.bptt * columns)
-    return tqdm(total=per_epoch * cfg.epochs, desc=desc, unit="tok", unit_scale=True,
-                disable=not cfg.progress or not distributed.is_writer(), dynamic_ncols=True)
+    return run_progress(cfg, per_epoch * cfg.epochs, desc, "tok", initial=initial, unit_scale=True)
 
 
 class EpochMeter:
@@ -142,8 +143,8 @@ class EpochMeter:
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, step)
         self.first = False
+        self.bar.set_postfix(step=step, loss=f"{raw:.3f}", refresh=False)  # before update: its line shows them
         self.bar.update(tokens)
-        self.bar.set_postfix(loss=f"{raw:.3f}", refresh=False)
 
     @property
     def ppl(self) -> float:
@@ -405,9 +406,7 @@ class LanguageModelingTask(Task):
         return EpochMeter(state, writer, bar, log_every, partial)
 
     def progress_bar(self, cfg, data, desc, state):
-        bar = token_progress_bar(cfg, data.train, desc)
-        bar.update(state["tokens"])
-        return bar
+        return token_progress_bar(cfg, data.train, desc, initial=state["tokens"])
 
     def evaluate(self, model, data: LMData, split, cfg, weights=None, max_batches=None) -> EvalResult:
         if split == "score" and data.score is not None:
