@@ -75,3 +75,29 @@ def test_compiled_hypergradient_equals_eager(unrolled):
     (g_eager, h_eager), (g_comp, h_comp) = grads
     torch.testing.assert_close(g_comp, g_eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h_comp, h_eager, rtol=1e-5, atol=1e-5)
+
+
+def test_each_new_case_of_the_compiled_step_is_announced_once_with_its_time(caplog):
+    """issue 21 item 4: the log says when compiling starts, for which case, and how long the case took."""
+    torch.manual_seed(0)
+    cell = DartsCell(E, H, DARTS_RNN_OPS, 4, None)
+    cell.compile_step()
+    weights = torch.softmax(torch.randn(10, 5), -1)
+    x, h = torch.randn(T, B, E), torch.randn(B, H)
+    with caplog.at_level("INFO", logger="nas.spaces.darts_rnn"):
+        for _ in range(2):
+            cell.train()(x, h, weights)  # the same case twice: one announcement
+        with torch.no_grad():
+            cell.eval()(x, h, weights)  # a new case
+            cell.train()(torch.randn(T, B + 1, E), torch.randn(B + 1, H), weights)  # another (batch size)
+    starts = [r.getMessage() for r in caplog.records if "compiling the cell's time step" in r.getMessage()]
+    ends = [r.getMessage() for r in caplog.records if "ran its first forward pass in" in r.getMessage()]
+    assert [m.split("(")[1].split(")")[0] for m in starts] == [
+        f"batch {B}, training, with gradients", f"batch {B}, evaluation, no gradients",
+        f"batch {B + 1}, training, no gradients"]
+    assert [m.split(" case ")[1].split()[0] for m in starts + ends] == ["1", "2", "3", "1", "2", "3"]
+    cell = DartsCell(E, H, DARTS_RNN_OPS, 4, None)  # eager (compile=false): nothing announced
+    caplog.clear()
+    with caplog.at_level("INFO", logger="nas.spaces.darts_rnn"):
+        cell.train()(x, h, weights)
+    assert not caplog.records
