@@ -1,8 +1,13 @@
 """experiments/collapse/run.py: DARTS-ES replayed on a finished search's eigenvalues, and its tables."""
+import csv
 import importlib.util
 import json
 import math
 import os
+import subprocess
+import sys
+
+import pytest
 
 from nas.diagnostics import EarlyStopConfig
 
@@ -50,3 +55,21 @@ def test_es_replay_takes_the_decision_the_search_would_have_taken(tmp_path):
     assert "would have stopped after epoch 6" in text and "returned epoch 3's genotype" in text
     assert "| 2 | 98.00 | 1 | 10 | 2.0 | 40 | 5.0% | 100% | 0.220 |" in text
     assert os.path.getsize(tmp_path / "collapse.png") > 0 and len(open(tmp_path / "results.csv").readlines()) == 8
+
+
+def test_seeds_run_side_by_side_with_the_cores_shared_out(tmp_path):
+    if not os.path.isdir(os.path.join(os.environ.get("NAS_DATA", "/nonexistent"), "ptb")):
+        pytest.skip("needs $NAS_DATA/ptb")
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text("seeds: [0, 1]\nsearch: [experiment=smoke, epochs=2, limit_train_batches=2, "
+                      "limit_eval_batches=2, diagnostics.hessian_max_matvecs=3]\n"
+                      "early_stop: {window: 1, delta: 1, factor: 1.3, start_epoch: 1}\n")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "collapse", "run.py"), "--preset",
+                        str(preset), "--out", str(out), "--jobs", "2"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(row["seed"], row["epoch"]) for row in rows] == [("0", "1"), ("0", "2"), ("1", "1"), ("1", "2")]
+    cores = len(os.sched_getaffinity(0))
+    for seed in (0, 1):
+        assert f"\nnum_threads: {max(1, cores // 2)}\n" in open(out / f"seed{seed}" / "config.yaml").read()

@@ -25,6 +25,7 @@ import csv
 import importlib.util
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 from nas.atomic import atomic_write_text
 from nas.diagnostics import EarlyStopConfig, early_stop_decision
@@ -164,8 +165,12 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--out", default=None, help="default: outputs/collapse/<preset>")
     parser.add_argument("--seeds", type=int, nargs="*", default=None, help="a subset of the preset's seeds")
-    parser.add_argument("--num-threads", type=int, default=None)
+    parser.add_argument("--num-threads", type=int, default=None,
+                        help="num_threads= for every run (default: torch's; with --jobs N, the cores shared out)")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run at once (e.g. 2 on 2 cores)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     cs = _compare_strategies()
     preset = cs.load_preset(args.preset, folder=HERE, keys=("seeds", "search", "early_stop"))
     out = os.path.abspath(args.out or os.path.join("outputs", "collapse", args.preset))
@@ -176,16 +181,31 @@ def main(argv=None) -> None:
         parser.exit(1, f"RunDirBusy: {err}\n")
     es = EarlyStopConfig(enabled=True, **preset["early_stop"])
     seeds = args.seeds if args.seeds is not None else preset["seeds"]
-    threads = [] if args.num_threads is None else [f"num_threads={args.num_threads}"]
-    rows, decisions, metrics = [], {}, {}
-    for seed in seeds:
-        run_dir = os.path.join(out, f"seed{seed}")
+    n_threads = args.num_threads or cs.threads_per_job(args.jobs)
+    threads = [] if n_threads is None else [f"num_threads={n_threads}"]
+
+    def one(seed: int) -> dict:
         print(f"seed {seed}", flush=True)
-        m = cs.run("search.py", list(preset["search"]) + [f"seed={seed}", "diagnostics.every=1",
-                                                          "diagnostics.early_stop.enabled=false"] + threads,
-                   run_dir, os.path.join(out, "logs", f"seed{seed}.log"))
+        return cs.run("search.py", list(preset["search"]) + [f"seed={seed}", "diagnostics.every=1",
+                                                             "diagnostics.early_stop.enabled=false"] + threads,
+                      os.path.join(out, f"seed{seed}"), os.path.join(out, "logs", f"seed{seed}.log"))
+
+    cs.install_stop_handlers()
+    if args.jobs == 1:
+        finished = [one(seed) for seed in seeds]
+    else:  # the seeds side by side, each its own search subprocess
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = [pool.submit(one, seed) for seed in seeds]
+            try:
+                finished = [f.result() for f in futures]
+            except BaseException:  # Ctrl-C or a failed run: the others stop at their next step (and resume)
+                cs.stop_runs()
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    rows, decisions, metrics = [], {}, {}
+    for seed, m in zip(seeds, finished):
         metrics[seed] = m
-        rows += epoch_rows(seed, run_dir, m)
+        rows += epoch_rows(seed, os.path.join(out, f"seed{seed}"), m)
         decisions[seed] = es_replay(m["history"], es, m["epochs"])
     write_outputs(out, args.preset, rows, decisions, metrics)
     print(open(os.path.join(out, "results.md")).read())
