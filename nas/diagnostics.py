@@ -366,7 +366,9 @@ class CollapseMonitor:
         free_genotype, free_mass = parameter_free_shares(hist, shares)
         out = {"op_counts": hist, "op_shares": shares, "edge_entropy_mean": ent.mean().item(),
                "edge_entropy_min": ent.min().item(), "parameter_free_genotype": free_genotype,
-               "parameter_free_mass": free_mass}
+               "parameter_free_mass": free_mass,
+               # the weakest choice's lead (the decidedness rule, :func:`decidedness`), epoch by epoch
+               "min_lead": min((lead for _, lead in self.space.decision_margins(alphas)), default=0.0)}
         if self.dcfg.hessian and epoch in hessian_epochs(self.dcfg.every, self.cfg.epochs):
             batches = self._hessian_batches()
             if batches:
@@ -388,7 +390,7 @@ class CollapseMonitor:
             if op not in ZERO_OPS:
                 w.add_scalar(f"diagnostics/op_count/{op}", hist[op], step)
         for key in ("edge_entropy_mean", "edge_entropy_min", "parameter_free_genotype", "parameter_free_mass",
-                    "hessian_eigenvalue", "hessian_seconds"):
+                    "min_lead", "hessian_eigenvalue", "hessian_seconds"):
             if key in out:
                 w.add_scalar(f"diagnostics/{key}", out[key], step)
         limit = self.dcfg.parameter_free_share

@@ -26,7 +26,7 @@ def history(values):
     return [{"epoch": e, "valid_ppl": 100.0 - e, "genotype": g,
              "diagnostics": {"hessian_eigenvalue": v, "hessian_seconds": 2.0, "hessian_matvecs": 10,
                              "parameter_free_genotype": 1.0, "parameter_free_mass": 0.2 + 0.01 * e,
-                             "edge_entropy_mean": 1.6}} for e, v in enumerate(values, 1)]
+                             "edge_entropy_mean": 1.6, "min_lead": 0.01 * e}} for e, v in enumerate(values, 1)]
 
 
 def test_es_replay_takes_the_decision_the_search_would_have_taken(tmp_path):
@@ -53,7 +53,7 @@ def test_es_replay_takes_the_decision_the_search_would_have_taken(tmp_path):
     run.write_outputs(str(tmp_path), "test", rows, {0: d}, {0: metrics})
     text = open(tmp_path / "results.md").read()
     assert "would have stopped after epoch 6" in text and "returned epoch 3's genotype" in text
-    assert "| 2 | 98.00 | 1 | 10 | 2.0 | 40 | 5.0% | 100% | 0.220 |" in text
+    assert "| 2 | 98.00 | 1 | 10 | 2.0 | 40 | 5.0% | 100% | 0.220 | 1.6000 | 0.020 |" in text
     assert os.path.getsize(tmp_path / "collapse.png") > 0 and len(open(tmp_path / "results.csv").readlines()) == 8
 
 

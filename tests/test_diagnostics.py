@@ -309,8 +309,10 @@ def test_diagnostics_do_not_change_the_search(tmp_path, corpus):
 
     ea = EventAccumulator(str(tmp_path / "on" / "tb"), size_guidance={"images": 0, "scalars": 0})
     ea.Reload()
-    assert {"diagnostics/hessian_eigenvalue", "diagnostics/op_share/identity", "diagnostics/edge_entropy_min"} <= set(
-        ea.Tags()["scalars"])
+    assert {"diagnostics/hessian_eigenvalue", "diagnostics/op_share/identity", "diagnostics/edge_entropy_min",
+            "diagnostics/min_lead"} <= set(ea.Tags()["scalars"])
+    # the last epoch's weakest lead is the final decidedness's (the same α)
+    assert on["history"][-1]["diagnostics"]["min_lead"] == on["decidedness"]["min_lead"]
     images = {tag: [e.step for e in ea.Images(tag)] for tag in ea.Tags()["images"]}
     assert {"genotype/dag", "genotype/final_dag", "alphas/softmax", "diagnostics/op_shares"} <= set(images)
     assert all(len(steps) == len(set(steps)) for steps in images.values()), images

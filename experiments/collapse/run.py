@@ -81,7 +81,8 @@ def epoch_rows(seed, run_dir: str, metrics: dict) -> list:
                      "hessian_seconds": hs, "epoch_seconds": sec,
                      "hessian_share": None if not (hs and sec) else hs / sec,
                      "identity_genotype": d.get("parameter_free_genotype"), "identity_mass": d.get("parameter_free_mass"),
-                     "edge_entropy_mean": d.get("edge_entropy_mean"), "genotype": genotype_text(h["genotype"])})
+                     "edge_entropy_mean": d.get("edge_entropy_mean"), "min_lead": d.get("min_lead"),
+                     "genotype": genotype_text(h["genotype"])})
     return rows
 
 
@@ -113,13 +114,13 @@ def write_outputs(out: str, preset_name: str, rows: list, decisions: dict, metri
                       f"{d['previous']:.4g} -> {d['current']:.4g}, ratio {d['ratio']:.2f}) and returned epoch "
                       f"{d['genotype_epoch']}'s genotype.", ""]
         lines += ["| epoch | valid ppl | eigenvalue | products | Hessian s | epoch s | Hessian share | identity in genotype "
-                  "| identity mass | mean edge entropy | genotype |", "|" + "---|" * 11]
+                  "| identity mass | mean edge entropy | weakest lead | genotype |", "|" + "---|" * 12]
         for r in (r for r in rows if r["seed"] == seed):
             lines.append(f"| {r['epoch']} | {_fmt(r['valid_ppl'], '.2f')} | {_fmt(r['hessian_eigenvalue'], '.4g')} | "
                          f"{_fmt(r['hessian_matvecs'], 'd')} | {_fmt(r['hessian_seconds'], '.1f')} | "
                          f"{_fmt(r['epoch_seconds'], '.0f')} | {_fmt(r['hessian_share'], '.1%')} | "
                          f"{_fmt(r['identity_genotype'], '.0%')} | {_fmt(r['identity_mass'], '.3f')} | "
-                         f"{_fmt(r['edge_entropy_mean'], '.4f')} | `{r['genotype']}` |")
+                         f"{_fmt(r['edge_entropy_mean'], '.4f')} | {_fmt(r['min_lead'], '.3f')} | `{r['genotype']}` |")
         lines.append("")
     atomic_write_text(os.path.join(out, "results.md"), "\n".join(lines) + "\n")
     plot(out, rows, decisions)

@@ -158,7 +158,7 @@ SCALAR_TAGS = {
         # the collapse diagnostics (nas.diagnostics); ``/*``: one tag per op of the space
         "diagnostics/op_share/*", "diagnostics/op_count/*", "diagnostics/edge_entropy_mean",
         "diagnostics/edge_entropy_min", "diagnostics/parameter_free_genotype", "diagnostics/parameter_free_mass",
-        "diagnostics/hessian_eigenvalue", "diagnostics/hessian_seconds",
+        "diagnostics/min_lead", "diagnostics/hessian_eigenvalue", "diagnostics/hessian_seconds",
     ),
     "train.py": (
         "train/loss", "train/ppl", "train/epoch_ppl", "valid/ppl", "valid/loss", "test/ppl", "test/loss",
