@@ -325,3 +325,14 @@ def test_a_signal_to_a_comparison_started_in_the_background_stops_its_run(tmp_pa
     finally:
         signal.signal(signal.SIGINT, previous[0])
         signal.signal(signal.SIGTERM, previous[1])
+
+
+def test_a_stopped_comparison_ends_with_one_line_not_a_traceback(capsys):
+    def interrupted():
+        raise KeyboardInterrupt("signal 15")
+
+    with pytest.raises(SystemExit) as exit_:
+        load_run().main_stopping_cleanly(interrupted)
+    assert exit_.value.code == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the same command resumes" in err and "Traceback" not in err

@@ -213,4 +213,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    _compare_strategies().main_stopping_cleanly(main)

@@ -462,5 +462,15 @@ def plot(out: str, strategies, seeds) -> None:
     plt.close(fig)
 
 
+def main_stopping_cleanly(main_fn) -> None:
+    """Run ``main_fn``; a Ctrl-C / SIGTERM (KeyboardInterrupt, once the runs under way have written their
+    checkpoints) ends the script with one line and status 130 instead of a traceback."""
+    try:
+        main_fn()
+    except KeyboardInterrupt:
+        print("stopped: the runs under way wrote their checkpoints; the same command resumes them", file=sys.stderr)
+        sys.exit(130)
+
+
 if __name__ == "__main__":
-    main()
+    main_stopping_cleanly(main)
