@@ -256,6 +256,9 @@ def test_smoke_search_of_every_strategy_on_real_ptb(tmp_path, strategy):
                         "progress=false", f"hydra.run.dir={run}"], cwd=tmp_path, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    # a one-shot search logs its progress; a black-box search's trials log none of their own (it logs a line each)
+    one_shot = strategy in ("darts", "random_ws")
+    assert ("[nas.engine.progress]" in r.stderr) == one_shot, r.stderr[-3000:]
     recs = records(run)
     assert recs and all(r["strategy"] == strategy and r["value"] > 1 for r in recs)
     assert json.load(open(run / "genotype.json"))["space"] == "darts_rnn"
@@ -263,6 +266,7 @@ def test_smoke_search_of_every_strategy_on_real_ptb(tmp_path, strategy):
                         "progress=false", f"hydra.run.dir={tmp_path}/train"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "[nas.engine.progress]" in r.stderr  # train.py on its own does (tests/test_progress.py)
     # r05: every scalar tag of both runs has strictly increasing steps (TensorBoard keeps one point per step), and is
     # one of its script's listed tags (the README's TensorBoard table, checked in tests/test_tb.py)
     from nas.engine.tb import SCALAR_TAGS, scalar_tag_allowed

@@ -30,6 +30,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from nas.atomic import atomic_write_text
+from nas.engine.progress import silenced
 from nas.engine.resume import Interrupted, interrupted, open_run, stop_requested, stop_signals
 from nas.engine.rundir import scoped
 from nas.engine.tb import log_genotype, log_genotype_figure
@@ -151,8 +152,9 @@ def train_trial(cfg, genotype: Genotype, trial_dir: str, seed: Optional[int] = N
             os.makedirs(trial_dir, exist_ok=True)
             genotype.save(arch)
         on_epoch = None if report is None else (lambda epoch, m: report.report(epoch, trial_figures(cfg, m)[0]))
-        m = train(OmegaConf.merge(trial_config(cfg, arch), {} if seed is None else {"seed": seed}, overrides),
-                  run_dir=trial_dir, score_test=False, on_epoch=on_epoch)
+        with silenced():  # the search logs a line per trial; the trial's own progress lines would bury them
+            m = train(OmegaConf.merge(trial_config(cfg, arch), {} if seed is None else {"seed": seed}, overrides),
+                      run_dir=trial_dir, score_test=False, on_epoch=on_epoch)
     value, figures = trial_figures(cfg, m)
     tokens = m.get("train_tokens", 0)
     return TrialResult(value if value is not None and math.isfinite(value) else None, m["wall_seconds"],

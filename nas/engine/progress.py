@@ -12,8 +12,10 @@ compiling, so its rate is low).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import threading
 import time
 from typing import Callable, Optional
 
@@ -99,10 +101,26 @@ class LogProgress:
         pass
 
 
+_SILENCED = threading.local()
+
+
+@contextlib.contextmanager
+def silenced():
+    """Within it, :func:`run_progress` gives runs without a bar no log lines either: a black-box search's trials
+    (their search logs one line per trial; ten lines per trial would bury them)."""
+    before = getattr(_SILENCED, "on", False)
+    _SILENCED.on = True
+    try:
+        yield
+    finally:
+        _SILENCED.on = before
+
+
 def run_progress(cfg, total: int, desc: str, unit: str, initial: int = 0, **tqdm_kwargs):
     """The run's progress: a tqdm bar with ``cfg.progress``, else :class:`LogProgress` (on the writing rank only;
-    other torchrun ranks get a disabled bar).  ``total``: units of the whole run; ``initial``: those already done."""
-    if cfg.progress or not distributed.is_writer():
+    other torchrun ranks get a disabled bar; within :func:`silenced`, nothing).  ``total``: units of the whole run;
+    ``initial``: those already done."""
+    if cfg.progress or not distributed.is_writer() or getattr(_SILENCED, "on", False):
         return tqdm(total=total, initial=initial, desc=desc, unit=unit,
                     disable=not cfg.progress or not distributed.is_writer(), dynamic_ncols=True, **tqdm_kwargs)
     return LogProgress(total, desc, unit, initial=initial)
