@@ -53,7 +53,7 @@ def test_es_replay_takes_the_decision_the_search_would_have_taken(tmp_path):
     run.write_outputs(str(tmp_path), "test", rows, {0: d}, {0: metrics})
     text = open(tmp_path / "results.md").read()
     assert "would have stopped after epoch 6" in text and "returned epoch 3's genotype" in text
-    assert "| 2 | 98.00 | 1 | 10 | 2.0 | 40 | 5.0% | 100% | 0.220 | 1.6000 | 0.020 |" in text
+    assert "| 2 | 98.00 | 1 | 10 | 2.0 | 40 | 5.0% | 100% | 0.220 | 1.6000 | 0.02 |" in text
     assert os.path.getsize(tmp_path / "collapse.png") > 0 and len(open(tmp_path / "results.csv").readlines()) == 8
 
 

@@ -199,6 +199,11 @@ def test_comparison_pipeline_writes_table_and_plot_and_resumes(tmp_path):
     # a second run finds every run finished and only rebuilds the table
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.count("done before") == 2 * len(strategies) * 2 and "$ " not in r.stdout
+    # a subset (--strategies / --seeds) into the same folder keeps the other finished runs in the table
+    r = subprocess.run(cmd[:cmd.index("--strategies")] + ["--strategies", "random", "--seeds", "0", "--jobs", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "the table also holds 3 finished runs" in r.stdout, (r.stdout + r.stderr)[-3000:]
+    assert list(csv.DictReader(open(tmp_path / "results.csv"))) == rows
     # a run cut off before it wrote metrics.json (here: at its very end) is resumed, not refused or redone
     before = {(row["strategy"], row["seed"]): row["test"] for row in rows}
     os.remove(tmp_path / "train" / "random" / "seed0" / "metrics.json")
@@ -247,6 +252,11 @@ def test_an_unknown_baseline_is_refused_before_anything_runs(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         load_run().main(["--preset", "smoke", "--baseline", "randm", "--out", str(tmp_path / "cmp")])
     assert exit_.value.code == 2 and "--baseline 'randm' is not a strategy of the preset" in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()
+    with pytest.raises(SystemExit) as exit_:  # an unknown --strategies name: refused, not silently dropped
+        load_run().main(["--preset", "smoke", "--strategies", "darts_1", "random", "--out", str(tmp_path / "cmp")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--strategies darts_1: not in preset 'smoke'" in err and "darts_1st" in err
     assert not (tmp_path / "cmp").exists()
 
 

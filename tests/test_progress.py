@@ -42,8 +42,9 @@ def test_a_line_every_interval_on_a_long_run_with_the_interval_rate_and_eta():
         clock.t = second
         bar.update(10 if second <= 120 else 40)
     assert len(lines) == 3
-    assert lines[1] == "search: 1,200/1,000,000 tok (0.1%), 10 tok/s, ETA 27h44m"  # (1e6 - 1200) / 10 = 99,880 s
-    assert lines[2] == "search: 3,600/1,000,000 tok (0.4%), 40 tok/s, ETA 6h55m"  # the last minute's: 24,910 s
+    assert lines[1] == "search: 1,200/1,000,000 tok (0.1%), 10 tok/s, ETA 27h44m"  # 998,800 / 10 tok/s = 99,880 s
+    # the rate is the last minute's; the ETA's is the mean since the first step ended: 3,590 tok in 179 s
+    assert lines[2] == "search: 3,600/1,000,000 tok (0.4%), 40 tok/s, ETA 13h48m"  # 996,400 x 179 / 3,590 s
 
 
 def test_a_resumed_run_counts_its_rate_from_where_it_resumed_and_reset_goes_back():
@@ -51,12 +52,18 @@ def test_a_resumed_run_counts_its_rate_from_where_it_resumed_and_reset_goes_back
     clock.t = 50
     bar.update(99)
     assert lines == []  # 599: the next tenth is 600
-    bar.update(1)
-    assert lines == ["search: 600/1,000 tok (60.0%), 2 tok/s, ETA 3m20s"]  # 100 tokens in 50 s
-    bar.reset(1000)
-    clock.t = 60
+    bar.update(1)  # 100 tokens in 50 s; no ETA yet: the first step ended at this same moment
+    assert lines == ["search: 600/1,000 tok (60.0%), 2 tok/s"]
+    clock.t = 70
     bar.update(100)
-    assert lines[-1] == "search: 100/1,000 tok (10.0%), 10 tok/s, ETA 1m30s"
+    assert lines[-1] == "search: 700/1,000 tok (70.0%), 5 tok/s, ETA 59s"  # 300 left at 101 tok / 20 s: 59.4 s
+    bar.reset(1000)  # back to 0 (a rollback): the ETA's clock starts again
+    clock.t = 80
+    bar.update(100)
+    assert lines[-1] == "search: 100/1,000 tok (10.0%), 10 tok/s"
+    clock.t = 90
+    bar.update(100)
+    assert lines[-1] == "search: 200/1,000 tok (20.0%), 10 tok/s, ETA 1m20s"
     with pytest.raises(ValueError, match="every_seconds"):
         LogProgress(10, "x", "tok", every_seconds=0)
 

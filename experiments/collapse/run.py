@@ -120,7 +120,7 @@ def write_outputs(out: str, preset_name: str, rows: list, decisions: dict, metri
                          f"{_fmt(r['hessian_matvecs'], 'd')} | {_fmt(r['hessian_seconds'], '.1f')} | "
                          f"{_fmt(r['epoch_seconds'], '.0f')} | {_fmt(r['hessian_share'], '.1%')} | "
                          f"{_fmt(r['identity_genotype'], '.0%')} | {_fmt(r['identity_mass'], '.3f')} | "
-                         f"{_fmt(r['edge_entropy_mean'], '.4f')} | {_fmt(r['min_lead'], '.3f')} | `{r['genotype']}` |")
+                         f"{_fmt(r['edge_entropy_mean'], '.4f')} | {_fmt(r['min_lead'], '.2g')} | `{r['genotype']}` |")
         lines.append("")
     atomic_write_text(os.path.join(out, "results.md"), "\n".join(lines) + "\n")
     plot(out, rows, decisions)
@@ -165,7 +165,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--out", default=None, help="default: outputs/collapse/<preset>")
-    parser.add_argument("--seeds", type=int, nargs="*", default=None, help="a subset of the preset's seeds")
+    parser.add_argument("--seeds", type=int, nargs="*", default=None, help="the seeds to run (default: the preset's)")
     parser.add_argument("--num-threads", type=int, default=None,
                         help="num_threads= for every run (default: torch's; with --jobs N, the cores shared out)")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run at once (e.g. 2 on 2 cores)")
@@ -183,6 +183,9 @@ def main(argv=None) -> None:
     es = EarlyStopConfig(enabled=True, **preset["early_stop"])
     seeds = args.seeds if args.seeds is not None else preset["seeds"]
     n_threads = args.num_threads or cs.threads_per_job(args.jobs)
+    if n_threads and not args.num_threads:
+        print(f"--jobs {args.jobs}: num_threads={n_threads} for every run (the cores shared out; --num-threads sets "
+              "it)", flush=True)
     threads = [] if n_threads is None else [f"num_threads={n_threads}"]
 
     def one(seed: int) -> dict:

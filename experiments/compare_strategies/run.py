@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import json
 import math
 import os
@@ -128,7 +129,7 @@ def run(script: str, overrides: list, run_dir: str, log_path: str) -> dict:
                 _RUNNING.discard(proc)
     if proc.returncode != 0:
         sys.exit(f"{script} failed (exit {proc.returncode}) after {time.time() - start:.0f} s; log: {log_path}")
-    print(f"  {time.time() - start:.0f} s", flush=True)
+    print(f"  {time.time() - start:.0f} s: {run_dir}", flush=True)
     return json.load(open(metrics))
 
 
@@ -180,6 +181,10 @@ def main(argv=None) -> None:
     preset = load_preset(args.preset)
     if args.baseline not in preset["strategies"]:
         p.error(f"--baseline {args.baseline!r} is not a strategy of the preset ({', '.join(preset['strategies'])})")
+    unknown = [k for k in args.strategies or [] if k not in preset["strategies"]]
+    if unknown:
+        p.error(f"--strategies {' '.join(unknown)}: not in preset {args.preset!r} "
+                f"({', '.join(preset['strategies'])})")
     name = os.path.splitext(os.path.basename(args.preset))[0]
     out = os.path.abspath(args.out or os.path.join("outputs", "compare_strategies", name))
     try:  # one comparison per output folder at a time (its runs would otherwise be started twice and mixed)
@@ -204,7 +209,11 @@ def main(argv=None) -> None:
         tdir = os.path.join(out, "train", strategy, f"seed{seed}")
         t = run("train.py", common + preset["train"] + [f"arch={sdir}", f"seed={seed}"], tdir,
                 os.path.join(out, "logs", f"train_{strategy}_seed{seed}.log"))
-        recs = trials(sdir)
+        return row(strategy, seed, s, t)
+
+    def row(strategy: str, seed: int, s: dict, t: dict) -> dict:
+        """The results.csv row of a finished pair: its search's and retraining's metrics.json ``s`` and ``t``."""
+        recs = trials(os.path.join(out, "search", strategy, f"seed{seed}"))
         return {"strategy": strategy, "seed": seed,
                 "valid": t.get("best_valid_ppl", t.get("best_valid_accuracy")),
                 "test": t.get("test_ppl", t.get("test_accuracy")),
@@ -227,10 +236,27 @@ def main(argv=None) -> None:
                 stop_runs()  # the running ones at their next step (they resume when this script runs again)
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
+    # the table is of every finished pair in --out: a run of a subset (--strategies / --seeds) adds its rows to the
+    # earlier ones instead of replacing the table with its own
+    done = {(r["strategy"], r["seed"]) for r in rows}
+    for strategy in preset["strategies"]:
+        for sdir in glob.glob(os.path.join(out, "search", strategy, "seed*")):
+            seed, tdir = os.path.basename(sdir)[4:], os.path.join(out, "train", strategy, os.path.basename(sdir))
+            if not seed.isdigit() or (strategy, int(seed)) in done:
+                continue
+            if all(os.path.isfile(os.path.join(d, "metrics.json")) for d in (sdir, tdir)):
+                rows.append(row(strategy, int(seed), *(json.load(open(os.path.join(d, "metrics.json")))
+                                                       for d in (sdir, tdir))))
+    order = list(preset["strategies"])
+    rows.sort(key=lambda r: (order.index(r["strategy"]), r["seed"]))
+    all_strategies = {k: preset["strategies"][k] for k in order if any(r["strategy"] == k for r in rows)}
+    all_seeds = {k: sorted(r["seed"] for r in rows if r["strategy"] == k) for k in all_strategies}
+    if len(rows) > len(done):
+        print(f"the table also holds {len(rows) - len(done)} finished runs of earlier calls in {out}", flush=True)
     write_tables(rows, out, metric="accuracy" if preset["dataset"] == "sst2" else "perplexity",
                  baseline=args.baseline)
-    plot(out, strategies, seeds)
-    write_hparams(rows, out, strategies)
+    plot(out, all_strategies, all_seeds)
+    write_hparams(rows, out, all_strategies)
     print(f"results: {out}/results.md, results.csv, summary.csv, best_so_far.png; "
           f"tensorboard --logdir {os.path.join(out, 'tb_hparams')} (HPARAMS tab)")
 
@@ -428,7 +454,8 @@ def write_hparams(rows: list, out: str, strategies: dict) -> str:
 
 def plot(out: str, strategies, seeds) -> None:
     """Best-so-far validation metric against training tokens spent: per strategy, the mean over seeds of each
-    seed's step function, on the union of the seeds' cost points."""
+    seed's step function, on the union of the seeds' cost points.  ``seeds``: a list (every strategy's), or a dict
+    strategy -> its seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -436,9 +463,12 @@ def plot(out: str, strategies, seeds) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     metric = None
+    counts = set()
     for strategy in strategies:
         curves = []
-        for seed in seeds:
+        mine = seeds[strategy] if isinstance(seeds, dict) else seeds
+        counts.add(len(mine))
+        for seed in mine:
             recs = trials(os.path.join(out, "search", strategy, f"seed{seed}"))
             metric = recs[0]["metric"]
             curves.append([(r["cum_train_tokens"], r["best_value"]) for r in recs if r["best_value"] is not None])
@@ -450,7 +480,8 @@ def plot(out: str, strategies, seeds) -> None:
             ys.append(statistics.fmean(vals) if len(vals) == len(curves) else float("nan"))
         ax.step(xs, ys, where="post", label=strategy, marker=".")
     ax.set_xlabel("training tokens spent by the search")
-    ax.set_ylabel(f"best {metric} so far (mean over {len(seeds)} seeds)")
+    ax.set_ylabel(f"best {metric} so far (mean over {counts.pop()} seeds)" if len(counts) == 1
+                  else f"best {metric} so far (mean over each strategy's seeds)")
     if metric == "valid_ppl":
         ax.set_yscale("log")
     ax.set_title("best-so-far validation metric vs search cost\n"

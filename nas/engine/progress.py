@@ -6,9 +6,11 @@ bar, so :func:`run_progress` gives it a :class:`LogProgress` instead: the same c
 
     search: 120/415 step (28.9%), 7,890 tok/s, step 120, loss 5.812, ETA 3m05s
 
-at most every ``every_seconds`` (60 s) of wall time and at each tenth of the run, whichever comes first.  The rate
-and the ETA are those of the interval since the previous line (the first interval includes torch.compile's
-compiling, so its rate is low).
+at each tenth of the run and when ``every_seconds`` (60 s) have passed since the previous line, checked at each
+step (so not while a step or an evaluation runs, e.g. while torch.compile compiles: it logs lines of its own).  The
+rate is that of the interval since the previous line (the first one's includes the start-up and any compiling); the
+ETA is the remaining units at the mean rate since the run's first step ended (evaluations included, start-up not),
+so there is none on the first step's line.
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ class LogProgress:
         self.clock, self.emit = clock, emit or log.info
         self.n = initial
         self.postfix: dict = {}
+        self._start = None  # (time, units) at the end of the first step: the ETA's mean rate counts from there
         self._mark()
 
     def _mark(self) -> None:
@@ -69,6 +72,8 @@ class LogProgress:
         # run past it is at 100%, not beyond
         self.total = max(self.total, self.n)
         now = self.clock()
+        if self._start is None:
+            self._start = (now, self.n)
         tenth = self.total and self.n * 10 >= self._next_tenth * self.total
         if now - self._last_t >= self.every or tenth:
             self.emit(self.line(now))
@@ -81,8 +86,9 @@ class LogProgress:
         parts = [f"{self.desc}: {self.n:,}/{self.total:,} {self.unit} ({100 * self.n / max(self.total, 1):.1f}%)",
                  f"{rate:,.0f} {self.unit}/s"]
         parts += [f"{k} {v}" for k, v in self.postfix.items()]
-        if rate > 0 and self.n < self.total:
-            parts.append(f"ETA {_duration((self.total - self.n) / rate)}")
+        (t0, n0) = self._start if self._start is not None else (now, self.n)
+        if now > t0 and self.n > n0 and self.n < self.total:
+            parts.append(f"ETA {_duration((self.total - self.n) * (now - t0) / (self.n - n0))}")
         return ", ".join(parts)
 
     def set_postfix(self, ordered_dict: Optional[dict] = None, refresh: bool = True, **kwargs) -> None:
@@ -95,6 +101,7 @@ class LogProgress:
         if total is not None:
             self.total = total
         self.n = 0
+        self._start = None
         self._mark()
 
     def close(self) -> None:
