@@ -25,7 +25,6 @@ import csv
 import importlib.util
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 from nas.atomic import atomic_write_text
 from nas.diagnostics import EarlyStopConfig, early_stop_decision
@@ -182,10 +181,7 @@ def main(argv=None) -> None:
         parser.exit(1, f"RunDirBusy: {err}\n")
     es = EarlyStopConfig(enabled=True, **preset["early_stop"])
     seeds = args.seeds if args.seeds is not None else preset["seeds"]
-    n_threads = args.num_threads or cs.threads_per_job(args.jobs)
-    if n_threads and not args.num_threads:
-        print(f"--jobs {args.jobs}: num_threads={n_threads} for every run (the cores shared out; --num-threads sets "
-              "it)", flush=True)
+    n_threads = cs.job_threads(args.num_threads, args.jobs)
     threads = [] if n_threads is None else [f"num_threads={n_threads}"]
 
     def one(seed: int) -> dict:
@@ -195,17 +191,7 @@ def main(argv=None) -> None:
                       os.path.join(out, f"seed{seed}"), os.path.join(out, "logs", f"seed{seed}.log"))
 
     cs.install_stop_handlers()
-    if args.jobs == 1:
-        finished = [one(seed) for seed in seeds]
-    else:  # the seeds side by side, each its own search subprocess
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            futures = [pool.submit(one, seed) for seed in seeds]
-            try:
-                finished = [f.result() for f in futures]
-            except BaseException:  # Ctrl-C or a failed run: the others stop at their next step (and resume)
-                cs.stop_runs()
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
+    finished = cs.run_all(one, seeds, args.jobs)  # the seeds, --jobs side by side
     rows, decisions, metrics = [], {}, {}
     for seed, m in zip(seeds, finished):
         metrics[seed] = m

@@ -160,6 +160,31 @@ def threads_per_job(jobs: int, cores: Optional[int] = None) -> Optional[int]:
     return max(1, cores // jobs)
 
 
+def job_threads(num_threads: Optional[int], jobs: int) -> Optional[int]:
+    """``--num-threads`` if given, else :func:`threads_per_job` (said on stdout when it applies)."""
+    threads = num_threads or threads_per_job(jobs)
+    if threads and not num_threads:
+        print(f"--jobs {jobs}: num_threads={threads} for every run (the cores shared out; --num-threads sets it)",
+              flush=True)
+    return threads
+
+
+def run_all(fn, items: list, jobs: int) -> list:
+    """``[fn(item) for item in items]``, ``jobs`` at a time (a queue taken in order; each ``fn`` runs its own
+    subprocesses).  A Ctrl-C or a failed run (its message is raised here) starts nothing new and stops the runs under
+    way at their next step (:func:`stop_runs`; they resume when the script runs again)."""
+    if jobs == 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(fn, item) for item in items]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            stop_runs()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="cpu", help="cpu3 | cpu | paper | smoke, or a path to a preset .yaml")
@@ -194,10 +219,7 @@ def main(argv=None) -> None:
     seeds = args.seeds if args.seeds else preset["seeds"]
     strategies = {k: v for k, v in preset["strategies"].items() if not args.strategies or k in args.strategies}
     common = [f"dataset={preset['dataset']}"] + ([f"device={args.device}"] if args.device else [])
-    threads = args.num_threads or threads_per_job(args.jobs)
-    if threads and not args.num_threads:
-        print(f"--jobs {args.jobs}: num_threads={threads} for every run (the cores shared out; --num-threads sets it)",
-              flush=True)
+    threads = job_threads(args.num_threads, args.jobs)
     common += [f"num_threads={threads}"] if threads else []
 
     def one(strategy: str, extra: list, seed: int) -> dict:
@@ -225,17 +247,7 @@ def main(argv=None) -> None:
                 "genotype": json.dumps(s["genotype"]["nodes"])}
 
     pairs = [(strategy, extra, seed) for strategy, extra in strategies.items() for seed in seeds]
-    if args.jobs == 1:
-        rows = [one(*pair) for pair in pairs]
-    else:  # a queue of (strategy, seed) pairs, `--jobs` at a time, taken in the preset's order
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            futures = [pool.submit(one, *pair) for pair in pairs]
-            try:
-                rows = [f.result() for f in futures]
-            except BaseException:  # Ctrl-C, or a failed run (its message is raised here): start nothing new, stop
-                stop_runs()  # the running ones at their next step (they resume when this script runs again)
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
+    rows = run_all(lambda pair: one(*pair), pairs, args.jobs)  # the (strategy, seed) pairs in the preset's order
     # the table is of every finished pair in --out: a run of a subset (--strategies / --seeds) adds its rows to the
     # earlier ones instead of replacing the table with its own
     done = {(r["strategy"], r["seed"]) for r in rows}
