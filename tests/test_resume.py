@@ -84,7 +84,7 @@ def final_state(run_dir):
 
 def untimed(metrics):
     drop = ("wall_seconds", "tokens_per_second", "train_seconds", "test_seconds", "seconds", "cum_wall_seconds",
-            "hessian_seconds")
+            "hessian_seconds", "search_seconds")
     if isinstance(metrics, dict):
         return {k: untimed(v) for k, v in metrics.items() if k not in drop}
     if isinstance(metrics, list):
@@ -176,6 +176,47 @@ def test_black_box_search_interrupted_in_a_trial_and_resumed_equals_uninterrupte
     assert sorted(os.listdir(tmp_path / "cut" / "trials")) == trained and "0003" in trained
     for d in trained:
         assert_identical(final_state(tmp_path / "cut" / "trials" / d), final_state(tmp_path / "whole" / "trials" / d), d)
+
+
+def test_resumed_black_box_search_counts_the_wall_seconds_of_every_process(tmp_path, corpus, monkeypatch):
+    """metrics.json wall_seconds of a black-box search stopped in trial 3 and resumed: the search's seconds over both
+    processes, so at least every trial's own seconds (the last record's cum_wall_seconds, trial 3's part before the
+    stop included) and at most the two processes' seconds timed around them.  The first process is slowed (0.3 s a
+    step, 1.5 s for trial 3's two steps) so that it outweighs the second: neither the last process's seconds alone
+    nor those plus the first process's up to trial 2 (trial 3's part before the stop left out) reach the lower
+    bounds."""
+    overrides = SEARCH + [f"dataset.root={corpus}", "strategy=random", "strategy.trials=4", "strategy.trial_epochs=1",
+                          "strategy.trial_limit_train_batches=3", "checkpoint_every=2"]
+    original, steps = EpochMeter.record, [0]
+
+    def slow(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        steps[0] += 1
+        time.sleep(1.5 if steps[0] > 6 else 0.3)
+
+    monkeypatch.setattr(EpochMeter, "record", slow)
+    interrupt_after(monkeypatch, 3 * 2 + 2)  # 3 steps a trial: step 2 of trial 3
+    t0 = time.time()
+    with pytest.raises(Interrupted, match="in trial 3"):
+        search(compose_cfg("search", overrides), run_dir=str(tmp_path / "cut"))
+    first = time.time() - t0
+    monkeypatch.undo()
+    t0 = time.time()
+    resumed = resume("search", str(tmp_path / "cut"), search)
+    second = time.time() - t0
+
+    with open(tmp_path / "cut" / "trials.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    trials_seconds = records[-1]["cum_wall_seconds"]
+    assert len(records) == 4 and trials_seconds >= 6 * 0.3 + 2 * 1.5  # the slowed steps are in the trials' seconds
+    assert second < trials_seconds  # the bound below can fail: the last process alone is shorter
+    assert trials_seconds <= resumed["wall_seconds"] <= first + second
+    # the first process's seconds up to trial 2's record, then trials 3 (both parts) and 4: a lower bound that the
+    # resumed trial's part before the stop must be counted to meet (the first process's setup is in both sides)
+    assert records[1]["search_seconds"] + records[2]["wall_seconds"] + records[3]["wall_seconds"] \
+        <= resumed["wall_seconds"]
+    assert all(a["search_seconds"] <= b["search_seconds"] for a, b in zip(records, records[1:]))
+    assert records[-1]["search_seconds"] <= resumed["wall_seconds"]
 
 
 def test_classifier_search_and_train_resume_bit_exact(tmp_path, monkeypatch):

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from nas.atomic import atomic_write_text
 from nas.engine.progress import silenced
-from nas.engine.resume import Interrupted, interrupted, open_run, stop_requested, stop_signals
+from nas.engine.resume import Clock, Interrupted, interrupted, open_run, stop_requested, stop_signals
 from nas.engine.rundir import scoped
 from nas.engine.tb import log_genotype, log_genotype_figure
 from nas.engine.trials import RESULTS_FILE, TRIALS_FILE, TrialLog, better  # noqa: F401  (TRIALS_FILE: the file every strategy writes)
@@ -305,7 +305,8 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
              cfg.dataset.name, cfg.strategy.trials,
              cfg.strategy.trial_epochs, f", budget {cfg.strategy.budget_tokens} tokens"
              if cfg.strategy.budget_tokens else "", f"{strategy.size:,}", run_dir)
-    start = time.time()
+    # the search's wall seconds across resumes: the earlier processes' (as the last record has them) + this one's
+    clock = Clock(trials.search_seconds)
     bar = tqdm(total=cfg.strategy.trials, desc=cfg.strategy.name, unit="trial", disable=not cfg.progress,
                dynamic_ncols=True)
     try:
@@ -359,6 +360,8 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
                     except Exception:
                         strategy.tell(proposal.handle, None)  # the study marks it failed; a worker never loses it
                         raise
+                    # a trial resumed from its checkpoint reports its seconds in the earlier process too
+                    clock.before += max(0.0, result.wall_seconds - (time.time() - t0))
                 finished = failure is None and result.pruned is None and proposal.known is None
                 if finished and (result.value is None or not math.isfinite(result.value)):
                     # trained to the end, but its held-out figure is nan / inf (e.g. a valid perplexity that
@@ -383,7 +386,8 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
                            **({} if result.pruned is None else {"pruned": result.pruned}),
                            **({} if values is None else {"objectives": dict(zip(cfg.strategy.objectives, values))}),
                            **({} if number is None else {"study_trial": number}),
-                           **({} if proposal.seed is None else {"train_seed": proposal.seed}))
+                           **({} if proposal.seed is None else {"train_seed": proposal.seed}),
+                           search_seconds=clock.now())
                 if was_best:
                     log_genotype(writer, proposal.genotype, trials.n)
                 log.info("trial %d: %s = %s%s (best %s), %.1f s, %d tokens: %s", trials.n, metric, result.value,
@@ -414,7 +418,7 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
     best_genotype.save(os.path.join(run_dir, "genotype.json"))
     log_genotype_figure(writer, best_genotype, trials.n, os.path.join(run_dir, "genotype.png"))
     writer.close()
-    wall = time.time() - start
+    wall = clock.now()
     table = trials.results_table()
     atomic_write_text(os.path.join(run_dir, RESULTS_FILE), table)
     log.info("trials (%s):\n%s", os.path.join(run_dir, RESULTS_FILE), table)

@@ -8,6 +8,10 @@ comes from; null where not measured); ``train_tokens`` counts the task's cost un
 training target tokens; sentence classification: the words of the training sentences), the one cost currency of
 all strategies.
 
+A black-box search's records also carry ``search_seconds``: the search's wall seconds when the record was written,
+over every process of a resumed search (the strategy's own time and the trials'); its ``metrics.json``
+``wall_seconds`` goes on from the last one.
+
 A trial a multi-fidelity search's pruner stopped (``strategy.pruner``) carries ``"pruned": <epoch>``: its ``value`` is
 its value after that epoch and its ``train_tokens`` what it trained on (counted in ``cum_train_tokens`` like any
 trial's), but a pruned value is not a finished result, so it is never the best (``best_value``, the best genotype
@@ -52,6 +56,9 @@ class TrialLog:
         self.strategy, self.metric, self.direction, self.seed = strategy, metric, direction, seed
         self.writer = writer
         self.n, self.cum_wall, self.cum_tokens, self.best, self.best_genotype = 0, 0.0, 0, None, None
+        #: the search's wall seconds up to the last record (its ``search_seconds``; a record without one: the
+        #: trials' own seconds, ``cum_wall_seconds``), which a resumed search goes on from
+        self.search_seconds = 0.0
         self.records: list = []
         self.best_figures: Optional[dict] = None  # the best trial's FIGURES
         self.study_trials: set = set()  # the shared study's trial numbers recorded here
@@ -78,6 +85,7 @@ class TrialLog:
         records = kept
         for r in records:
             self.n, self.cum_wall, self.cum_tokens = r["trial"], r["cum_wall_seconds"], r["cum_train_tokens"]
+            self.search_seconds = r.get("search_seconds", r["cum_wall_seconds"])
             genotype = Genotype.from_dict(r["genotype"])
             self.records.append(r)
             if r.get("study_trial") is not None:
@@ -111,6 +119,7 @@ class TrialLog:
                   "cum_wall_seconds": self.cum_wall, "cum_train_tokens": self.cum_tokens, "seed": self.seed,
                   "best_value": self.best, **figures, **extra}
         self.records.append(record)
+        self.search_seconds = record.get("search_seconds", self.cum_wall)
         if extra.get("study_trial") is not None:
             self.study_trials.add(extra["study_trial"])
         with open(self.path, "a", encoding="utf-8") as f:
