@@ -3,6 +3,7 @@
     python experiments/benchmark.py                      # every case + the scaling sweep, JSON on stdout
     python experiments/benchmark.py --cases search_small_first search_small_second --no-sweep
     python experiments/benchmark.py --device cuda        # the same figures on a GPU
+    python experiments/benchmark.py --shared 3 --cases search_small_first   # alone vs beside one busy process
 
 One search step = one α update on a validation segment + one weight update on a training segment
 (DARTS, Algorithm 1), both of batch B and length bptt = 35, on real PTB ($NAS_DATA).  A retrain step = one
@@ -32,7 +33,8 @@ CASES = {
     "search_small_second": ("search", 64, 64, 8, True),
     "search_paper_first": ("search", 300, 256, 8, False),
     "search_paper_second": ("search", 300, 256, 8, True),
-    "retrain_darts_v2_850": ("retrain", 850, 64, 8, False),
+    "retrain_darts_v2_128": ("retrain", 128, 64, 8, False),  # train.py's CPU default size
+    "retrain_darts_v2_850": ("retrain", 850, 64, 8, False),  # the paper's retraining size
 }
 # one axis at a time around the small config (hidden 64, batch 64, 8 nodes), which appears once
 SWEEP = ([("search", h, 64, 8, False) for h in (64, 128, 300)]
@@ -131,10 +133,10 @@ def _peak_memory_bytes(device) -> int:
 
 def run_case(kind, hidden, batch, nodes, unrolled, device_name, steps, warmup, compile_=False) -> dict:
     """Time one configuration in this process; returns its figures as a dict."""
+    import nas.config  # noqa: F401  (first: nas sets OpenMP's wait policy before torch loads it)
     import torch
     from hydra import compose, initialize_config_dir
 
-    import nas.config  # noqa: F401
     from nas.data import get_batch
     from nas.engine.common import compile_model, seed_everything
     from nas.tasks.language_modeling import weight_step
@@ -206,10 +208,24 @@ def run_case(kind, hidden, batch, nodes, unrolled, device_name, steps, warmup, c
     }
 
 
-def _in_subprocess(spec, args) -> dict:
+#: the other process of the shared-cores measurement (--busy-kind): ``loop``, one core kept busy by a Python loop;
+#: ``torch``, another torch job with torch's default threads (small products and elementwise ops, as a search runs)
+BUSY = {"loop": "while True: pass",
+        "torch": "import torch\na, w = torch.randn(64, 128), torch.randn(128, 256)\nwhile True: (a @ w).tanh_().sum()"}
+
+
+def _in_subprocess(spec, args, busy: int = 0) -> dict:
+    """One case in a fresh process; ``busy``: that many busy-looping processes run beside it, started before it and
+    killed after it."""
     cmd = [sys.executable, os.path.abspath(__file__), "--one", json.dumps(spec), "--device", args.device,
            "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--compile"] if args.compile else [])
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    others = [subprocess.Popen([sys.executable, "-c", BUSY[args.busy_kind]]) for _ in range(busy)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+    finally:
+        for o in others:
+            o.kill()
+            o.wait()
     if r.returncode != 0:
         return {"spec": spec, "error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -225,10 +241,19 @@ def main(argv=None) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the cell time step (config compile=true)")
     p.add_argument("--sweep-steps", type=int, default=5)
     p.add_argument("--out", help="also write the JSON to this file")
+    p.add_argument("--shared", type=int, default=0, metavar="R",
+                   help="instead: time each case alone and beside one busy process, alternating, R times each; "
+                        "report the medians and their ratio (shared cores: issue 21, item 4)")
+    p.add_argument("--busy-kind", choices=list(BUSY), default="loop",
+                   help="--shared's other process: a Python loop, or a torch job with torch's default threads")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
         print(json.dumps(run_case(*json.loads(args.one), args.device, args.steps, args.warmup, args.compile)))
+        return
+    if args.shared:
+        result = {"shared_cores": shared_cores(args)}
+        _write(result, args.out)
         return
     result = {"cases": {}, "sweep": []}
     for name in args.cases:
@@ -239,11 +264,40 @@ def main(argv=None) -> None:
         for spec in SWEEP:
             result["sweep"].append(_in_subprocess(list(spec), sweep_args))
             print(f"sweep {spec}: {json.dumps(result['sweep'][-1])}", file=sys.stderr)
+    _write(result, args.out)
+
+
+def _write(result: dict, out) -> None:
     text = json.dumps(result, indent=2)
     print(text)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
             f.write(text + "\n")
+
+
+def shared_cores(args) -> dict:
+    """Each case's seconds per step alone and beside one busy process (``args.busy_kind``: see BUSY), measured
+    alternately ``args.shared`` times each in fresh processes: the runs, their medians and busy / alone."""
+    import statistics
+
+    import nas  # noqa: F401  (its OpenMP wait policy, as the cases get it)
+
+    out = {"cores": os.cpu_count(), "busy_process": args.busy_kind, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+           "num_threads_env": os.environ.get("OMP_NUM_THREADS"), "cases": {}}
+    for name in args.cases:
+        runs = {"alone": [], "busy": []}
+        for _ in range(args.shared):
+            for mode in ("alone", "busy"):
+                r = _in_subprocess(list(CASES[name]), args, busy=int(mode == "busy"))
+                if "error" in r:
+                    raise SystemExit(f"{name} ({mode}): {r['error']}")
+                runs[mode].append(r["seconds_per_step"])
+                print(f"{name} {mode}: {r['seconds_per_step']} s/step, {r['threads']} threads", file=sys.stderr)
+        med = {m: statistics.median(v) for m, v in runs.items()}
+        out["cases"][name] = {"threads": r["threads"], "seconds_per_step": runs,
+                              "median_alone": med["alone"], "median_busy": med["busy"],
+                              "busy_over_alone": round(med["busy"] / med["alone"], 2)}
+    return out
 
 
 if __name__ == "__main__":

@@ -119,3 +119,44 @@ def test_a_module_dropped_into_a_registry_package_registers_itself(tmp_path, mon
     assert sys.modules["plugins_pkg.base"].THINGS.names() == ["alpha", "beta"]
     for name in ("plugins_pkg", "plugins_pkg.base", "plugins_pkg.alpha", "plugins_pkg.beta"):
         monkeypatch.delitem(sys.modules, name)
+
+
+# -- OpenMP's wait policy is set before torch loads OpenMP (issue 21, item 4) --------------------------------------
+_PROBE = r"""
+import importlib.util, json, os, sys
+
+seen = {}
+
+
+class Probe:  # records the environment at the moment torch is first imported (when it loads OpenMP)
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and "policy" not in seen:
+            seen["policy"] = os.environ.get("OMP_WAIT_POLICY")
+        return None
+
+
+sys.meta_path.insert(0, Probe())
+spec = importlib.util.spec_from_file_location("entry", sys.argv[1])
+spec.loader.exec_module(importlib.util.module_from_spec(spec))  # the script's imports (main() is not called)
+from nas.engine.search import search  # noqa: F401  (and what the run imports next)
+print(json.dumps({"at_torch_import": seen.get("policy", "torch not imported"),
+                  "now": os.environ.get("OMP_WAIT_POLICY")}))
+"""
+
+
+@pytest.mark.parametrize("script", ["search.py", "train.py"])
+@pytest.mark.parametrize("given", [None, "ACTIVE"])
+def test_entry_scripts_set_passive_waiting_before_torch_loads_unless_the_user_chose(script, given):
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    r = subprocess.run([sys.executable, "-c", _PROBE, os.path.join(ROOT, script)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    expected = given or "PASSIVE"
+    assert out == {"at_torch_import": expected, "now": expected}

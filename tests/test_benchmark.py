@@ -1,0 +1,60 @@
+"""experiments/benchmark.py's shared-cores mode (issue 21, item 4): its bookkeeping, not speed (speed is shown by
+running the benchmark, never by a timed test)."""
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark", os.path.join(ROOT, "experiments", "benchmark.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shared_alternates_alone_and_busy_and_reports_the_ratio_of_medians(monkeypatch):
+    bench = load_benchmark()
+    calls = []
+    alone, beside = iter([1.0, 1.2, 0.9]), iter([2.0, 5.0, 2.6])
+
+    def fake(spec, args, busy=0):
+        calls.append((spec, busy))
+        return {"seconds_per_step": next(beside if busy else alone), "threads": 2}
+
+    monkeypatch.setattr(bench, "_in_subprocess", fake)
+    out = bench.shared_cores(argparse.Namespace(shared=3, cases=["search_small_first"], busy_kind="loop"))
+    assert [b for _, b in calls] == [0, 1, 0, 1, 0, 1]
+    assert all(spec == list(bench.CASES["search_small_first"]) for spec, _ in calls)
+    case = out["cases"]["search_small_first"]
+    assert case["seconds_per_step"] == {"alone": [1.0, 1.2, 0.9], "busy": [2.0, 5.0, 2.6]}
+    assert (case["median_alone"], case["median_busy"], case["busy_over_alone"]) == (1.0, 2.6, 2.6)
+    assert out["omp_wait_policy"] == os.environ["OMP_WAIT_POLICY"]  # what the cases inherit (nas sets it)
+
+
+def test_the_busy_process_runs_during_the_case_and_is_gone_after(monkeypatch):
+    bench = load_benchmark()
+    started, seen = [], {}
+    real_popen = subprocess.Popen
+
+    def popen(cmd, *a, **k):
+        p = real_popen(cmd, *a, **k)
+        started.append((cmd, p))
+        return p
+
+    def run(cmd, *a, **k):  # instead of the case: look at the busy process while "the case" runs
+        seen["alive"] = [p.poll() is None for _, p in started]
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"seconds_per_step": 1.0}\n', stderr="")
+
+    monkeypatch.setattr(bench.subprocess, "Popen", popen)
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    args = argparse.Namespace(device="cpu", steps=1, warmup=0, compile=False, busy_kind="loop")
+    assert bench._in_subprocess(["search", 64, 64, 8, False], args, busy=1) == {"seconds_per_step": 1.0}
+    assert seen["alive"] == [True] and started[0][0] == [sys.executable, "-c", bench.BUSY["loop"]]
+    assert started[0][1].poll() is not None  # killed and reaped after the case
+    started.clear()
+    bench._in_subprocess(["search", 64, 64, 8, False], args, busy=0)
+    assert started == [] and seen["alive"] == []
