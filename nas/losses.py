@@ -16,11 +16,17 @@ from typing import Optional
 import torch
 from torch import nn
 
+from nas.precision import mm
+
 #: rows per block: 256 x V=10000 fp32 logits = 10 MB, which stays in L3 cache (1.1x faster products than 1024)
 DEFAULT_BLOCK_ROWS = 256
 
 
 def _logits(h, weight, bias):
+    """h [N, D] @ weight [V, D]^T + bias [V], the product in ``weight``'s dtype (:mod:`nas.precision`)."""
+    if h.dtype != weight.dtype:
+        logits = mm(h, weight.t())
+        return logits if bias is None else logits.add_(bias)
     return h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
 
 
@@ -31,9 +37,11 @@ def nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, block_rows):
+    def forward(ctx, h, weight, bias, targets, block_rows, matmul_dtype=None):
         n = h.size(0)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        # the products' weight: rounded to matmul_dtype once (nas.precision.mm rounds each block of rows)
+        w_mm = weight if matmul_dtype is None else weight.to(matmul_dtype)
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
         grad_b = torch.zeros_like(bias) if (need_b and bias is not None) else None
@@ -41,7 +49,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n, block_rows):
             hb = h[start:start + block_rows]
             yb = targets[start:start + block_rows]
-            logits = _logits(hb, weight, bias)
+            logits = _logits(hb, w_mm, bias)
             yb1 = yb.unsqueeze(1)
             target_logit = logits.gather(1, yb1).squeeze(1)
             # softmax in place of the logits; NLL = -log p_target.  Where p_target underflows (a target
@@ -53,16 +61,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
             tiny = p_target < 1e-30
             if tiny.any():
                 rows = tiny.nonzero().squeeze(1)
-                lse = torch.logsumexp(_logits(hb[rows], weight, bias), dim=1)
+                lse = torch.logsumexp(_logits(hb[rows], w_mm, bias), dim=1)
                 nll[rows] = lse - target_logit[rows]
             total += nll.sum(dtype=torch.float64)
             if need_h or need_w or need_b:
                 # d(mean NLL)/d logits = (softmax - onehot) / n
                 probs.scatter_add_(1, yb1, probs.new_full((yb.numel(), 1), -1.0))
-                if need_h:
-                    torch.mm(probs, weight, out=grad_h[start:start + block_rows]).div_(n)
-                if need_w:
-                    grad_w.addmm_(probs.t(), hb, alpha=1.0 / n)
+                if matmul_dtype is None:
+                    if need_h:
+                        torch.mm(probs, weight, out=grad_h[start:start + block_rows]).div_(n)
+                    if need_w:
+                        grad_w.addmm_(probs.t(), hb, alpha=1.0 / n)
+                else:  # products in matmul_dtype, summed over blocks in h's dtype
+                    probs_mm = probs.to(matmul_dtype)
+                    if need_h:
+                        grad_h[start:start + block_rows] = (probs_mm @ w_mm).to(h.dtype).div_(n)
+                    if need_w:
+                        grad_w.add_(probs_mm.t() @ hb.to(matmul_dtype), alpha=1.0 / n)
                 if grad_b is not None:
                     grad_b.add_(probs.sum(0), alpha=1.0 / n)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
@@ -72,16 +87,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         scale = lambda g: None if g is None else g * grad_out  # noqa: E731
-        return scale(grad_h), scale(grad_w), scale(grad_b), None, None
+        return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                         targets: torch.Tensor, block_rows: int = DEFAULT_BLOCK_ROWS) -> torch.Tensor:
+                         targets: torch.Tensor, block_rows: int = DEFAULT_BLOCK_ROWS,
+                         matmul_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Mean cross-entropy (nats/token) of the linear decoder ``h W^T + b`` against ``targets``.
 
     Args:
         h: [N, D] decoder inputs; weight: [V, D]; bias: [V] or None; targets: [N] class ids in [0, V).
         block_rows: rows of logits computed at once (memory O(block_rows * V) instead of O(N * V)).
+        matmul_dtype: None, or the dtype of the three products (logits, grad h, grad W) on inputs rounded to it;
+            softmax, the NLL and the sums over blocks stay in h's dtype (config ``matmul_dtype``, :mod:`nas.precision`).
     Returns:
         scalar tensor, equal to ``F.cross_entropy(F.linear(h, weight, bias), targets)``.
     Raises:
@@ -95,24 +113,26 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     if not torch.is_grad_enabled() or not (h.requires_grad or weight.requires_grad
                                            or (bias is not None and bias.requires_grad)):
         with torch.no_grad():
-            return _LinearCrossEntropy.forward(_NoGrad, h, weight, bias, targets, block_rows)
-    return _LinearCrossEntropy.apply(h, weight, bias, targets, block_rows)
+            return _LinearCrossEntropy.forward(_NoGrad, h, weight, bias, targets, block_rows, matmul_dtype)
+    return _LinearCrossEntropy.apply(h, weight, bias, targets, block_rows, matmul_dtype)
 
 
 class _NoGrad:
     """Stands in for ``ctx`` when no gradient is needed."""
 
-    needs_input_grad = (False,) * 5
+    needs_input_grad = (False,) * 6
 
     @staticmethod
     def save_for_backward(*_):
         pass
 
 
-def lm_cross_entropy(decoder: nn.Linear, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL of a decoder over ``output`` [T, B, D] against ``targets`` [T, B] (fused)."""
+def lm_cross_entropy(decoder: nn.Linear, output: torch.Tensor, targets: torch.Tensor,
+                     matmul_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Mean next-token NLL of a decoder over ``output`` [T, B, D] against ``targets`` [T, B] (fused; products in
+    ``matmul_dtype`` if given)."""
     return linear_cross_entropy(output.reshape(-1, output.size(-1)), decoder.weight, decoder.bias,
-                                targets.reshape(-1))
+                                targets.reshape(-1), matmul_dtype=matmul_dtype)
 
 
 def lm_nll(out, targets: torch.Tensor) -> torch.Tensor:

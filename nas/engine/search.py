@@ -28,6 +28,7 @@ from nas.engine.tb import log_alphas, log_genotype, log_genotype_figure
 from nas.genotype import Genotype
 from nas.engine.trials import TrialLog
 from nas.errors import ConfigError, NonFiniteLossError
+from nas.precision import set_matmul_dtype
 from nas.spaces import build_space
 from nas.strategies import STRATEGIES
 from nas.tasks import Step, Task, make_task
@@ -68,6 +69,7 @@ def build_search(cfg, data=None, task: Optional[Task] = None) -> SearchSetup:
     if data is None:
         data = task.prepare(cfg, device, alpha_split=cfg.strategy.get("alpha_split", "valid"))
     model = space.build_supernet(data.ntoken, **task.model_args(data)).to(device)
+    set_matmul_dtype(model, cfg.get("matmul_dtype"))
     compile_model(model, cfg.compile)
     strategy = strategy_cls(cfg.strategy, space, model, task.objective(cfg), weight_decay=cfg.weight_decay,
                             clip=cfg.clip, seed=cfg.seed)

@@ -30,6 +30,7 @@ from nas.engine.resume import open_run, resume_config, retrain_keeper, start_run
 from nas.engine.rundir import scoped
 from nas.engine.tb import log_genotype_figure
 from nas.errors import ConfigError, NonFiniteLossError
+from nas.precision import set_matmul_dtype
 from nas.genotype import Genotype, GenotypeError
 from nas.published import resolve_arch
 from nas.spaces import build_space
@@ -103,6 +104,7 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True,
         model = space.freeze(genotype, data.ntoken, **model_args).to(device)
     except GenotypeError as err:
         raise GenotypeError(f"arch={cfg.arch} ({arch_desc}): {err}") from None
+    set_matmul_dtype(model, cfg.get("matmul_dtype"))
     compile_model(model, cfg.compile)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("train: arch %s\n  genotype %s\n  %d parameters, %s%s, device %s, run dir %s",

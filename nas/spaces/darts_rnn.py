@@ -28,6 +28,7 @@ from nas.genotype import (Genotype, GenotypeError, dag_decisions, dag_margins, d
                           genotype_from_decisions)
 from nas.layers import dropout_mask
 from nas.mixed import sampled_index
+from nas.precision import addmm, mm
 from nas.ops import DARTS_RNN_OPS, cell_activation, check_cell_ops
 from nas.spaces.base import SPACES, check_space_genotype
 from nas.spaces.lm import RNNLanguageModel
@@ -117,6 +118,8 @@ class DartsCell(nn.Module):
         self._active_fns = [cell_activation(ops[k]) for k in self._active_idx]
         self.concat = list(genotype.concat) if genotype is not None else list(range(1, steps + 1))
         self._compiled_step = None
+        #: dtype of the products in training (None: the weights' own; config ``matmul_dtype``, nas.precision)
+        self.matmul_dtype: Optional[torch.dtype] = None
         if genotype is not None:
             self._frozen = [(cell_activation(node[0].op), node[0].input) for node in genotype.nodes]
 
@@ -133,9 +136,12 @@ class DartsCell(nn.Module):
         if self.training and self.dropouth > 0:
             h_mask = dropout_mask(inputs, (B, self.nhid), self.dropouth, batch_dim=0)
         x = inputs if x_mask is None else inputs * x_mask
+        wx, wh, ws = self.W0[: self.ninp], self.W0[self.ninp:], tuple(self.Ws)
+        low = self.matmul_dtype if self.training else None
+        if low is not None:  # the weights rounded once per forward; each product rounds its input (nas.precision)
+            wx, wh, ws = wx.to(low), wh.to(low), tuple(w.to(low) for w in ws)
         # the input half of W0 for all time steps in one matrix product: [T*B, E] @ [E, 2H]
-        xw = (x.reshape(T * B, self.ninp) @ self.W0[: self.ninp]).view(T, B, 2 * self.nhid)
-        wh, ws = self.W0[self.ninp:], tuple(self.Ws)
+        xw = mm(x.reshape(T * B, self.ninp), wx).view(T, B, 2 * self.nhid)
         step = self._compiled_step or self._time_step
         if isinstance(node_weights, _SampledPath):  # a new path every step: compiling would recompile each time
             step = self._time_step
@@ -167,6 +173,12 @@ class DartsCell(nn.Module):
                  "with gradients" if torch.is_grad_enabled() else "no gradients", COMPILE_TIME_NOTE)
         return time.perf_counter()
 
+    def set_matmul_dtype(self, dtype: Optional[torch.dtype]) -> None:
+        """Run the training passes' matrix products in ``dtype`` (None: the weights' own; config ``matmul_dtype``):
+        W0 and the W_i rounded once per forward, each product's input once (:mod:`nas.precision`).  Evaluation
+        (``eval()``) keeps the weights' dtype."""
+        self.matmul_dtype = dtype
+
     def compile_step(self) -> None:
         """Run the time step (everything after the input projection) through ``torch.compile``.
 
@@ -187,7 +199,7 @@ class DartsCell(nn.Module):
         BatchNorm.  (Passed in rather than read from ``self`` so that ``functional_call`` can substitute copies.)"""
         # chunk rather than slicing: its backward is one cat, where a slice backward zero-fills a
         # full-size gradient per use (a large share of the step time on CPU)
-        c0, h0 = torch.addmm(xw_t, h if h_mask is None else h * h_mask, wh).chunk(2, dim=-1)
+        c0, h0 = addmm(xw_t, h if h_mask is None else h * h_mask, wh).chunk(2, dim=-1)
         s0 = torch.lerp(h, torch.tanh(h0), torch.sigmoid(c0))  # h + sigmoid(c0) (tanh(h0) - h)
         if bn is not None:
             s0 = global_batch_norm(s0, *bn, training=self.training)
@@ -243,7 +255,7 @@ class DartsCell(nn.Module):
             s = None
             for j, f, w in edges:
                 sj = states[j]
-                c, hh = ((sj if h_mask is None else sj * h_mask) @ ws[i]).chunk(2, dim=-1)
+                c, hh = mm(sj if h_mask is None else sj * h_mask, ws[i]).chunk(2, dim=-1)
                 out = w * torch.lerp(sj, f(hh), torch.sigmoid(c))
                 s = out if s is None else s + out
             if s is None:
@@ -259,7 +271,7 @@ class DartsCell(nn.Module):
         states = s0.unsqueeze(0)  # [n, B, H]: nodes 0..n-1
         nodes = [s0]
         for i, (w, p) in enumerate(node_weights):
-            ch = torch.matmul(states if h_mask is None else states * h_mask, ws[i])  # [n, B, 2H]
+            ch = mm(states if h_mask is None else states * h_mask, ws[i])  # [n, B, 2H]
             c, hh = ch.chunk(2, dim=-1)
             c = torch.sigmoid(c)
             # Σ_k w_k (s + c (f_k(h) - s)) = lerp(P s, F, c) with P = Σ_k w_k, F = Σ_k w_k f_k(h), k non-zero
@@ -276,7 +288,7 @@ class DartsCell(nn.Module):
         states = [s0]
         for i, (f, j) in enumerate(self._frozen):
             sp = states[j]
-            c, hh = ((sp if h_mask is None else sp * h_mask) @ ws[i]).chunk(2, dim=-1)
+            c, hh = mm(sp if h_mask is None else sp * h_mask, ws[i]).chunk(2, dim=-1)
             states.append(torch.lerp(sp, f(hh), torch.sigmoid(c)))
         return torch.stack([states[c] for c in self.concat]).mean(0)
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from nas.layers import LockedDropout, embedded_dropout
 from nas.losses import lm_cross_entropy
+from nas.precision import mm
 from nas.errors import ConfigError
 
 
@@ -60,6 +61,22 @@ class RNNLanguageModel(nn.Module):
         self.decoder.weight = self.encoder.weight
         nn.init.uniform_(self.encoder.weight, -init_range, init_range)
         nn.init.zeros_(self.decoder.bias)
+        #: dtype of the decoder's and the cell's products in training (None: the weights' own); see
+        #: :func:`set_matmul_dtype`
+        self.matmul_dtype: Optional[torch.dtype] = None
+
+    def set_matmul_dtype(self, dtype: Optional[torch.dtype]) -> None:
+        """Run the training passes' matrix products in ``dtype`` (config ``matmul_dtype``; :mod:`nas.precision`):
+        the decoder's here, the cell's through its own ``set_matmul_dtype``.  Evaluation keeps the weights' dtype.
+
+        Raises:
+            ConfigError: if the cell has no lower-precision products (only the darts_rnn cell has them).
+        """
+        if not hasattr(self.cell, "set_matmul_dtype"):
+            raise ConfigError(f"matmul_dtype: the {type(self.cell).__name__} cell does not support lower-precision "
+                              "products (space=darts_rnn does); set matmul_dtype=null")
+        self.cell.set_matmul_dtype(dtype)
+        self.matmul_dtype = dtype
 
     def init_hidden(self, batch_size: int) -> torch.Tensor:
         """Zero state [B, H] on the model's device and dtype."""
@@ -70,6 +87,7 @@ class RNNLanguageModel(nn.Module):
                 weights: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None) -> LMOutput:
         """tokens [T, B] LongTensor, hidden [B, H], weights [E, K] edge weights (supernet only).
 
+        In training with ``matmul_dtype`` set, the decoder's products take that dtype (:mod:`nas.precision`).
         With ``targets`` [T, B], the decoder and the cross-entropy run fused (:mod:`nas.losses`): the output
         carries ``loss`` and no logits, which saves the [T, B, V] logits' memory and about a third of the
         output layer's time.
@@ -78,6 +96,10 @@ class RNNLanguageModel(nn.Module):
         emb = self.lockdrop(emb, self.dropouti)
         raw_output, hidden = self.cell(emb, hidden, weights)
         output = self.lockdrop(raw_output, self.dropout)
+        low = self.matmul_dtype if self.training else None
         if targets is not None:
-            return LMOutput(None, hidden, raw_output, output, lm_cross_entropy(self.decoder, output, targets))
+            return LMOutput(None, hidden, raw_output, output, lm_cross_entropy(self.decoder, output, targets, low))
+        if low is not None:
+            logits = mm(output, self.decoder.weight.to(low).t()) + self.decoder.bias
+            return LMOutput(logits, hidden, raw_output, output)
         return LMOutput(self.decoder(output), hidden, raw_output, output)

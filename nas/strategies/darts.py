@@ -52,6 +52,7 @@ from nas import distributed
 from nas.genotype import Genotype
 from nas.losses import lm_nll
 from nas.mixed import ParamPenalty, edge_weights
+from nas.precision import full_precision
 from nas.strategies.base import STRATEGIES
 from nas.tasks.base import Batch, SentenceInputs  # noqa: F401  (the batch types step() takes)
 from nas.errors import ConfigError
@@ -238,8 +239,9 @@ class DartsStrategy:
         if vnorm == 0.0:  # no dependence of L_val on w: the implicit term vanishes
             return d_alpha, _detached(out.hidden)
         eps = self.cfg.fd_epsilon / vnorm
-        hvp = self._alpha_grad_at([p + eps * vi for p, vi in zip(w, v)], names, train, rng, objective)
-        hvp = hvp - self._alpha_grad_at([p - eps * vi for p, vi in zip(w, v)], names, train, rng, objective)
+        with full_precision(self.model):  # w ± εv differ by less than a bf16 unit (config matmul_dtype)
+            hvp = self._alpha_grad_at([p + eps * vi for p, vi in zip(w, v)], names, train, rng, objective)
+            hvp = hvp - self._alpha_grad_at([p - eps * vi for p, vi in zip(w, v)], names, train, rng, objective)
         if rng is not None:
             _set_rng_state(after_valid, device)  # the weight step draws new masks, not the replayed ones
         distributed.average_([hvp])

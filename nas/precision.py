@@ -1,0 +1,93 @@
+"""Matrix products in a lower precision (config ``matmul_dtype``): a named option, off by default.
+
+With ``matmul_dtype=bfloat16`` the training passes of a language model run their matrix products (the cell's
+projections and the decoder) on bfloat16 inputs: weights are rounded once per forward pass, activations once per
+product, the product accumulates in float32 inside the GEMM (as torch's bf16 kernels do) and its result, rounded to
+bfloat16, comes back in the run's ``dtype``.  Everything else -- the weights themselves, their gradients' sums
+across products, the optimizer, α, the elementwise cell ops, softmax and the loss -- stays in ``dtype``.  This is
+mixed-precision training in the sense of Micikevicius et al. 2018 (sec. 3: fp32 master weights, low-precision
+products), with bfloat16 (Kalamkar et al. 2019) so that no loss scaling is needed.
+
+Evaluation (the model in ``eval()`` mode: validation, test perplexity) always runs in ``dtype``: reported
+perplexities are those of the trained weights, exactly computed.
+
+Why: on CPUs with AVX512-BF16 or AMX (and on GPUs) bf16 products run 2-3x faster than fp32 ones at the paper's
+sizes (experiments/README.md, "Matrix products in bfloat16").  The DARTS reference code runs fp32 throughout, so
+the paper presets keep ``matmul_dtype: null``.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import torch
+
+from nas.errors import ConfigError
+
+#: config value -> torch dtype
+MATMUL_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_matmul_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    """``matmul_dtype`` config value -> torch dtype (None: products in the run's own dtype).
+
+    Raises:
+        ConfigError: for a name not in :data:`MATMUL_DTYPES`.
+    """
+    if name is None:
+        return None
+    if name not in MATMUL_DTYPES:
+        raise ConfigError(f"matmul_dtype={name!r}; valid: null (the run's dtype), {', '.join(MATMUL_DTYPES)}")
+    return MATMUL_DTYPES[name]
+
+
+def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``a @ w`` computed in ``w``'s dtype, returned in ``a``'s: a [..., K], w [K, N] -> [..., N].
+
+    When the dtypes agree this is a plain ``a @ w``; otherwise ``a`` is rounded to ``w.dtype`` for the product
+    (``w`` is the weight, already rounded once per forward pass by the caller)."""
+    if a.dtype == w.dtype:
+        return a @ w
+    return (a.to(w.dtype) @ w).to(a.dtype)
+
+
+def addmm(bias: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``bias + a @ w`` with the product as in :func:`mm`: bias [B, N], a [B, K], w [K, N] -> [B, N]."""
+    if a.dtype == w.dtype:
+        return torch.addmm(bias, a, w)
+    return bias + (a.to(w.dtype) @ w).to(a.dtype)
+
+
+@contextmanager
+def full_precision(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, every module of ``model`` runs its products in the weights' own dtype.
+
+    For computations that lower-precision products would spoil: second-order DARTS's finite-difference
+    Hessian-vector product (Liu et al. 2019, eq. 7-8) evaluates ∇α L_train at w ± εv with ε‖v‖ = 0.01, a
+    perturbation of about 1e-5 per weight at the paper size, below half a bfloat16 unit of a weight of 0.04
+    (1.6e-4): w + εv and w - εv would round to the same products and the difference would be rounding noise.
+    """
+    saved = [(m, m.matmul_dtype) for m in model.modules() if getattr(m, "matmul_dtype", None) is not None]
+    for m, _ in saved:
+        m.matmul_dtype = None
+    try:
+        yield
+    finally:
+        for m, dtype in saved:
+            m.matmul_dtype = dtype
+
+
+def set_matmul_dtype(model: torch.nn.Module, name: Optional[str]) -> None:
+    """Apply config ``matmul_dtype`` to a model: its ``set_matmul_dtype`` gets the torch dtype.
+
+    Raises:
+        ConfigError: for an unknown name, or a model (space) whose products do not support it.
+    """
+    dtype = parse_matmul_dtype(name)
+    if dtype is None:
+        return
+    if not hasattr(model, "set_matmul_dtype"):
+        raise ConfigError(f"matmul_dtype={name}: {type(model).__name__} ({type(getattr(model, 'cell', model)).__name__})"
+                          " does not support lower-precision products; it is implemented for space=darts_rnn's "
+                          "language model. Set matmul_dtype=null")
+    model.set_matmul_dtype(dtype)
