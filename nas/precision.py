@@ -12,7 +12,8 @@ Evaluation (the model in ``eval()`` mode: validation, test perplexity) always ru
 perplexities are those of the trained weights, exactly computed.
 
 Why: on CPUs with AVX512-BF16 or AMX (and on GPUs) bf16 products run 2-3x faster than fp32 ones at the paper's
-sizes (experiments/README.md, "Matrix products in bfloat16").  The DARTS reference code runs fp32 throughout, so
+sizes (experiments/README.md, "Matrix products in bfloat16").  Where the hardware lacks them torch emulates bf16
+products about 100x slower than fp32, so runs refuse the option there (:func:`check_matmul_dtype`).  The DARTS reference code runs fp32 throughout, so
 the paper presets keep ``matmul_dtype: null``.
 """
 from __future__ import annotations
@@ -24,8 +25,36 @@ import torch
 
 from nas.errors import ConfigError
 
-#: config value -> torch dtype
-MATMUL_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+#: config value -> torch dtype.  Only bfloat16: float16 products would need loss scaling (its range stops at 6e-8,
+#: where small gradients' products underflow), which this option does not do.
+MATMUL_DTYPES = {"bfloat16": torch.bfloat16}
+
+
+def native_support(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``device`` multiplies ``dtype`` matrices in hardware: CUDA by ``torch.cuda.is_bf16_supported``; a CPU
+    when it has AVX512-BF16 or AMX tiles (``torch.cpu``'s checks).  Without them, torch's CPU bf16 products are
+    emulated: measured 0.8-1.3 GFLOP/s against 114 GFLOP/s in float32 on a 2-core AVX2 EPYC (2026-12-02)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return True  # other backends: their own kernels decide
+
+
+def check_matmul_dtype(name: Optional[str], device: torch.device) -> Optional[torch.dtype]:
+    """:func:`parse_matmul_dtype`, and refuse a dtype ``device`` has no hardware products for (a run 100x slower
+    than float32 is never what the option is for).
+
+    Raises:
+        ConfigError: for an unknown name, or a device without native products in that dtype.
+    """
+    dtype = parse_matmul_dtype(name)
+    if dtype is not None and not native_support(dtype, device):
+        what = (f"this CPU has {torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16 or AMX"
+                if device.type == "cpu" else f"{device} has no native {name} products")
+        raise ConfigError(f"matmul_dtype={name}: {what}, so {name} matrix products would be emulated, far slower than "
+                          "float32 (measured 100x on an AVX2 CPU); set matmul_dtype=null")
+    return dtype
 
 
 def parse_matmul_dtype(name: Optional[str]) -> Optional[torch.dtype]:

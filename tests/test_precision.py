@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from nas.errors import ConfigError
 from nas.losses import linear_cross_entropy
-from nas.precision import full_precision, mm, parse_matmul_dtype, set_matmul_dtype
+from nas.precision import check_matmul_dtype, full_precision, mm, parse_matmul_dtype, set_matmul_dtype
 from nas.published import load_published
 from nas.spaces import SPACES
 from nas.spaces.darts_rnn import DartsRNNConfig
@@ -161,11 +161,23 @@ def test_second_order_hypergradient_keeps_its_finite_difference_in_full_precisio
 
 def test_bad_names_and_unsupported_spaces_are_config_errors():
     assert parse_matmul_dtype(None) is None and parse_matmul_dtype("bfloat16") == BF16
-    with pytest.raises(ConfigError, match="matmul_dtype='bf16'.*bfloat16, float16"):
-        parse_matmul_dtype("bf16")
+    for bad in ("bf16", "float16"):  # float16 would need loss scaling: not offered
+        with pytest.raises(ConfigError, match=f"matmul_dtype='{bad}'; valid: null .*bfloat16$"):
+            parse_matmul_dtype(bad)
     from nas.spaces.hybrid import HybridConfig
     from nas.spaces.stacked_rnn import StackedRNNConfig
     for name, cfg in (("hybrid", HybridConfig()), ("stacked_rnn", StackedRNNConfig(units=[128]))):
         model = SPACES.get(name)(cfg).build_supernet(50)
         with pytest.raises(ConfigError, match="matmul_dtype"):
             set_matmul_dtype(model, "bfloat16")
+
+
+def test_a_device_without_bf16_products_is_refused(monkeypatch):
+    cpu = torch.device("cpu")
+    assert check_matmul_dtype(None, cpu) is None  # the default never asks the hardware
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with pytest.raises(ConfigError, match="matmul_dtype=bfloat16: this CPU has .*no AVX512-BF16 or AMX.*matmul_dtype=null"):
+        check_matmul_dtype("bfloat16", cpu)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert check_matmul_dtype("bfloat16", cpu) == BF16

@@ -227,9 +227,11 @@ def test_train_writes_outputs_and_checkpoint_reproduces_valid_ppl(tmp_path, corp
     assert abs(test.ppl - metrics["test_ppl"]) < 1e-6
 
 
-def test_train_with_bf16_products_learns_the_chain_and_scores_in_fp32(tmp_path, corpus_root):
+def test_train_with_bf16_products_learns_the_chain_and_scores_in_fp32(tmp_path, corpus_root, monkeypatch):
     """``matmul_dtype=bfloat16`` (nas.precision): the same learning bound as float32 above (measured, 1 thread: 4.99 /
     4.66 test / valid ppl in float32, 5.01 / 4.73 in bf16); the reported perplexities are those of the float32 weights."""
+    # on a CPU without AVX512-BF16/AMX the run is refused (emulated products); this model is small enough to emulate
+    monkeypatch.setattr("nas.precision.native_support", lambda dtype, device: True)
     cfg = smoke_cfg(corpus_root, "matmul_dtype=bfloat16", "epochs=10", "batch_size=8", "limit_train_batches=null",
                     *(f"space.{d}=0" for d in ("dropout", "dropouth", "dropoutx", "dropouti", "dropoute")))
     metrics = train(cfg, run_dir=str(tmp_path / "run"))
@@ -266,7 +268,7 @@ def test_train_from_a_search_genotype_file(tmp_path, corpus_root, monkeypatch):
     assert Genotype.from_dict(metrics["genotype"]) == g
 
 
-def test_train_errors(tmp_path, corpus_root):
+def test_train_errors(tmp_path, corpus_root, monkeypatch):
     with pytest.raises(GenotypeError, match="darts_v1, darts_v2, enas"):
         train(smoke_cfg(corpus_root, "arch=nope"), run_dir=str(tmp_path / "a"))
     with pytest.raises(GenotypeError, match="arch= is required"):
@@ -275,6 +277,10 @@ def test_train_errors(tmp_path, corpus_root):
         train(smoke_cfg(corpus_root, "optimizer=rmsprop"), run_dir=str(tmp_path / "c"))
     with pytest.raises(ConfigError, match="matmul_dtype='bf16x'; valid: null"):
         train(smoke_cfg(corpus_root, "matmul_dtype=bf16x"), run_dir=str(tmp_path / "d"))
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with pytest.raises(ConfigError, match="no AVX512-BF16 or AMX"):  # refused before any data or model
+        train(smoke_cfg(corpus_root, "matmul_dtype=bfloat16"), run_dir=str(tmp_path / "e"))
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="broken.pt"):
         load_trained(str(tmp_path / "broken.pt"))

@@ -15,7 +15,7 @@ import torch
 from nas import distributed
 from nas.atomic import atomic_write
 from nas.errors import ConfigError
-from nas.precision import parse_matmul_dtype
+from nas.precision import check_matmul_dtype
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,8 @@ def configure_runtime(cfg) -> torch.device:
     device (under torchrun with CUDA: this rank's GPU, ``cuda:LOCAL_RANK``).
 
     Raises:
-        ConfigError: for ``num_threads`` < 1, an unknown ``dtype``, ``matmul_dtype`` or ``seq_len_sampler``, or an unusable
-            ``device`` (see :func:`resolve_device`).
+        ConfigError: for ``num_threads`` < 1, an unknown ``dtype`` or ``seq_len_sampler``, an unusable ``device`` (see
+            :func:`resolve_device`), or a ``matmul_dtype`` unknown or without hardware products on the device.
     """
     from nas.data import SEQ_LEN_SAMPLERS
 
@@ -99,9 +99,9 @@ def configure_runtime(cfg) -> torch.device:
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r}; valid: {', '.join(DTYPES)}")
     torch.set_default_dtype(DTYPES[dtype])  # per run as well; models and α are built after this
-    parse_matmul_dtype(cfg.get("matmul_dtype"))  # a typo fails here, before the data loads
     distributed.init()  # under torchrun (no-op otherwise; the CLI has joined the group already)
     device = distributed.device_for(resolve_device(cfg.device))
+    check_matmul_dtype(cfg.get("matmul_dtype"), device)  # before the data loads
     if device.type == "cpu" and cfg.tune_cpu_allocator and tune_cpu_allocator():
         log.debug("glibc allocator tuned: large blocks stay in the heap")
     return device
