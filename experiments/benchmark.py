@@ -10,8 +10,8 @@ One search step = one α update on a validation segment + one weight update on a
 weight update of the frozen genotype.  Timing: ``--warmup`` steps, then ``--steps`` timed steps.  Each case
 runs in a fresh subprocess so that its peak memory (CPU: peak RSS; CUDA: max allocated) is its own.
 FLOPs are counted analytically (matrix products of cell and decoder, forward + 2x backward, every pass of a
-step); the matrix-multiply peak is measured in the same process (fp32 2048x2048 products), and model FLOP
-utilization (MFU) = achieved FLOP/s / that peak.
+step); the matrix-multiply peak is measured in the same process (2048x2048 products, fp32, or bf16 with
+``--matmul-dtype bfloat16``), and model FLOP utilization (MFU) = achieved FLOP/s / that peak.
 """
 from __future__ import annotations
 
@@ -100,12 +100,12 @@ def pass_seconds(setup, batch, reps: int = 3) -> dict:
     return result
 
 
-def matmul_peak(device, n: int = 2048, reps: int = 10) -> float:
-    """Measured fp32 FLOP/s of an n x n matrix product on ``device`` (best of ``reps``)."""
+def matmul_peak(device, n: int = 2048, reps: int = 10, dtype=None) -> float:
+    """Measured FLOP/s of an n x n matrix product on ``device`` in ``dtype`` (None: fp32), best of ``reps``."""
     import torch
 
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
     for _ in range(reps + 2):
         _sync(device)
@@ -131,7 +131,8 @@ def _peak_memory_bytes(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def run_case(kind, hidden, batch, nodes, unrolled, device_name, steps, warmup, compile_=False) -> dict:
+def run_case(kind, hidden, batch, nodes, unrolled, device_name, steps, warmup, compile_=False,
+             matmul_dtype=None) -> dict:
     """Time one configuration in this process; returns its figures as a dict."""
     import nas.config  # noqa: F401  (first: nas sets OpenMP's wait policy before torch loads it)
     import torch
@@ -141,12 +142,13 @@ def run_case(kind, hidden, batch, nodes, unrolled, device_name, steps, warmup, c
     from nas.engine.common import compile_model, seed_everything
     from nas.tasks.language_modeling import weight_step
     from nas.engine.search import build_search, search_step
+    from nas.precision import set_matmul_dtype
     from nas.published import load_published
     from nas.strategies.darts import Batch
 
     overrides = [f"device={device_name}", f"batch_size={batch}", f"bptt={BPTT}", f"space.emsize={hidden}",
                  f"space.nhid={hidden}", f"space.steps={nodes}", f"strategy.unrolled={str(unrolled).lower()}",
-                 f"compile={str(compile_).lower()}", "progress=false"]
+                 f"compile={str(compile_).lower()}", "progress=false", f"matmul_dtype={matmul_dtype or 'null'}"]
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
         cfg = compose("search", overrides=overrides)
     seed_everything(0)
@@ -154,6 +156,7 @@ def run_case(kind, hidden, batch, nodes, unrolled, device_name, steps, warmup, c
     device, data = setup.device, setup.data
     if kind == "retrain":
         model = setup.space.freeze(load_published("darts_v2"), data.ntoken).to(device)
+        set_matmul_dtype(model, matmul_dtype)
         compile_model(model, compile_)
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=8e-7)
     model = setup.model if kind == "search" else model
@@ -186,7 +189,9 @@ def run_case(kind, hidden, batch, nodes, unrolled, device_name, steps, warmup, c
     seconds = (time.perf_counter() - start) / steps
     peak_memory = _peak_memory_bytes(device)  # before the per-pass timings, whose full pass a step may not have
     flops = analytic_flops(kind, hidden, batch, nodes, unrolled, data.ntoken)
-    peak = matmul_peak(device)
+    from nas.precision import parse_matmul_dtype
+
+    peak = matmul_peak(device, dtype=parse_matmul_dtype(matmul_dtype))  # the products' own dtype
     extra = {}
     if kind == "search":
         passes = pass_seconds(setup, Batch(x, y, model.init_hidden(batch)))
@@ -195,7 +200,7 @@ def run_case(kind, hidden, batch, nodes, unrolled, device_name, steps, warmup, c
     return {
         "kind": kind, "order": ("second" if unrolled else "first") if kind == "search" else None,
         "emsize": hidden, "nhid": hidden, "batch": batch, "bptt": BPTT, "nodes": nodes,
-        "device": str(device), "threads": torch.get_num_threads(), "compile": compile_,
+        "device": str(device), "threads": torch.get_num_threads(), "compile": compile_, "matmul_dtype": matmul_dtype,
         "warmup_seconds": round(warmup_seconds, 2), "timed_steps": steps,
         "seconds_per_step": round(seconds, 4),
         "train_tokens_per_second": round(batch * BPTT / seconds, 1),
@@ -219,6 +224,8 @@ def _in_subprocess(spec, args, busy: int = 0) -> dict:
     killed after it."""
     cmd = [sys.executable, os.path.abspath(__file__), "--one", json.dumps(spec), "--device", args.device,
            "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--compile"] if args.compile else [])
+    if args.matmul_dtype:
+        cmd += ["--matmul-dtype", args.matmul_dtype]
     others = [subprocess.Popen([sys.executable, "-c", BUSY[args.busy_kind]]) for _ in range(busy)]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -239,6 +246,8 @@ def main(argv=None) -> None:
     p.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the cell time step (config compile=true)")
+    p.add_argument("--matmul-dtype", choices=["bfloat16"],
+                   help="the training passes' matrix products in this dtype (config matmul_dtype; nas.precision)")
     p.add_argument("--sweep-steps", type=int, default=5)
     p.add_argument("--out", help="also write the JSON to this file")
     p.add_argument("--shared", type=int, default=0, metavar="R",
@@ -249,7 +258,8 @@ def main(argv=None) -> None:
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(run_case(*json.loads(args.one), args.device, args.steps, args.warmup, args.compile)))
+        print(json.dumps(run_case(*json.loads(args.one), args.device, args.steps, args.warmup, args.compile,
+                                  args.matmul_dtype)))
         return
     if args.shared:
         result = {"shared_cores": shared_cores(args)}
