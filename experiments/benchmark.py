@@ -261,6 +261,17 @@ def main(argv=None) -> None:
         print(json.dumps(run_case(*json.loads(args.one), args.device, args.steps, args.warmup, args.compile,
                                   args.matmul_dtype)))
         return
+    if args.matmul_dtype:  # refused hardware fails here, once, not in every case's process
+        import nas.config  # noqa: F401  (first: nas sets OpenMP's wait policy before torch loads it)
+        from nas.engine.common import resolve_device
+        from nas.errors import ConfigError
+        from nas.precision import check_matmul_dtype
+
+        try:
+            check_matmul_dtype(args.matmul_dtype, resolve_device(args.device))
+        except ConfigError as err:
+            raise SystemExit(f"--matmul-dtype {args.matmul_dtype}: {err}".replace("set matmul_dtype=null",
+                                                                                  "leave out --matmul-dtype"))
     if args.shared:
         result = {"shared_cores": shared_cores(args)}
         _write(result, args.out)
@@ -275,6 +286,10 @@ def main(argv=None) -> None:
             result["sweep"].append(_in_subprocess(list(spec), sweep_args))
             print(f"sweep {spec}: {json.dumps(result['sweep'][-1])}", file=sys.stderr)
     _write(result, args.out)
+    failed = [n for n, r in result["cases"].items() if "error" in r] + [str(r["spec"]) for r in result["sweep"]
+                                                                        if "error" in r]
+    if failed:  # the JSON above has each error; the exit status says it too
+        raise SystemExit(f"{len(failed)} case(s) failed: {', '.join(failed)}")
 
 
 def _write(result: dict, out) -> None:

@@ -103,7 +103,7 @@ class LMRunConfig:
     dtype: str = "float32"
     #: the dtype of the training passes' matrix products (null: ``dtype``, as the reference code); ``bfloat16``:
     #: products on bf16-rounded inputs, with weights, gradient sums, optimizer and evaluation in ``dtype`` (a
-    #: named speed option, 2-3x faster products on CPUs with AVX512-BF16/AMX and on GPUs, refused on hardware without
+    #: named speed option: 2.1-2.7x faster products on a CPU with AVX512-BF16 (Zen 4), refused on hardware without
     #: bf16 products; second order's finite-difference passes stay in ``dtype``; nas.precision; space=darts_rnn's
     #: language model only)
     matmul_dtype: Optional[str] = None

@@ -11,8 +11,9 @@ products), with bfloat16 (Kalamkar et al. 2019) so that no loss scaling is neede
 Evaluation (the model in ``eval()`` mode: validation, test perplexity) always runs in ``dtype``: reported
 perplexities are those of the trained weights, exactly computed.
 
-Why: on CPUs with AVX512-BF16 or AMX (and on GPUs) bf16 products run 2-3x faster than fp32 ones at the paper's
-sizes (experiments/README.md, "Matrix products in bfloat16").  Where the hardware lacks them torch emulates bf16
+Why: on a CPU with AVX512-BF16 (a 2-core Zen 4 EPYC) bf16 products measured 2.1-2.7x the fp32 ones at the
+paper's shapes, and a retraining step at 850 units 1.81x faster (experiments/README.md, "Matrix products in
+bfloat16"); on GPUs it is not measured yet.  Where the hardware lacks them torch emulates bf16
 products about 100x slower than fp32, so runs refuse the option there (:func:`check_matmul_dtype`).  The DARTS reference code runs fp32 throughout, so
 the paper presets keep ``matmul_dtype: null``.
 """
@@ -31,11 +32,11 @@ MATMUL_DTYPES = {"bfloat16": torch.bfloat16}
 
 
 def native_support(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether ``device`` multiplies ``dtype`` matrices in hardware: CUDA by ``torch.cuda.is_bf16_supported``; a CPU
+    """Whether ``device`` multiplies ``dtype`` matrices in hardware: a GPU of compute capability 8.0 or later; a CPU
     when it has AVX512-BF16 or AMX tiles (``torch.cpu``'s checks).  Without them, torch's CPU bf16 products are
     emulated: measured 0.8-1.3 GFLOP/s against 114 GFLOP/s in float32 on a 2-core AVX2 EPYC (2026-12-02)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # bf16 tensor cores from compute capability 8.0 (Ampere); older GPUs emulate
+        return torch.cuda.get_device_capability(device)[0] >= 8
     if device.type == "cpu":
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return True  # other backends: their own kernels decide
@@ -66,7 +67,9 @@ def parse_matmul_dtype(name: Optional[str]) -> Optional[torch.dtype]:
     if name is None:
         return None
     if name not in MATMUL_DTYPES:
-        raise ConfigError(f"matmul_dtype={name!r}; valid: null (the run's dtype), {', '.join(MATMUL_DTYPES)}")
+        hint = ("; float16 is not offered: its products would need loss scaling" if str(name).lower() in ("float16", "half", "fp16")
+                else "; did you mean bfloat16?" if "bf" in str(name).lower() else "")
+        raise ConfigError(f"matmul_dtype={name!r}; valid: null (the run's dtype), {', '.join(MATMUL_DTYPES)}{hint}")
     return MATMUL_DTYPES[name]
 
 

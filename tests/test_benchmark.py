@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -51,10 +53,47 @@ def test_the_busy_process_runs_during_the_case_and_is_gone_after(monkeypatch):
 
     monkeypatch.setattr(bench.subprocess, "Popen", popen)
     monkeypatch.setattr(bench.subprocess, "run", run)
-    args = argparse.Namespace(device="cpu", steps=1, warmup=0, compile=False, busy_kind="loop")
+    args = argparse.Namespace(device="cpu", steps=1, warmup=0, compile=False, busy_kind="loop", matmul_dtype=None)
     assert bench._in_subprocess(["search", 64, 64, 8, False], args, busy=1) == {"seconds_per_step": 1.0}
     assert seen["alive"] == [True] and started[0][0] == [sys.executable, "-c", bench.BUSY["loop"]]
     assert started[0][1].poll() is not None  # killed and reaped after the case
     started.clear()
     bench._in_subprocess(["search", 64, 64, 8, False], args, busy=0)
     assert started == [] and seen["alive"] == []
+
+
+def test_the_case_process_gets_the_matmul_dtype(monkeypatch):
+    bench = load_benchmark()
+    cmds = []
+
+    def run(cmd, *a, **k):
+        cmds.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"seconds_per_step": 1.0}\n', stderr="")
+
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    for dtype in (None, "bfloat16"):
+        args = argparse.Namespace(device="cpu", steps=1, warmup=0, compile=False, busy_kind="loop", matmul_dtype=dtype)
+        bench._in_subprocess(["retrain", 128, 64, 8, False], args)
+    assert "--matmul-dtype" not in cmds[0]
+    assert cmds[1][cmds[1].index("--matmul-dtype") + 1] == "bfloat16"
+
+
+
+def test_a_failed_case_fails_the_run_after_the_json(monkeypatch, capsys):
+    bench = load_benchmark()
+    results = iter([{"seconds_per_step": 1.0}, {"error": "boom"}])
+    monkeypatch.setattr(bench, "_in_subprocess", lambda spec, args, busy=0: next(results))
+    with pytest.raises(SystemExit, match="1 case\\(s\\) failed: search_small_second"):
+        bench.main(["--cases", "search_small_first", "search_small_second", "--no-sweep"])
+    assert '"error": "boom"' in capsys.readouterr().out  # the JSON is still printed
+
+
+def test_matmul_dtype_on_hardware_without_it_fails_once_up_front(monkeypatch):
+    import torch
+
+    bench = load_benchmark()
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(bench, "_in_subprocess", lambda *a, **k: pytest.fail("no case should start"))
+    with pytest.raises(SystemExit, match="--matmul-dtype bfloat16: .*no AVX512-BF16.*leave out --matmul-dtype"):
+        bench.main(["--device", "cpu", "--matmul-dtype", "bfloat16", "--cases", "retrain_darts_v2_128", "--no-sweep"])

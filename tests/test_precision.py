@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from nas.errors import ConfigError
 from nas.losses import linear_cross_entropy
-from nas.precision import check_matmul_dtype, full_precision, mm, parse_matmul_dtype, set_matmul_dtype
+from nas.precision import check_matmul_dtype, full_precision, mm, native_support, parse_matmul_dtype, set_matmul_dtype
 from nas.published import load_published
 from nas.spaces import SPACES
 from nas.spaces.darts_rnn import DartsRNNConfig
@@ -161,8 +161,9 @@ def test_second_order_hypergradient_keeps_its_finite_difference_in_full_precisio
 
 def test_bad_names_and_unsupported_spaces_are_config_errors():
     assert parse_matmul_dtype(None) is None and parse_matmul_dtype("bfloat16") == BF16
-    for bad in ("bf16", "float16"):  # float16 would need loss scaling: not offered
-        with pytest.raises(ConfigError, match=f"matmul_dtype='{bad}'; valid: null .*bfloat16$"):
+    for bad, hint in (("bf16", "did you mean bfloat16"), ("BFLOAT16", "did you mean bfloat16"),
+                      ("float16", "not offered: its products would need loss scaling"), ("float32", "dtype\\), bfloat16$")):
+        with pytest.raises(ConfigError, match=f"matmul_dtype='{bad}'; valid: null .*{hint}"):
             parse_matmul_dtype(bad)
     from nas.spaces.hybrid import HybridConfig
     from nas.spaces.stacked_rnn import StackedRNNConfig
@@ -181,3 +182,11 @@ def test_a_device_without_bf16_products_is_refused(monkeypatch):
         check_matmul_dtype("bfloat16", cpu)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert check_matmul_dtype("bfloat16", cpu) == BF16
+
+
+def test_a_gpu_before_ampere_is_refused(monkeypatch):
+    """torch.cuda.is_bf16_supported() says True on a V100 or T4 (emulation); the check is the compute capability."""
+    gpu = torch.device("cuda", 0)
+    for capability, native in (((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert native_support(BF16, gpu) is native
