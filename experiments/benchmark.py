@@ -142,7 +142,7 @@ def run_case(kind, hidden, batch, nodes, unrolled, device_name, steps, warmup, c
     from nas.engine.common import compile_model, seed_everything
     from nas.tasks.language_modeling import weight_step
     from nas.engine.search import build_search, search_step
-    from nas.precision import set_matmul_dtype
+    from nas.precision import parse_matmul_dtype, set_matmul_dtype
     from nas.published import load_published
     from nas.strategies.darts import Batch
 
@@ -189,8 +189,6 @@ def run_case(kind, hidden, batch, nodes, unrolled, device_name, steps, warmup, c
     seconds = (time.perf_counter() - start) / steps
     peak_memory = _peak_memory_bytes(device)  # before the per-pass timings, whose full pass a step may not have
     flops = analytic_flops(kind, hidden, batch, nodes, unrolled, data.ntoken)
-    from nas.precision import parse_matmul_dtype
-
     peak = matmul_peak(device, dtype=parse_matmul_dtype(matmul_dtype))  # the products' own dtype
     extra = {}
     if kind == "search":

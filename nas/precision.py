@@ -13,9 +13,9 @@ perplexities are those of the trained weights, exactly computed.
 
 Why: on a CPU with AVX512-BF16 (a 2-core Zen 4 EPYC) bf16 products measured 2.1-2.7x the fp32 ones at the
 paper's shapes, and a retraining step at 850 units 1.81x faster (experiments/README.md, "Matrix products in
-bfloat16"); on GPUs it is not measured yet.  Where the hardware lacks them torch emulates bf16
-products about 100x slower than fp32, so runs refuse the option there (:func:`check_matmul_dtype`).  The DARTS reference code runs fp32 throughout, so
-the paper presets keep ``matmul_dtype: null``.
+bfloat16"); on GPUs it is not measured yet.  Where the hardware lacks them torch emulates bf16 products
+about 100x slower than fp32, so runs refuse the option there (:func:`check_matmul_dtype`).  The DARTS reference
+code runs fp32 throughout, so the paper presets keep ``matmul_dtype: null``.
 """
 from __future__ import annotations
 
@@ -67,8 +67,11 @@ def parse_matmul_dtype(name: Optional[str]) -> Optional[torch.dtype]:
     if name is None:
         return None
     if name not in MATMUL_DTYPES:
-        hint = ("; float16 is not offered: its products would need loss scaling" if str(name).lower() in ("float16", "half", "fp16")
-                else "; did you mean bfloat16?" if "bf" in str(name).lower() else "")
+        hint, lower = "", str(name).lower()
+        if lower in ("float16", "half", "fp16"):
+            hint = "; float16 is not offered: its products would need loss scaling"
+        elif "bf" in lower:
+            hint = "; did you mean bfloat16?"
         raise ConfigError(f"matmul_dtype={name!r}; valid: null (the run's dtype), {', '.join(MATMUL_DTYPES)}{hint}")
     return MATMUL_DTYPES[name]
 
