@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 #: Inductor cache on 2 shared cores (2026-12-01: case 1 288 s, its backward 47 s, cases 2 and 3 28 s and 16 s)
 COMPILE_TIME_NOTE = ("the first case the longest (1-5 min on a 2-core CPU, with its backward pass), later ones "
                      "10-60 s; runs after the first take seconds, from Inductor's cache on disk")
+COMPILE_TIME_NOTE_NO_GRAD = ("a forward only, about 10-60 s on a 2-core CPU; runs after the first take seconds, "
+                             "from Inductor's cache on disk")
 
 
 @dataclass
@@ -170,7 +172,8 @@ class DartsCell(nn.Module):
         log.info("torch.compile: compiling the cell's time step for case %d (batch %d, %s, %s); each new case "
                  "compiles once, %s (compile=false runs eager)",
                  len(self._compile_cases), batch, "training" if self.training else "evaluation",
-                 "with gradients" if torch.is_grad_enabled() else "no gradients", COMPILE_TIME_NOTE)
+                 "with gradients" if torch.is_grad_enabled() else "no gradients",
+                 COMPILE_TIME_NOTE if torch.is_grad_enabled() else COMPILE_TIME_NOTE_NO_GRAD)
         return time.perf_counter()
 
     def set_matmul_dtype(self, dtype: Optional[torch.dtype]) -> None:
