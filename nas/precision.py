@@ -13,18 +13,23 @@ perplexities are those of the trained weights, exactly computed.
 
 Why: on a CPU with AVX512-BF16 (a 2-core Zen 4 EPYC) bf16 products measured 2.1-2.7x the fp32 ones at the
 paper's shapes, and a retraining step at 850 units 1.81x faster (experiments/README.md, "Matrix products in
-bfloat16"); on GPUs it is not measured yet.  Where the hardware lacks them torch emulates bf16 products
+bfloat16").  That is the CPU's doing, not the option's: on a 2-core Xeon with AVX512-BF16 whose AMX was not
+available (2026-12-02) bf16 products ran at half the fp32 peak and the same step was slower than in fp32, so
+``experiments/benchmark.py --matmul-dtype bfloat16`` is how to tell for a machine.  On GPUs it is not measured yet.  Where the hardware lacks them torch emulates bf16 products
 about 100x slower than fp32, so runs refuse the option there (:func:`check_matmul_dtype`).  The DARTS reference
 code runs fp32 throughout, so the paper presets keep ``matmul_dtype: null``.
 """
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import torch
 
 from nas.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 #: config value -> torch dtype.  Only bfloat16: float16 products would need loss scaling (its range stops at 6e-8,
 #: where small gradients' products underflow), which this option does not do.
@@ -55,6 +60,10 @@ def check_matmul_dtype(name: Optional[str], device: torch.device) -> Optional[to
                 if device.type == "cpu" else f"{device} has no native {name} products")
         raise ConfigError(f"matmul_dtype={name}: {what}, so {name} matrix products would be emulated, far slower than "
                           "float32 (measured 100x on an AVX2 CPU); set matmul_dtype=null")
+    if dtype is not None and device.type == "cpu" and not torch.cpu._is_amx_tile_supported():
+        log.info("matmul_dtype=%s on a CPU with AVX512-BF16 and no AMX: whether it is faster than float32 depends on "
+                 "the CPU (a retraining step measured 1.81x faster on a Zen 4 EPYC, slower on a Xeon without AMX); "
+                 "python experiments/benchmark.py --matmul-dtype %s tells for this one", name, name)
     return dtype
 
 
