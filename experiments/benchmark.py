@@ -134,7 +134,7 @@ def _peak_memory_bytes(device) -> int:
 def run_case(kind, hidden, batch, nodes, unrolled, device_name, steps, warmup, compile_=False,
              matmul_dtype=None) -> dict:
     """Time one configuration in this process; returns its figures as a dict."""
-    import nas.config  # noqa: F401  (first: nas sets OpenMP's wait policy before torch loads it)
+    import nas.config  # noqa: F401  (stores the config schemas)
     import torch
     from hydra import compose, initialize_config_dir
 
@@ -260,7 +260,7 @@ def main(argv=None) -> None:
                                   args.matmul_dtype)))
         return
     if args.matmul_dtype:  # refused hardware fails here, once, not in every case's process
-        import nas.config  # noqa: F401  (first: nas sets OpenMP's wait policy before torch loads it)
+        import nas.config  # noqa: F401  (stores the config schemas)
         from nas.engine.common import resolve_device
         from nas.errors import ConfigError
         from nas.precision import check_matmul_dtype
@@ -303,21 +303,20 @@ def shared_cores(args) -> dict:
     alternately ``args.shared`` times each in fresh processes: the runs, their medians and busy / alone."""
     import statistics
 
-    import nas  # noqa: F401  (its OpenMP wait policy, as the cases get it)
-
     out = {"cores": os.cpu_count(), "busy_process": args.busy_kind, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
            "num_threads_env": os.environ.get("OMP_NUM_THREADS"), "cases": {}}
     for name in args.cases:
-        runs = {"alone": [], "busy": []}
+        runs, threads = {"alone": [], "busy": []}, {"alone": [], "busy": []}
         for _ in range(args.shared):
             for mode in ("alone", "busy"):
                 r = _in_subprocess(list(CASES[name]), args, busy=int(mode == "busy"))
                 if "error" in r:
                     raise SystemExit(f"{name} ({mode}): {r['error']}")
                 runs[mode].append(r["seconds_per_step"])
+                threads[mode].append(r["threads"])  # beside the busy process, the run takes the free cores only
                 print(f"{name} {mode}: {r['seconds_per_step']} s/step, {r['threads']} threads", file=sys.stderr)
         med = {m: statistics.median(v) for m, v in runs.items()}
-        out["cases"][name] = {"threads": r["threads"], "seconds_per_step": runs,
+        out["cases"][name] = {"threads": threads, "seconds_per_step": runs,
                               "median_alone": med["alone"], "median_busy": med["busy"],
                               "busy_over_alone": round(med["busy"] / med["alone"], 2)}
     return out

@@ -5,12 +5,10 @@ The library: search spaces (``nas.spaces``), strategies (``nas.strategies``), ge
 Nothing here parses argv; ``search.py`` and ``train.py`` are thin Hydra entry points.
 """
 
-import os as _os
-
 __version__ = "0.1.0"
 
-#: OpenMP's wait policy, set before torch loads OpenMP (the entry scripts import ``nas`` first): waiting threads sleep
-#: instead of spinning, so that a run beside another busy process slows by 1.6x rather than 2.8-4.7x (issue 21,
-#: item 4; experiments/README.md, "Sharing the cores"), at 15-25% of a step when the cores are free.  An
-#: ``OMP_WAIT_POLICY`` already in the environment is kept (``OMP_WAIT_POLICY=ACTIVE`` for the spinning default).
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP's wait policy is left to OpenMP (libgomp: threads spin a while before they sleep).  Passive waiting
+# (OMP_WAIT_POLICY=PASSIVE, the default from issue 21 item 4 until 2026-12-02) cost 15-25% of the default search step
+# on an AMD EPYC and 3.5x on a Xeon VM, where waking an idle core is slow; runs beside busy processes are served by
+# running on the free cores instead (nas.engine.common.fit_threads_to_free_cores).  experiments/README.md, "Sharing
+# the cores".

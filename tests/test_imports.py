@@ -121,7 +121,7 @@ def test_a_module_dropped_into_a_registry_package_registers_itself(tmp_path, mon
         monkeypatch.delitem(sys.modules, name)
 
 
-# -- OpenMP's wait policy is set before torch loads OpenMP (issue 21, item 4) --------------------------------------
+# -- OpenMP's wait policy is OpenMP's own or the user's (issue 21, item 4: passive waiting cost 3.5x on a VM) -------
 _PROBE = r"""
 import importlib.util, json, os, sys
 
@@ -146,7 +146,7 @@ print(json.dumps({"at_torch_import": seen.get("policy", "torch not imported"),
 
 @pytest.mark.parametrize("script", ["search.py", "train.py"])
 @pytest.mark.parametrize("given", [None, "ACTIVE"])
-def test_entry_scripts_set_passive_waiting_before_torch_loads_unless_the_user_chose(script, given):
+def test_entry_scripts_leave_openmps_wait_policy_to_openmp_or_the_user(script, given):
     import json
     import subprocess
     import sys
@@ -158,5 +158,4 @@ def test_entry_scripts_set_passive_waiting_before_torch_loads_unless_the_user_ch
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    expected = given or "PASSIVE"
-    assert out == {"at_torch_import": expected, "now": expected}
+    assert out == {"at_torch_import": given, "now": given}

@@ -20,6 +20,76 @@ from nas.precision import check_matmul_dtype
 log = logging.getLogger(__name__)
 
 
+#: seconds over which :func:`busy_cores_of_others` samples /proc/stat (its resolution is 10 ms of CPU time)
+BUSY_SAMPLE_SECONDS = 0.2
+_fitted: dict = {}  # the process's one decision of fit_threads_to_free_cores: {"threads": n} once made
+
+
+def busy_cores_of_others(seconds: float = BUSY_SAMPLE_SECONDS) -> Optional[float]:
+    """How many cores other processes keep busy: the machine's busy CPU time (``/proc/stat``: all but idle and
+    iowait) over ``seconds`` of wall time, minus this process's own, in cores; None where ``/proc/stat`` is not
+    readable (not Linux).  The caller sleeps through the interval, so its own share is about 0."""
+    def sample():
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields[:8]) - idle, sum(fields[:8])  # guest time is counted in user already
+
+    import time
+
+    try:
+        busy0, total0 = sample()
+        own0 = sum(os.times()[:2])
+        time.sleep(seconds)
+        busy1, total1 = sample()
+        own1 = sum(os.times()[:2])
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    cores = (total1 - total0) / ticks / seconds  # ~ the online CPUs
+    busy = (busy1 - busy0) / ticks - (own1 - own0)
+    return max(0.0, busy / seconds) if cores > 0 else None
+
+
+def free_core_threads(default: int, cpus: int, busy_others: Optional[float]) -> int:
+    """The thread count for a run that finds ``busy_others`` cores of ``cpus`` taken by other processes: the free
+    cores (a core counts when at least 3/4 of it is idle), at least 1 and at most ``default`` (torch's own count).
+    ``busy_others`` None (unknown): ``default``."""
+    if busy_others is None:
+        return default
+    free = int(cpus - busy_others + 0.25)
+    return max(1, min(default, free))
+
+
+def fit_threads_to_free_cores() -> Optional[int]:
+    """For a run with ``num_threads: null`` and no ``OMP_NUM_THREADS`` in the environment: sample how many cores other
+    processes keep busy (:func:`busy_cores_of_others`, 0.2 s) and run on the free ones only; decided once per process.
+    Returns the thread count it set, or None where it left torch's default.
+
+    Why (issue 21, item 4; experiments/README.md, "Sharing the cores"): OpenMP threads that outnumber the free cores
+    wait on each other at every parallel region.  Beside one busy process on 2 cores, 2 spinning threads ran the default
+    search step 3.5-10x slower than alone; 1 thread ran it as fast beside the busy process as alone.  A process that
+    starts after the run is not seen: ``num_threads=`` (or ``OMP_NUM_THREADS``) decides then."""
+    if "threads" in _fitted:
+        return _fitted["threads"]
+    default = torch.get_num_threads()
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or default
+    busy = busy_cores_of_others() if default > 1 else None
+    threads = free_core_threads(default, cpus, busy)
+    _fitted["threads"] = None
+    if threads < default:
+        torch.set_num_threads(threads)
+        _fitted["threads"] = threads
+        log.info("%.1f of %d cores are busy with other processes: running on %d thread(s), not %d (num_threads= "
+                 "chooses)", busy, cpus, threads, default)
+    return _fitted["threads"]
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated, corrupt or does not fit the run."""
 
@@ -76,7 +146,8 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def configure_runtime(cfg) -> torch.device:
-    """Apply a run config's ``num_threads``, ``deterministic``, ``dtype`` and ``cpu_allocator`` settings; return its resolved
+    """Apply a run config's ``num_threads`` (null: torch's default, cut to the cores other processes leave free, see
+    :func:`fit_threads_to_free_cores`), ``deterministic``, ``dtype`` and ``cpu_allocator`` settings; return its resolved
     device (under torchrun with CUDA: this rank's GPU, ``cuda:LOCAL_RANK``).
 
     Raises:
@@ -91,6 +162,9 @@ def configure_runtime(cfg) -> torch.device:
         raise ConfigError(f"num_threads must be >= 1 (or null for torch's default), got {cfg.num_threads}")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    elif "OMP_NUM_THREADS" not in os.environ and (cfg.device == "cpu"
+                                                   or (cfg.device == "auto" and not torch.cuda.is_available())):
+        fit_threads_to_free_cores()  # num_threads: null on a CPU run: the free cores only (decided once per process)
     if cfg.get("deterministic"):
         # cuBLAS needs a fixed workspace for reproducible results; it must be set before its first use
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

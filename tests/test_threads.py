@@ -1,0 +1,84 @@
+"""A run with ``num_threads: null`` takes only the cores other processes leave free (issue 21, item 4).
+
+Expected thread counts are worked out by hand from the rule (a core is free when at least 3/4 of it is idle);
+the sampler is checked against a real busy process.
+"""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from nas.engine.common import busy_cores_of_others, free_core_threads
+
+BUSY_LOOP = "import time\nt = time.time()\nwhile time.time() - t < 30: pass\n"
+
+
+@pytest.mark.parametrize("default, cpus, busy, expected", [
+    (2, 2, 0.0, 2),     # nothing else running: torch's default
+    (2, 2, 0.2, 2),     # background noise: 1.8 free cores, both at least 3/4 idle
+    (2, 2, 1.0, 1),     # one busy process on 2 cores
+    (2, 2, 0.7, 1),     # 1.3 free: the second core is only 30% idle
+    (2, 2, 0.4, 1),     # 1.6 free: the second core is 60% idle, under 3/4
+    (2, 2, 0.24, 2),    # 1.76 free: both at least 3/4 idle
+    (2, 2, 2.0, 1),     # every core taken: still one thread
+    (2, 2, 5.0, 1),     # more busy than there are cores (steal time): one thread
+    (8, 8, 3.0, 5),
+    (4, 16, 2.0, 4),    # never above torch's default
+    (2, 2, None, 2),    # unknown (no /proc/stat): torch's default
+])
+def test_free_core_threads_counts_the_cores_other_processes_leave(default, cpus, busy, expected):
+    assert free_core_threads(default, cpus, busy) == expected
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="Linux /proc/stat")
+def test_busy_cores_of_others_sees_a_busy_process_and_not_its_own_sleep():
+    quiet = busy_cores_of_others()
+    proc = subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
+    try:
+        time.sleep(0.5)  # past its start-up
+        busy = busy_cores_of_others()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert quiet is not None and busy is not None
+    assert busy - quiet > 0.6, (quiet, busy)  # one core's worth more, measured over 0.2 s at 10 ms resolution
+    assert busy < 1.6, busy
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="Linux /proc/stat")
+def test_a_run_beside_a_busy_process_runs_on_the_free_cores_and_says_so():
+    """configure_runtime (what search.py and train.py call) in a fresh process, beside one busy loop."""
+    probe = ("import logging, sys, torch\nlogging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
+             "from omegaconf import OmegaConf\nfrom nas.engine.common import configure_runtime\n"
+             "default = torch.get_num_threads()\n"
+             "configure_runtime(OmegaConf.create({'num_threads': None, 'device': 'cpu', 'tune_cpu_allocator': False}))\n"
+             "print('THREADS', default, torch.get_num_threads())\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    busy = subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
+    try:
+        time.sleep(0.5)
+        r = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert r.returncode == 0, r.stderr
+    default, threads = map(int, r.stdout.split("THREADS")[-1].split())
+    cpus = len(os.sched_getaffinity(0))
+    if default == 1:
+        pytest.skip("torch runs on one thread here already")
+    assert threads == max(1, min(default, cpus - 1))
+    if threads < default:
+        assert "busy with other processes: running on" in r.stdout
+    # with OMP_NUM_THREADS given, the user's count stands
+    busy = subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
+    try:
+        time.sleep(0.5)
+        r = subprocess.run([sys.executable, "-c", probe], env={**env, "OMP_NUM_THREADS": str(default)},
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert r.stdout.split("THREADS")[-1].split() == [str(default), str(default)]
