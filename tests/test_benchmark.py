@@ -45,6 +45,8 @@ def test_the_busy_process_runs_during_the_case_and_is_gone_after(monkeypatch):
 
     def popen(cmd, *a, **k):
         p = real_popen(cmd, *a, **k)
+        real_wait = p.wait  # a benchmark that waits on a busy process it did not kill fails here, not hangs
+        p.wait = lambda timeout=None: real_wait(timeout=30 if timeout is None else timeout)
         started.append((cmd, p))
         return p
 
@@ -55,9 +57,14 @@ def test_the_busy_process_runs_during_the_case_and_is_gone_after(monkeypatch):
     monkeypatch.setattr(bench.subprocess, "Popen", popen)
     monkeypatch.setattr(bench.subprocess, "run", run)
     args = argparse.Namespace(device="cpu", steps=1, warmup=0, compile=False, busy_kind="loop", matmul_dtype=None)
-    assert bench._in_subprocess(["search", 64, 64, 8, False], args, busy=1) == {"seconds_per_step": 1.0}
-    assert seen["alive"] == [True] and started[0][0] == [sys.executable, "-c", bench.BUSY["loop"]]
-    assert started[0][1].poll() is not None  # killed and reaped after the case
+    try:
+        assert bench._in_subprocess(["search", 64, 64, 8, False], args, busy=1) == {"seconds_per_step": 1.0}
+        assert seen["alive"] == [True] and started[0][0] == [sys.executable, "-c", bench.BUSY["loop"]]
+        assert started[0][1].poll() is not None  # killed and reaped after the case
+    finally:
+        for _, p in started:  # never leave a busy loop behind, whatever failed
+            p.kill()
+            p.communicate()
     started.clear()
     bench._in_subprocess(["search", 64, 64, 8, False], args, busy=0)
     assert started == [] and seen["alive"] == []

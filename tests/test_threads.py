@@ -36,6 +36,8 @@ def test_free_core_threads_counts_the_cores_other_processes_leave(default, cpus,
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="Linux /proc/stat")
 def test_busy_cores_of_others_sees_a_busy_process_and_not_its_own_sleep():
     quiet = busy_cores_of_others()
+    if quiet is not None and quiet > len(os.sched_getaffinity(0)) - 1.2:
+        pytest.skip(f"other processes keep {quiet:.1f} cores busy already: no free core to see one more busy one on")
     proc = subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
     try:
         time.sleep(0.5)  # past its start-up
@@ -45,7 +47,7 @@ def test_busy_cores_of_others_sees_a_busy_process_and_not_its_own_sleep():
         proc.wait()
     assert quiet is not None and busy is not None
     assert busy - quiet > 0.6, (quiet, busy)  # one core's worth more, measured over 0.2 s at 10 ms resolution
-    assert busy < 1.6, busy
+    assert busy < quiet + 1.6, (quiet, busy)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="Linux /proc/stat")
