@@ -74,7 +74,8 @@ class LMRunConfig:
     #: cap on evaluation segments (null: the whole split, which exact perplexity needs)
     limit_eval_batches: Optional[int] = None
     log_every: int = 50
-    #: torch intra-op threads (null: torch's default)
+    #: torch intra-op threads (null: torch's default, cut to the cores other processes leave free at the start;
+    #: give a number for runs that must match bit for bit: the thread count changes the floats)
     num_threads: Optional[int] = None
     #: show a tqdm progress bar
     progress: bool = True

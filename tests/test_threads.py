@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from nas.engine.common import busy_cores_of_others, free_core_threads
+from nas.engine.common import busy_cores_of_others, device_summary, free_core_threads
 
 BUSY_LOOP = "import time\nt = time.time()\nwhile time.time() - t < 30: pass\n"
 
@@ -84,3 +84,15 @@ def test_a_run_beside_a_busy_process_runs_on_the_free_cores_and_says_so():
         busy.kill()
         busy.wait()
     assert r.stdout.split("THREADS")[-1].split() == [str(default), str(default)]
+
+
+def test_the_start_log_line_gives_a_cpu_runs_thread_count():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert device_summary(torch.device("cpu")) == "cpu (1 thread)"
+        torch.set_num_threads(2)
+        assert device_summary(torch.device("cpu")) == "cpu (2 threads)"
+    finally:
+        torch.set_num_threads(before)
+    assert device_summary(torch.device("cuda", 1)) == "cuda:1"

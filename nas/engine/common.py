@@ -90,6 +90,12 @@ def fit_threads_to_free_cores() -> Optional[int]:
     return _fitted["threads"]
 
 
+def device_summary(device: torch.device) -> str:
+    """The device as the start-of-run log line gives it: a CPU with its thread count (which the floats depend on)."""
+    n = torch.get_num_threads()
+    return f"cpu ({n} thread{'' if n == 1 else 's'})" if device.type == "cpu" else str(device)
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated, corrupt or does not fit the run."""
 
@@ -159,7 +165,8 @@ def configure_runtime(cfg) -> torch.device:
     if cfg.get("seq_len_sampler", "awd_lstm") not in SEQ_LEN_SAMPLERS:
         raise ConfigError(f"seq_len_sampler={cfg.seq_len_sampler!r}; valid: {', '.join(SEQ_LEN_SAMPLERS)}")
     if cfg.num_threads is not None and cfg.num_threads < 1:
-        raise ConfigError(f"num_threads must be >= 1 (or null for torch's default), got {cfg.num_threads}")
+        raise ConfigError(f"num_threads must be >= 1 (or null: the cores other processes leave free, up to torch's "
+                          f"default), got {cfg.num_threads}")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     elif "OMP_NUM_THREADS" not in os.environ and (cfg.device == "cpu"

@@ -20,7 +20,8 @@ from omegaconf import OmegaConf
 from nas import distributed
 from nas.atomic import atomic_write_text
 from nas.engine.asgd import SEARCH_OPTIMIZERS, make_optimizer, set_lr
-from nas.engine.common import check_data_parallel, compile_model, configure_runtime, seed_everything
+from nas.engine.common import (check_data_parallel, compile_model, configure_runtime, device_summary,
+                               seed_everything)
 from nas.engine.resume import Keeper, load_into, open_run, resume_config, start_run, stop_signals
 from nas.engine.rundir import scoped
 from nas.diagnostics import CollapseMonitor
@@ -231,8 +232,8 @@ def search(cfg, run_dir: Optional[str] = None) -> dict:
     device, metric = setup.device, task.metric
     n_params = sum(p.numel() for p in model.parameters())
     log.info("search: space=%s strategy=%s on %s%s, device %s, %d weights, alphas %s, run dir %s",
-             cfg.space.name, strategy_summary(cfg.strategy), cfg.dataset.name, task.describe(data), device, n_params,
-             alpha_shape(strategy), run_dir)
+             cfg.space.name, strategy_summary(cfg.strategy), cfg.dataset.name, task.describe(data),
+             device_summary(device), n_params, alpha_shape(strategy), run_dir)
     best_start = math.inf if task.direction == "minimize" else -math.inf
     state = {"step": 0, "tokens": 0, **{c: 0 for c in task.counters}, "best_value": best_start, "history": [],
              "epoch_start": 0.0, "epoch_tokens": 0}
