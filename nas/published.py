@@ -76,7 +76,12 @@ def resolve_arch(arch: str, base_dir: Optional[str] = None) -> Tuple[Genotype, s
                                 "itself (e.g. a search run's genotype.json or genotypes/epoch_NNN.json)")
         path = inner
     if not os.path.exists(path):
-        raise GenotypeError(_usage(f"arch={arch!r} is neither a published genotype nor an existing file ({path})"))
+        import difflib
+
+        close = difflib.get_close_matches(arch.lower(), names, n=1) if os.sep not in arch else []
+        hint = f"; did you mean arch={close[0]}?" if close else ""
+        raise GenotypeError(_usage(f"arch={arch!r} is neither a published genotype nor an existing file ({path})"
+                                   f"{hint}"))
     return Genotype.load(path), path
 
 

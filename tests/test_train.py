@@ -65,8 +65,17 @@ def test_enas_cell_structure():
 
 
 def test_resolve_arch_unknown_name_lists_valid_names(tmp_path):
-    with pytest.raises(GenotypeError, match="darts_v1, darts_v2, enas"):
+    with pytest.raises(GenotypeError, match="darts_v1, darts_v2, enas") as err:
         resolve_arch("darts_v3", base_dir=str(tmp_path))
+    assert "did you mean arch=darts_v" in str(err.value)  # v1 and v2 are as close; either is a fair guess
+    with pytest.raises(GenotypeError, match="did you mean arch=enas"):
+        resolve_arch("ENSA", base_dir=str(tmp_path))
+    with pytest.raises(GenotypeError) as err:  # a path is not guessed at, and nothing close is not either
+        resolve_arch(os.path.join("runs", "darts_v2"), base_dir=str(tmp_path))
+    assert "did you mean" not in str(err.value)
+    with pytest.raises(GenotypeError) as err:
+        resolve_arch("my_cell.json", base_dir=str(tmp_path))
+    assert "did you mean" not in str(err.value)
 
 
 def test_resolve_arch_file_relative_to_launch_dir_and_run_dir(tmp_path):
@@ -298,6 +307,9 @@ def test_cli_smoke(tmp_path, corpus_root):
     assert (run / "best.pt").is_file() and (run / "config.yaml").is_file()
     assert OmegaConf.load(run / "config.yaml").arch == "darts_v2"
     assert os.path.isfile(run / "train.log")
+    done = [line for line in proc.stderr.splitlines() if "done in" in line][-1]  # the partial test figure says so
+    assert f"over {metrics['test_tokens']:,} tokens only, not the whole split (limit_eval_batches=" in done, done
+    assert "device cpu (" in proc.stderr  # the thread count, which the floats depend on
 
 
 @pytest.mark.slow

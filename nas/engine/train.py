@@ -25,7 +25,7 @@ from nas import distributed
 from nas.atomic import atomic_write_text
 from nas.engine.asgd import OPTIMIZERS, averaged_weights, is_averaging, make_asgd, make_optimizer, nonmono_trigger, set_lr
 from nas.engine.common import (CheckpointError, absolute_path, atomic_torch_save, check_data_parallel, compile_model,
-                               configure_runtime, load_checkpoint, seed_everything)
+                               configure_runtime, device_summary, load_checkpoint, seed_everything)
 from nas.engine.resume import open_run, resume_config, retrain_keeper, start_run, stop_signals
 from nas.engine.rundir import scoped
 from nas.engine.tb import log_genotype_figure
@@ -108,7 +108,7 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True,
     compile_model(model, cfg.compile)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("train: arch %s\n  genotype %s\n  %d parameters, %s%s, device %s, run dir %s",
-             arch_desc, genotype, n_params, cfg.dataset.name, task.describe(data), device, run_dir)
+             arch_desc, genotype, n_params, cfg.dataset.name, task.describe(data), device_summary(device), run_dir)
     opt = {"optimizer": make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)}
     metric = task.metric
     state = {"step": 0, "tokens": 0, **{c: 0 for c in task.counters}, "train_seconds": 0.0, "history": [],
@@ -218,6 +218,10 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True,
     atomic_write_text(os.path.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
     tested = (f"test {metric} {task.fmt(task.value(test))} ({test_seconds:.1f} s)" if test is not None
               else "test split not scored")
+    if test is not None and metrics.get("exact_eval") is False:  # limit_eval_batches: a figure to check, not report
+        tested += (f", over {metrics['test_tokens']:,} tokens only, not the whole split (limit_eval_batches="
+                   f"{cfg.limit_eval_batches}; null scores all of it)" if metrics.get("test_tokens")
+                   else f", not over the whole split (limit_eval_batches={cfg.limit_eval_batches})")
     log.info("done in %.1f s: best valid %s %s (epoch %d), %s; %d params; %s", wall, metric, task.fmt(best[metric]),
              best["epoch"], tested, n_params, os.path.join(run_dir, "metrics.json"))
     return metrics
