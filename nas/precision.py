@@ -15,9 +15,10 @@ Why: on a CPU with AVX512-BF16 (a 2-core Zen 4 EPYC) bf16 products measured 2.1-
 paper's shapes, and a retraining step at 850 units 1.81x faster (experiments/README.md, "Matrix products in
 bfloat16").  That is the CPU's doing, not the option's: on a 2-core Xeon with AVX512-BF16 whose AMX was not
 available (2026-12-02) bf16 products ran at half the fp32 peak and the same step was slower than in fp32, so
-``experiments/benchmark.py --matmul-dtype bfloat16`` is how to tell for a machine.  On GPUs it is not measured yet.  Where the hardware lacks them torch emulates bf16 products
-about 100x slower than fp32, so runs refuse the option there (:func:`check_matmul_dtype`).  The DARTS reference
-code runs fp32 throughout, so the paper presets keep ``matmul_dtype: null``.
+``experiments/benchmark.py --matmul-dtype bfloat16`` is how to tell for a machine.  On GPUs it is not measured
+yet.  Where the hardware lacks them torch emulates bf16 products about 100x slower than fp32, so runs refuse the
+option there (:func:`check_matmul_dtype`).  The DARTS reference code runs fp32 throughout, so the paper presets
+keep ``matmul_dtype: null``.
 """
 from __future__ import annotations
 

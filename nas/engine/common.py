@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import random
 import sys
+import time
 from typing import Any, Optional
 
 import numpy as np
@@ -22,7 +24,6 @@ log = logging.getLogger(__name__)
 
 #: seconds over which :func:`busy_cores_of_others` samples /proc/stat (its resolution is 10 ms of CPU time)
 BUSY_SAMPLE_SECONDS = 0.2
-_fitted: dict = {}  # the process's one decision of fit_threads_to_free_cores: {"threads": n} once made
 
 
 def busy_cores_of_others(seconds: float = BUSY_SAMPLE_SECONDS) -> Optional[float]:
@@ -35,8 +36,6 @@ def busy_cores_of_others(seconds: float = BUSY_SAMPLE_SECONDS) -> Optional[float
         idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
         return sum(fields[:8]) - idle, sum(fields[:8])  # guest time is counted in user already
 
-    import time
-
     try:
         busy0, total0 = sample()
         own0 = sum(os.times()[:2])
@@ -45,12 +44,10 @@ def busy_cores_of_others(seconds: float = BUSY_SAMPLE_SECONDS) -> Optional[float
         own1 = sum(os.times()[:2])
     except (OSError, ValueError, IndexError):
         return None
-    if total1 <= total0:
+    if total1 <= total0:  # no tick elapsed: nothing measured
         return None
-    ticks = os.sysconf("SC_CLK_TCK")
-    cores = (total1 - total0) / ticks / seconds  # ~ the online CPUs
-    busy = (busy1 - busy0) / ticks - (own1 - own0)
-    return max(0.0, busy / seconds) if cores > 0 else None
+    busy = (busy1 - busy0) / os.sysconf("SC_CLK_TCK") - (own1 - own0)
+    return max(0.0, busy / seconds)
 
 
 def free_core_threads(default: int, cpus: int, busy_others: Optional[float]) -> int:
@@ -63,6 +60,7 @@ def free_core_threads(default: int, cpus: int, busy_others: Optional[float]) -> 
     return max(1, min(default, free))
 
 
+@functools.lru_cache(maxsize=None)  # decided once per process
 def fit_threads_to_free_cores() -> Optional[int]:
     """For a run with ``num_threads: null`` and no ``OMP_NUM_THREADS`` in the environment: sample how many cores other
     processes keep busy (:func:`busy_cores_of_others`, 0.2 s) and run on the free ones only; decided once per process.
@@ -72,8 +70,6 @@ def fit_threads_to_free_cores() -> Optional[int]:
     wait on each other at every parallel region.  Beside one busy process on 2 cores, 2 spinning threads ran the default
     search step 3.5-10x slower than alone; 1 thread ran it as fast beside the busy process as alone.  A process that
     starts after the run is not seen: ``num_threads=`` (or ``OMP_NUM_THREADS``) decides then."""
-    if "threads" in _fitted:
-        return _fitted["threads"]
     default = torch.get_num_threads()
     try:
         cpus = len(os.sched_getaffinity(0))
@@ -81,13 +77,12 @@ def fit_threads_to_free_cores() -> Optional[int]:
         cpus = os.cpu_count() or default
     busy = busy_cores_of_others() if default > 1 else None
     threads = free_core_threads(default, cpus, busy)
-    _fitted["threads"] = None
-    if threads < default:
-        torch.set_num_threads(threads)
-        _fitted["threads"] = threads
-        log.info("%.1f of %d cores are busy with other processes: running on %d thread(s), not %d (num_threads= "
-                 "chooses)", busy, cpus, threads, default)
-    return _fitted["threads"]
+    if threads == default:
+        return None
+    torch.set_num_threads(threads)
+    log.info("%.1f of %d cores are busy with other processes: running on %d thread(s), not %d (num_threads= "
+             "chooses)", busy, cpus, threads, default)
+    return threads
 
 
 def device_summary(device: torch.device) -> str:
@@ -169,9 +164,6 @@ def configure_runtime(cfg) -> torch.device:
                           f"default), got {cfg.num_threads}")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    elif "OMP_NUM_THREADS" not in os.environ and (cfg.device == "cpu"
-                                                   or (cfg.device == "auto" and not torch.cuda.is_available())):
-        fit_threads_to_free_cores()  # num_threads: null on a CPU run: the free cores only (decided once per process)
     if cfg.get("deterministic"):
         # cuBLAS needs a fixed workspace for reproducible results; it must be set before its first use
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -183,6 +175,8 @@ def configure_runtime(cfg) -> torch.device:
     distributed.init()  # under torchrun (no-op otherwise; the CLI has joined the group already)
     device = distributed.device_for(resolve_device(cfg.device))
     check_matmul_dtype(cfg.get("matmul_dtype"), device)  # before the data loads
+    if not cfg.num_threads and device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        fit_threads_to_free_cores()  # num_threads: null on a CPU run: the free cores only (a refused run never waits)
     if device.type == "cpu" and cfg.tune_cpu_allocator and tune_cpu_allocator():
         log.debug("glibc allocator tuned: large blocks stay in the heap")
     return device

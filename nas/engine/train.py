@@ -220,8 +220,7 @@ def train(cfg, run_dir: Optional[str] = None, score_test: bool = True,
               else "test split not scored")
     if test is not None and metrics.get("exact_eval") is False:  # limit_eval_batches: a figure to check, not report
         tested += (f", over {metrics['test_tokens']:,} tokens only, not the whole split (limit_eval_batches="
-                   f"{cfg.limit_eval_batches}; null scores all of it)" if metrics.get("test_tokens")
-                   else f", not over the whole split (limit_eval_batches={cfg.limit_eval_batches})")
+                   f"{cfg.limit_eval_batches}; null scores all of it)")
     log.info("done in %.1f s: best valid %s %s (epoch %d), %s; %d params; %s", wall, metric, task.fmt(best[metric]),
              best["epoch"], tested, n_params, os.path.join(run_dir, "metrics.json"))
     return metrics
