@@ -78,6 +78,60 @@ def test_a_proposal_failed_by_another_worker_while_being_made_is_replaced(tmp_pa
     strat.tell(p.handle, 1.0, 10)
 
 
+@pytest.mark.parametrize("name", ["bayesian", "random", "evolution"])
+def test_two_workers_that_both_find_the_last_place_free_train_one_trial_not_two(tmp_path, caplog, name):
+    """``stopped()`` then ``ask()`` are two calls: two workers can both find the budget's last place free (CI saw
+    7 COMPLETE trials in a study of 6).  The earlier-numbered trial keeps it; the other worker's ``ask()`` gives
+    BUDGET_FULL, its trial FAIL (``over_budget``), and its next ``stopped()`` ends once the first is told."""
+    from nas.strategies.blackbox import BUDGET_FULL
+
+    a, study = strategy_on(tmp_path, name, ["strategy.trials=2"])
+    b = STRATEGIES.get(name)(a.cfg, a.space, seed=1, run_dir=str(tmp_path / "b"))
+    first = a.ask()
+    a.tell(first.handle, 1.0, 10)
+    assert not a.stopped(1) and not b.stopped(0)  # one place left, and each of them sees it free
+    p = a.ask()
+    with caplog.at_level(logging.INFO):
+        q = b.ask()
+    assert p is not BUDGET_FULL and q is BUDGET_FULL
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [State.COMPLETE, State.RUNNING, State.FAIL]
+    assert trials[2].user_attrs == {"over_budget": True} and trials[2].params == {}
+    assert sum("beyond the budget of 2 trials" in r.getMessage() for r in caplog.records) == 1
+    a.tell(p.handle, 2.0, 10)
+    assert a.stopped(2) and b.stopped(0)
+    assert [t.state for t in study.get_trials()].count(State.COMPLETE) == 2
+
+
+def test_a_search_whose_last_place_another_worker_took_meanwhile_ends_without_training_it(tmp_path, monkeypatch):
+    """The engine side: a worker whose ``ask()`` finds the budget full (another worker asked the last trial between
+    this one's ``stopped()`` and ``ask()``) trains nothing more; it waits for that trial and ends, the study holding
+    ``trials`` COMPLETE trials."""
+    import threading
+
+    storage = f"sqlite:///{tmp_path}/study.db"
+    cfg = cfg_for(["strategy=bayesian", "strategy.trials=2", f"strategy.storage={storage}",
+                   "strategy.heartbeat_interval=1"])
+    ask, other, timers = optuna.study.Study.ask, {}, []
+
+    def ask_after_another_worker(study, *args, **kwargs):
+        if "study" not in other and len(study.get_trials(deepcopy=False)) == 1:  # this worker's 2nd proposal
+            other["study"] = optuna.load_study(study_name="nas", storage=storage)
+            theirs = ask(other["study"])  # the other worker takes the last place at this moment
+            timers.append(threading.Timer(1.0, lambda: other["study"].tell(theirs, 9.0)))
+            timers[-1].start()
+        return ask(study, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.study.Study, "ask", ask_after_another_worker)
+    evaluate, calls = toy(cfg)
+    search_black_box(cfg, str(tmp_path / "w"), evaluate=evaluate)
+    timers[0].join()
+    assert len(calls) == 1 and len(records(tmp_path / "w")) == 1
+    study = optuna.load_study(study_name="nas", storage=storage)
+    assert [t.state for t in study.trials] == [State.COMPLETE, State.COMPLETE, State.FAIL]
+    assert study.trials[2].user_attrs.get("over_budget") is True
+
+
 def test_random_search_over_workers_never_repeats_a_genotype_and_stops_when_the_space_is_used_up(tmp_path, caplog):
     """Alone, random search never draws a genotype twice and ends when the space is exhausted; three workers on
     one study do the same together: an 8-genotype space and a budget of 20 trials give 8 trainings, each

@@ -39,7 +39,7 @@ from nas.errors import NonFiniteLossError, SearchFailed
 from nas.genotype import Genotype
 from nas.spaces import build_space
 from nas.strategies import STRATEGIES
-from nas.strategies.blackbox import OBJECTIVES, check_objective, check_objectives
+from nas.strategies.blackbox import BUDGET_FULL, OBJECTIVES, check_objective, check_objectives
 from nas.tasks import make_task
 
 log = logging.getLogger(__name__)
@@ -324,6 +324,8 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
                         log.info("token budget reached (%d >= %d)", spent, cfg.strategy.budget_tokens)
                         break
                     proposal = strategy.ask()
+                    if proposal is BUDGET_FULL:  # other workers took the study's last places: stopped() waits or ends
+                        continue
                 if proposal is not None:  # the candidate records where it is searched (train.py arch= reads it)
                     proposal = proposal._replace(genotype=task.record_origin(proposal.genotype, cfg))
                 if proposal is None:

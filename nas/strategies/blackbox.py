@@ -168,6 +168,12 @@ class Proposal(NamedTuple):
     seed: Optional[int] = None
 
 
+#: what ``ask`` returns instead of a proposal when a shared study's trial budget was filled by other workers between
+#: this worker's ``stopped()`` and its ``ask()``: nothing to train; the engine asks ``stopped()`` again (which waits
+#: for the running trials, or frees the place again when one of them dies)
+BUDGET_FULL = "budget_full"
+
+
 def check_objectives(cfg) -> None:
     """ConfigError (one line) unless ``strategy.objectives`` is null or two or more distinct names of
     :data:`PARETO_FIGURES`, ``metric`` only first, without ``objective`` or a pruner (Optuna prunes single-objective
@@ -494,7 +500,8 @@ class BayesianStrategy:
         never repeats one); None once every genotype of the space is evaluated (while the last ones are still
         being trained elsewhere, this waits: their worker may die and free them).  A proposal whose trial
         another worker marks failed while this one is choosing it (this worker was paused longer than the grace
-        period) is dropped with one log line, and a new one made.
+        period) is dropped with one log line, and a new one made.  :data:`BUDGET_FULL` (no proposal) when other
+        workers filled a shared study's budget since :meth:`stopped` (:meth:`_beyond_budget`).
         """
         # the sampler's random state is a function of the seed and of how many proposals came before (an
         # interrupted one that is proposed again not counted), not of the process's history: a resumed study proposes what an uninterrupted one would
@@ -540,7 +547,8 @@ class BayesianStrategy:
 
     def _propose(self) -> Optional[Proposal]:
         """One new trial with its params; None when it was lost (failed by another worker meanwhile, or, for
-        :attr:`unique`, an earlier trial drew the same genotype at the same moment: marked FAIL, ``duplicate_of``)."""
+        :attr:`unique`, an earlier trial drew the same genotype at the same moment: marked FAIL, ``duplicate_of``);
+        :data:`BUDGET_FULL` when a shared study's budget was filled meanwhile (:meth:`_beyond_budget`)."""
         import optuna
 
         with warnings.catch_warnings():  # we record the heartbeats ourselves (see _Heartbeat)
@@ -548,6 +556,18 @@ class BayesianStrategy:
             trial = self.study.ask()
         if self.heartbeats:  # from now until tell(): other workers see this trial alive
             self.heartbeat = _Heartbeat(self.storage, trial._trial_id, self.cfg.heartbeat_interval)
+        if self.cfg.storage and self._beyond_budget(trial.number):
+            try:
+                trial.set_user_attr("over_budget", True)
+                self._stop_heartbeat()
+                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            except shared_study._finished_error():
+                pass  # failed already by another worker (this one was paused): discarded either way
+            self._stop_heartbeat()
+            log.info("trial %d of study %r is beyond the budget of %d trials (other workers took the last places "
+                     "since this one looked): marked failed, not trained", trial.number, self.cfg.study_name,
+                     self.cfg.trials)
+            return BUDGET_FULL
         try:
             # define-by-run: only the active decisions become the trial's params
             choice = sample_decisions(self.space, lambda name, choices: trial.suggest_categorical(name, list(choices)))
@@ -565,6 +585,23 @@ class BayesianStrategy:
                         "(paused longer than grace_period): proposing again", trial.number, self.cfg.study_name)
             return None
         return Proposal(self.space.from_decisions(choice), trial, self._result_of(choice, trial.number))
+
+    def _beyond_budget(self, number: int) -> bool:
+        """Whether a shared study's new trial ``number`` has no place in the budget (``cfg.trials``): the trials
+        numbered before it that are evaluated (:func:`nas.strategies.shared_study.holds`) or running (their params
+        chosen or not) fill it already.  :meth:`stopped` and :meth:`ask` are two calls, so two workers can both find
+        the last place free; the storage numbers their trials in order, so the earlier trial keeps the place and the
+        later one is found beyond it here (marked FAIL, ``over_budget``).  A running trial that fails later (its
+        worker died, a duplicate draw) frees its place for the next ``stopped()``."""
+        import optuna
+
+        State = optuna.trial.TrialState
+        earlier = [t for t in self.study.get_trials(deepcopy=False, states=(State.COMPLETE, State.PRUNED,
+                                                                            State.RUNNING, State.FAIL))
+                   if t.number < number]
+        taken = sum((t.state == State.RUNNING and not t.user_attrs.get("over_budget")) or shared_study.holds(t) == "done"
+                    for t in earlier)
+        return taken >= self.cfg.trials
 
     def _complete(self, params: dict) -> bool:
         """Whether a trial's params are a whole draw: every active decision, nothing else."""

@@ -18,7 +18,8 @@ User attributes this module reads and writes on the study's trials: ``proposed``
 cost, a pruned trial's included; summed for a study-wide ``budget_tokens``), ``pruned_at`` (the epoch a PRUNED trial
 was stopped at), ``evaluated`` (a FAIL trial whose training ran and gave no
 finite value: its genotype counts as evaluated), ``replaces`` (the number of the failed trial whose result this
-COMPLETE trial carries), ``duplicate_of`` (a FAIL trial that drew a genotype another worker drew first).
+COMPLETE trial carries), ``duplicate_of`` (a FAIL trial that drew a genotype another worker drew first), ``over_budget`` (a FAIL trial asked
+after other workers had filled the study's budget: nothing trained, see ``BayesianStrategy._beyond_budget``).
 """
 from __future__ import annotations
 
