@@ -77,6 +77,10 @@ class LMRunConfig:
     #: torch intra-op threads (null: torch's default, cut to the cores other processes leave free at the start;
     #: give a number for runs that must match bit for bit: the thread count changes the floats)
     num_threads: Optional[int] = None
+    #: with ``num_threads: null`` on a CPU: count the free cores again every this many seconds and follow them (a
+    #: neighbour that starts or ends during the run; nas.engine.common.FreeCoreWatch); 0: decided once at the start.
+    #: Compiled runs keep the start's count (a new count would compile again)
+    threads_recheck_seconds: float = 30.0
     #: show a tqdm progress bar
     progress: bool = True
     #: CPU only: keep large freed blocks in glibc's heap (mallopt) so every pass does not page-fault its
@@ -87,7 +91,7 @@ class LMRunConfig:
     #: runs reuse Inductor's on-disk cache
     compile: bool = False
     #: continue the run in this run dir from its checkpoint, with its own config.yaml (only num_threads,
-    #: progress, device, nan_policy and checkpoint_every may be set anew); see nas.engine.resume
+    #: threads_recheck_seconds, progress, device, nan_policy and checkpoint_every may be set anew); see nas.engine.resume
     resume: Optional[str] = None
     #: write the resume checkpoint every this many steps, and at each epoch end (0: epoch ends only)
     checkpoint_every: int = 200

@@ -12,6 +12,16 @@ sys.path.insert(0, os.path.dirname(__file__))
 import toy_task  # noqa: E402,F401
 
 
+@pytest.fixture(autouse=True)
+def _thread_count_fixed_within_a_test(monkeypatch):
+    """In-process runs keep the thread count they start with: tests compare the floats of runs made one after the
+    other in one process, and a count that followed the machine's load mid-run (nas.engine.common.FreeCoreWatch)
+    would make them depend on it.  tests/test_threads.py checks the watch with its own clock, and in a subprocess."""
+    import nas.engine.common
+
+    monkeypatch.setattr(nas.engine.common, "recheck_free_cores", lambda: None)
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     """A tiny synthetic corpus: 40-word vocabulary, train/valid/test.txt."""

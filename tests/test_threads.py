@@ -96,3 +96,96 @@ def test_the_start_log_line_gives_a_cpu_runs_thread_count():
     finally:
         torch.set_num_threads(before)
     assert device_summary(torch.device("cuda", 1)) == "cuda:1"
+
+
+class _Machine:
+    """A fake /proc/stat and process clock: ``advance(wall, machine_busy, own)`` in seconds (busy: every process's
+    CPU seconds over the interval, own: this process's)."""
+
+    def __init__(self):
+        self.t, self.busy, self.own = 0.0, 0.0, 0.0
+
+    def advance(self, wall, machine_busy, own):
+        self.t += wall
+        self.busy += machine_busy
+        self.own += own
+
+    def ticks(self):
+        clk = os.sysconf("SC_CLK_TCK")
+        return round(self.busy * clk), round((self.t * 2) * clk)  # (busy, total) of a 2-core machine
+
+
+@pytest.fixture
+def threads_restored():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_runs_thread_count_follows_a_neighbour_that_comes_and_goes(threads_restored, caplog):
+    """2 cores, torch's default 2 threads, a check due every 30 s.  Figures worked out by hand: a busy neighbour
+    beside 2 spinning threads gets 2/3 of a core (3 runnable threads on 2 cores), the run 4/3 of each second."""
+    import logging
+
+    from nas.engine.common import FreeCoreWatch
+
+    torch.set_num_threads(2)
+    m = _Machine()
+    watch = FreeCoreWatch(2, 2, every=30.0, clock=lambda: m.t, ticks=m.ticks, own=lambda: m.own)
+    m.advance(20, 40, 40)  # alone, 2 threads busy
+    assert watch.check() is None and torch.get_num_threads() == 2  # not due yet
+    m.advance(10, 20, 20)
+    assert watch.check() is None and torch.get_num_threads() == 2  # due; nobody else: 0 busy
+    m.advance(30, 60, 40)  # the neighbour came: machine 2 cores busy, the run 4/3 -> others 2/3 of a core
+    with caplog.at_level(logging.INFO):
+        assert watch.check() == 1 and torch.get_num_threads() == 1
+    assert "0.7 of 2 cores were busy with other processes over the last 30 s: running on 1 thread(s) now, not 2" \
+        in caplog.text
+    m.advance(30, 60, 30)  # 1 thread beside it: others 1 core -> 1 free, no change
+    assert watch.check() is None and torch.get_num_threads() == 1
+    m.advance(30, 30, 30)  # the neighbour left: only the run's own core busy
+    assert watch.check() == 2 and torch.get_num_threads() == 2
+    # a compiled run keeps its count (a new one would compile again); interval 0: never re-checked
+    m.advance(30, 60, 40)
+    watch.compiled = True
+    assert watch.check() is None and torch.get_num_threads() == 2
+    watch.restart(0.0)
+    m.advance(300, 600, 400)
+    assert watch.check() is None and torch.get_num_threads() == 2
+    watch.restart(30.0)  # a new run, re-checked again (compiled reset): the whole 330 s since the last check
+    assert watch.check() == 1
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="Linux /proc/stat")
+def test_a_run_goes_down_to_the_free_cores_when_a_neighbour_starts_after_it(tmp_path, corpus):
+    """search.py (eager, smoke preset, more epochs) started alone; a busy loop per core but one starts after its
+    first log line; with a re-check every second the run drops to the free cores and logs it."""
+    cpus = len(os.sched_getaffinity(0))
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    run = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.dirname(__file__)), "search.py"),
+                            "experiment=smoke", f"dataset.root={corpus}", "epochs=200", "progress=false",
+                            "threads_recheck_seconds=1", f"hydra.run.dir={tmp_path}/run"],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    busy, lines = [], []
+    try:
+        for line in run.stdout:
+            lines.append(line)
+            if "device cpu (" in line:
+                break
+        started = int(lines[-1].split("device cpu (")[1].split()[0])
+        if started < 2:
+            pytest.skip(f"the run started on {started} thread(s): the machine had no second free core")
+        busy = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(cpus - 1)]
+        deadline = time.time() + 25
+        for line in run.stdout:
+            lines.append(line)
+            if "running on 1 thread(s) now" in line or time.time() > deadline:
+                break
+    finally:
+        run.kill()
+        run.wait()
+        for p in busy:
+            p.kill()
+            p.wait()
+    assert any("busy with other processes over the last" in line and "running on 1 thread(s) now, not" in line
+               for line in lines), "".join(lines[-20:])

@@ -26,28 +26,43 @@ log = logging.getLogger(__name__)
 BUSY_SAMPLE_SECONDS = 0.2
 
 
-def busy_cores_of_others(seconds: float = BUSY_SAMPLE_SECONDS) -> Optional[float]:
-    """How many cores other processes keep busy: the machine's busy CPU time (``/proc/stat``: all but idle and
-    iowait) over ``seconds`` of wall time, minus this process's own, in cores; None where ``/proc/stat`` is not
-    readable (not Linux).  The caller sleeps through the interval, so its own share is about 0."""
-    def sample():
+def machine_cpu_ticks() -> Optional[tuple]:
+    """``(busy, total)``: the whole machine's CPU time since boot in clock ticks (``/proc/stat``'s first line; busy
+    is all but idle and iowait, steal included); None where ``/proc/stat`` is not readable (not Linux)."""
+    try:
         with open("/proc/stat", encoding="ascii") as f:
             fields = [int(v) for v in f.readline().split()[1:]]
         idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
         return sum(fields[:8]) - idle, sum(fields[:8])  # guest time is counted in user already
-
-    try:
-        busy0, total0 = sample()
-        own0 = sum(os.times()[:2])
-        time.sleep(seconds)
-        busy1, total1 = sample()
-        own1 = sum(os.times()[:2])
     except (OSError, ValueError, IndexError):
         return None
-    if total1 <= total0:  # no tick elapsed: nothing measured
+
+
+def own_cpu_seconds() -> float:
+    """This process's CPU time (user + system, every thread), in seconds."""
+    return sum(os.times()[:2])
+
+
+def others_busy_cores(before: tuple, after: tuple, own_seconds: float, wall_seconds: float) -> Optional[float]:
+    """Cores other processes kept busy between two :func:`machine_cpu_ticks` samples ``wall_seconds`` apart, during
+    which this process used ``own_seconds`` of CPU: (machine busy - own) / wall, at least 0; None when no tick
+    elapsed (nothing measured)."""
+    if after[1] <= before[1] or wall_seconds <= 0:
         return None
-    busy = (busy1 - busy0) / os.sysconf("SC_CLK_TCK") - (own1 - own0)
-    return max(0.0, busy / seconds)
+    busy = (after[0] - before[0]) / os.sysconf("SC_CLK_TCK") - own_seconds
+    return max(0.0, busy / wall_seconds)
+
+
+def busy_cores_of_others(seconds: float = BUSY_SAMPLE_SECONDS) -> Optional[float]:
+    """How many cores other processes keep busy: the machine's busy CPU time (``/proc/stat``: all but idle and
+    iowait) over ``seconds`` of wall time, minus this process's own, in cores; None where ``/proc/stat`` is not
+    readable (not Linux).  The caller sleeps through the interval, so its own share is about 0."""
+    before, own0 = machine_cpu_ticks(), own_cpu_seconds()
+    if before is None:
+        return None
+    time.sleep(seconds)
+    after, own1 = machine_cpu_ticks(), own_cpu_seconds()
+    return None if after is None else others_busy_cores(before, after, own1 - own0, seconds)
 
 
 def free_core_threads(default: int, cpus: int, busy_others: Optional[float]) -> int:
@@ -60,6 +75,65 @@ def free_core_threads(default: int, cpus: int, busy_others: Optional[float]) -> 
     return max(1, min(default, free))
 
 
+class FreeCoreWatch:
+    """Follows the free cores during a run whose thread count :func:`fit_threads_to_free_cores` chose: every
+    ``every`` seconds of wall time (config ``threads_recheck_seconds``), :meth:`check` counts the cores other
+    processes kept busy since the last check (:func:`others_busy_cores`: the machine's busy time minus this
+    process's own, so its own spinning threads never count) and sets torch's thread count to the free cores
+    (:func:`free_core_threads`), down when a neighbour started after the run, back up to ``default`` when it left.
+
+    A compiled run (``compile=true``, :func:`compile_model`) keeps its count: Dynamo guards compiled code on the
+    thread count ("GLOBAL_STATE changed: num_threads"), so each new count would compile the cell's step again
+    (minutes on 2 cores).  Runs that must match bit for bit give ``num_threads=``: the count changes the floats.
+
+    Args: ``default``: torch's own count (the most this sets); ``cpus``: the cores this process may use;
+        ``clock``, ``ticks``, ``own``: time sources (tests pass their own).
+    """
+
+    def __init__(self, default: int, cpus: int, every: float = 30.0, clock=time.monotonic,
+                 ticks=machine_cpu_ticks, own=own_cpu_seconds):
+        self.default, self.cpus, self.every = default, cpus, every
+        self.clock, self.ticks, self.own = clock, ticks, own
+        self.compiled = False
+        self._last = (self.clock(), self.ticks(), self.own())
+
+    def restart(self, every: float) -> None:
+        """A new run in this process (``configure_runtime``; a black-box search's trials): its own interval (0:
+        never re-checked) and compile setting.  The measuring goes on across runs (this process's own CPU time is
+        subtracted whatever it ran), so trials shorter than ``every`` are followed too."""
+        self.every, self.compiled = every, False
+
+    def check(self) -> Optional[int]:
+        """Called at each step (cheap until ``every`` seconds passed): the new thread count when it changed it,
+        else None."""
+        if not self.every or self.compiled:
+            return None
+        now = self.clock()
+        if now - self._last[0] < self.every:
+            return None
+        (t0, ticks0, own0), self._last = self._last, (now, self.ticks(), self.own())
+        if ticks0 is None or self._last[1] is None:
+            return None
+        busy = others_busy_cores(ticks0, self._last[1], self._last[2] - own0, now - t0)
+        threads, current = free_core_threads(self.default, self.cpus, busy), torch.get_num_threads()
+        if busy is None or threads == current:
+            return None
+        torch.set_num_threads(threads)
+        log.info("%.1f of %d cores were busy with other processes over the last %.0f s: running on %d thread(s) "
+                 "now, not %d (num_threads= fixes the count)", busy, self.cpus, now - t0, threads, current)
+        return threads
+
+
+#: the watch of this process's ``num_threads: null`` CPU run (:func:`fit_threads_to_free_cores` starts it)
+_WATCH: Optional[FreeCoreWatch] = None
+
+
+def recheck_free_cores() -> Optional[int]:
+    """Called by the training loops at each step (:func:`nas.engine.progress.run_progress`'s bar): the run's
+    :class:`FreeCoreWatch` check, when there is one; the new thread count when it changed it."""
+    return _WATCH.check() if _WATCH is not None else None
+
+
 @functools.lru_cache(maxsize=None)  # decided once per process
 def fit_threads_to_free_cores() -> Optional[int]:
     """For a run with ``num_threads: null`` and no ``OMP_NUM_THREADS`` in the environment: sample how many cores other
@@ -69,7 +143,9 @@ def fit_threads_to_free_cores() -> Optional[int]:
     Why (issue 21, item 4; experiments/README.md, "Sharing the cores"): OpenMP threads that outnumber the free cores
     wait on each other at every parallel region.  Beside one busy process on 2 cores, 2 spinning threads ran the default
     search step 3.5-10x slower than alone; 1 thread ran it as fast beside the busy process as alone.  A process that
-    starts after the run is not seen: ``num_threads=`` (or ``OMP_NUM_THREADS``) decides then."""
+    starts after the run is seen by the run's :class:`FreeCoreWatch` (started here for a single-process run on more
+    than one thread), within ``threads_recheck_seconds``."""
+    global _WATCH
     default = torch.get_num_threads()
     try:
         cpus = len(os.sched_getaffinity(0))
@@ -77,6 +153,8 @@ def fit_threads_to_free_cores() -> Optional[int]:
         cpus = os.cpu_count() or default
     busy = busy_cores_of_others() if default > 1 else None
     threads = free_core_threads(default, cpus, busy)
+    if busy is not None and distributed.size() == 1:
+        _WATCH = FreeCoreWatch(default, cpus)
     if threads == default:
         return None
     torch.set_num_threads(threads)
@@ -177,6 +255,8 @@ def configure_runtime(cfg) -> torch.device:
     check_matmul_dtype(cfg.get("matmul_dtype"), device)  # before the data loads
     if not cfg.num_threads and device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         fit_threads_to_free_cores()  # num_threads: null on a CPU run: the free cores only (a refused run never waits)
+        if _WATCH is not None:  # and followed during the run
+            _WATCH.restart(float(cfg.get("threads_recheck_seconds", 30.0) or 0.0))
     if device.type == "cpu" and cfg.tune_cpu_allocator and tune_cpu_allocator():
         log.debug("glibc allocator tuned: large blocks stay in the heap")
     return device
@@ -209,6 +289,8 @@ def compile_model(model: torch.nn.Module, enabled: bool) -> None:
     cell = getattr(model, "cell", None)
     if not hasattr(cell, "compile_step"):
         raise ConfigError(f"compile=true, but {type(cell).__name__} has no compilable time step; set compile=false")
+    if _WATCH is not None:  # a new thread count would compile the step again (FreeCoreWatch)
+        _WATCH.compiled = True
     cell.compile_step()
 
 

@@ -24,6 +24,7 @@ from typing import Callable, Optional
 from tqdm import tqdm
 
 from nas import distributed
+from nas.engine import common
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +124,28 @@ def silenced():
         _SILENCED.on = before
 
 
+class _FollowingFreeCores:
+    """A progress bar whose ``update`` (once per training step) also lets the run's thread count follow the free
+    cores (:func:`nas.engine.common.recheck_free_cores`); everything else is the bar's."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def update(self, n: int = 1):
+        self.bar.update(n)
+        common.recheck_free_cores()
+
+    def __getattr__(self, name):
+        return getattr(self.bar, name)
+
+
 def run_progress(cfg, total: int, desc: str, unit: str, initial: int = 0, **tqdm_kwargs):
     """The run's progress: a tqdm bar with ``cfg.progress``, else :class:`LogProgress` (on the writing rank only;
     other torchrun ranks get a disabled bar; within :func:`silenced`, nothing).  ``total``: units of the whole run;
-    ``initial``: those already done."""
+    ``initial``: those already done.  Each ``update`` also re-checks the free cores of a ``num_threads: null`` run
+    (:class:`nas.engine.common.FreeCoreWatch`)."""
     if cfg.progress or not distributed.is_writer() or getattr(_SILENCED, "on", False):
-        return tqdm(total=total, initial=initial, desc=desc, unit=unit,
-                    disable=not cfg.progress or not distributed.is_writer(), dynamic_ncols=True, **tqdm_kwargs)
-    return LogProgress(total, desc, unit, initial=initial)
+        return _FollowingFreeCores(tqdm(total=total, initial=initial, desc=desc, unit=unit,
+                                        disable=not cfg.progress or not distributed.is_writer(), dynamic_ncols=True,
+                                        **tqdm_kwargs))
+    return _FollowingFreeCores(LogProgress(total, desc, unit, initial=initial))

@@ -46,7 +46,7 @@ NAN_POLICIES = ("stop", "rollback", "reload_best")
 MAX_ROLLBACKS = 8
 #: settings ``resume=`` accepts anew (they change neither what is computed on CPU nor the results' meaning;
 #: ``nan_policy=rollback`` lets a run stopped by a NaN go on at a lower learning rate)
-RUNTIME_KEYS = ("num_threads", "progress", "device", "nan_policy", "checkpoint_every")
+RUNTIME_KEYS = ("num_threads", "threads_recheck_seconds", "progress", "device", "nan_policy", "checkpoint_every")
 _CHECKPOINT_VERSION = 1
 
 
