@@ -91,7 +91,8 @@ class LMRunConfig:
     #: runs reuse Inductor's on-disk cache
     compile: bool = False
     #: continue the run in this run dir from its checkpoint, with its own config.yaml (only num_threads,
-    #: threads_recheck_seconds, progress, device, nan_policy and checkpoint_every may be set anew); see nas.engine.resume
+    #: threads_recheck_seconds, progress, device, nan_policy and checkpoint_every may be set anew); see
+    #: nas.engine.resume
     resume: Optional[str] = None
     #: write the resume checkpoint every this many steps, and at each epoch end (0: epoch ends only)
     checkpoint_every: int = 200

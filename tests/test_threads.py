@@ -189,3 +189,28 @@ def test_a_run_goes_down_to_the_free_cores_when_a_neighbour_starts_after_it(tmp_
             p.wait()
     assert any("busy with other processes over the last" in line and "running on 1 thread(s) now, not" in line
                for line in lines), "".join(lines[-20:])
+
+
+def test_a_run_with_a_thread_count_of_its_own_is_not_followed_and_a_negative_interval_is_refused(monkeypatch):
+    """In one process (a black-box search's trials, a notebook): a later run that gives num_threads= keeps it; the
+    watch started by an earlier num_threads: null run is paused for it and resumed by the next null run."""
+    from omegaconf import OmegaConf
+
+    import nas.engine.common as common
+    from nas.errors import ConfigError
+
+    watch = common.FreeCoreWatch(2, 2, every=30.0, clock=lambda: 0.0, ticks=lambda: (0, 0), own=lambda: 0.0)
+    monkeypatch.setattr(common, "_WATCH", watch)
+    monkeypatch.setattr(common, "fit_threads_to_free_cores", lambda: None)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    base = {"device": "cpu", "tune_cpu_allocator": False}
+    try:
+        common.configure_runtime(OmegaConf.create({**base, "num_threads": 1, "threads_recheck_seconds": 30}))
+        assert watch.every == 0.0 and watch.check() is None
+        common.configure_runtime(OmegaConf.create({**base, "num_threads": None, "threads_recheck_seconds": 7}))
+        assert watch.every == 7.0
+        with pytest.raises(ConfigError, match="threads_recheck_seconds must be >= 0"):
+            common.configure_runtime(OmegaConf.create({**base, "num_threads": None, "threads_recheck_seconds": -1}))
+    finally:
+        torch.set_num_threads(before)

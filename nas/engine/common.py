@@ -230,8 +230,9 @@ def configure_runtime(cfg) -> torch.device:
     device (under torchrun with CUDA: this rank's GPU, ``cuda:LOCAL_RANK``).
 
     Raises:
-        ConfigError: for ``num_threads`` < 1, an unknown ``dtype`` or ``seq_len_sampler``, an unusable ``device`` (see
-            :func:`resolve_device`), or a ``matmul_dtype`` unknown or without hardware products on the device.
+        ConfigError: for ``num_threads`` < 1, ``threads_recheck_seconds`` < 0, an unknown ``dtype`` or
+            ``seq_len_sampler``, an unusable ``device`` (see :func:`resolve_device`), or a ``matmul_dtype`` unknown or
+            without hardware products on the device.
     """
     from nas.data import SEQ_LEN_SAMPLERS
 
@@ -240,6 +241,10 @@ def configure_runtime(cfg) -> torch.device:
     if cfg.num_threads is not None and cfg.num_threads < 1:
         raise ConfigError(f"num_threads must be >= 1 (or null: the cores other processes leave free, up to torch's "
                           f"default), got {cfg.num_threads}")
+    recheck = float(cfg.get("threads_recheck_seconds", 30.0) or 0.0)
+    if recheck < 0:
+        raise ConfigError(f"threads_recheck_seconds must be >= 0 (0: the thread count is decided once, at the start), "
+                          f"got {recheck:g}")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     if cfg.get("deterministic"):
@@ -253,10 +258,11 @@ def configure_runtime(cfg) -> torch.device:
     distributed.init()  # under torchrun (no-op otherwise; the CLI has joined the group already)
     device = distributed.device_for(resolve_device(cfg.device))
     check_matmul_dtype(cfg.get("matmul_dtype"), device)  # before the data loads
-    if not cfg.num_threads and device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+    auto = not cfg.num_threads and device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ
+    if auto:
         fit_threads_to_free_cores()  # num_threads: null on a CPU run: the free cores only (a refused run never waits)
-        if _WATCH is not None:  # and followed during the run
-            _WATCH.restart(float(cfg.get("threads_recheck_seconds", 30.0) or 0.0))
+    if _WATCH is not None:  # followed during the run; a run of this process with a count of its own: left alone
+        _WATCH.restart(recheck if auto else 0.0)
     if device.type == "cpu" and cfg.tune_cpu_allocator and tune_cpu_allocator():
         log.debug("glibc allocator tuned: large blocks stay in the heap")
     return device

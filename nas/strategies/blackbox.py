@@ -599,8 +599,8 @@ class BayesianStrategy:
         earlier = [t for t in self.study.get_trials(deepcopy=False, states=(State.COMPLETE, State.PRUNED,
                                                                             State.RUNNING, State.FAIL))
                    if t.number < number]
-        taken = sum((t.state == State.RUNNING and not t.user_attrs.get("over_budget")) or shared_study.holds(t) == "done"
-                    for t in earlier)
+        taken = sum((t.state == State.RUNNING and not t.user_attrs.get("over_budget"))
+                    or shared_study.holds(t) == "done" for t in earlier)
         return taken >= self.cfg.trials
 
     def _complete(self, params: dict) -> bool:
