@@ -86,5 +86,5 @@ def resolve_arch(arch: str, base_dir: Optional[str] = None) -> Tuple[Genotype, s
 
 
 def _usage(problem: str) -> str:
-    return (f"{problem}. Use arch=<name> with a published genotype ({', '.join(published_names())}) or "
+    return (f"{problem}{'' if problem.endswith('?') else '.'} Use arch=<name> with a published genotype ({', '.join(published_names())}) or "
             "arch=<path/to/genotype.json> written by search.py")

@@ -240,6 +240,15 @@ def test_a_refused_run_leaves_nothing_behind(tmp_path, script, args, error, run_
 # --- messages (u01.3-5) --------------------------------------------------------------------------------------
 
 
+def test_a_misspelt_published_arch_is_named_as_typed_with_the_close_name(tmp_path):
+    """train.py arch=darts_v3: the launch-relative path resolution must not turn the bare name into a path that
+    hides the suggestion (a fresh user's trial saw "arch='/cwd/darts_v3' is neither ..." and no hint)."""
+    r = cli("train.py", ["experiment=smoke", "arch=darts_v3"], tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "arch='darts_v3' is neither a published genotype nor an existing file" in r.stderr
+    assert "did you mean arch=darts_v2? Use arch=<name>" in r.stderr
+
+
 def refusal(script, args, tmp_path, monkeypatch, capsys):
     """The one line ``_prepare_argv`` prints for a refused command line (in this process: nothing is run)."""
     monkeypatch.chdir(tmp_path)

@@ -105,6 +105,8 @@ def resolve_paths(cfg, base: Optional[str] = None) -> dict:
             new = resolve_storage(value, base)
         else:
             new = _file(value.strip() if key == "arch" else value, base)
+            if key == "arch" and os.sep not in value.strip() and not os.path.exists(new):
+                continue  # a bare name that is no file either (arch=darts_v3): kept as typed, for its "did you mean"
         OmegaConf.update(cfg, key, new, merge=False)
         changed[key] = (value, new)
     return changed
