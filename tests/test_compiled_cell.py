@@ -96,6 +96,8 @@ def test_each_new_case_of_the_compiled_step_is_announced_once_with_its_time(capl
         f"batch {B}, training, with gradients", f"batch {B}, evaluation, no gradients",
         f"batch {B + 1}, training, no gradients"]
     assert [m.split(" case ")[1].split()[0] for m in starts + ends] == ["1", "2", "3", "1", "2", "3"]
+    # only a case with gradients has a backward still to compile
+    assert ["its backward compiles" in m for m in ends] == [True, False, False]
     cell = DartsCell(E, H, DARTS_RNN_OPS, 4, None)  # eager (compile=false): nothing announced
     caplog.clear()
     with caplog.at_level("INFO", logger="nas.spaces.darts_rnn"):

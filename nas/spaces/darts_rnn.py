@@ -156,8 +156,8 @@ class DartsCell(nn.Module):
             outputs.append(h)
         if started is not None:
             log.info("torch.compile: compiled case %d of the cell's time step and ran its first forward pass in "
-                     "%.1f s (its backward compiles at the first backward pass)", len(self._compile_cases),
-                     time.perf_counter() - started)
+                     "%.1f s%s", len(self._compile_cases), time.perf_counter() - started,
+                     " (its backward compiles at the first backward pass)" if torch.is_grad_enabled() else "")
         return torch.stack(outputs), h
 
     def _announce_compile(self, batch: int, h_mask, wh, node_weights) -> Optional[float]:
