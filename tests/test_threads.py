@@ -145,14 +145,19 @@ def test_a_runs_thread_count_follows_a_neighbour_that_comes_and_goes(threads_res
     assert watch.check() is None and torch.get_num_threads() == 1
     m.advance(30, 30, 30)  # the neighbour left: only the run's own core busy
     assert watch.check() == 2 and torch.get_num_threads() == 2
-    # a compiled run keeps its count (a new one would compile again); interval 0: never re-checked
-    m.advance(30, 60, 40)
+    # a compiled run keeps its count (a new one would compile again), and says so once; interval 0: never re-checked
     watch.compiled = True
-    assert watch.check() is None and torch.get_num_threads() == 2
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        for _ in range(2):
+            m.advance(30, 60, 40)
+            assert watch.check() is None and torch.get_num_threads() == 2
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "this compiled run keeps its 2 thread(s)" in caplog.text and "Give num_threads=1" in caplog.text
     watch.restart(0.0)
     m.advance(300, 600, 400)
     assert watch.check() is None and torch.get_num_threads() == 2
-    watch.restart(30.0)  # a new run, re-checked again (compiled reset): the whole 330 s since the last check
+    watch.restart(30.0)  # a new run, re-checked again (compiled reset): the whole 300 s since the last check
     assert watch.check() == 1
 
 

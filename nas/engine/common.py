@@ -82,9 +82,9 @@ class FreeCoreWatch:
     process's own, so its own spinning threads never count) and sets torch's thread count to the free cores
     (:func:`free_core_threads`), down when a neighbour started after the run, back up to ``default`` when it left.
 
-    A compiled run (``compile=true``, :func:`compile_model`) keeps its count: Dynamo guards compiled code on the
-    thread count ("GLOBAL_STATE changed: num_threads"), so each new count would compile the cell's step again
-    (minutes on 2 cores).  Runs that must match bit for bit give ``num_threads=``: the count changes the floats.
+    A compiled run (``compile=true``, :func:`compile_model`) keeps its count, with one warning per run when the free
+    cores differ from it: Dynamo guards compiled code on the thread count ("GLOBAL_STATE changed: num_threads"), so
+    each new count would compile the cell's step again (minutes on 2 cores).  Runs that must match bit for bit give ``num_threads=``: the count changes the floats.
 
     Args: ``default``: torch's own count (the most this sets); ``cpus``: the cores this process may use;
         ``clock``, ``ticks``, ``own``: time sources (tests pass their own).
@@ -94,19 +94,19 @@ class FreeCoreWatch:
                  ticks=machine_cpu_ticks, own=own_cpu_seconds):
         self.default, self.cpus, self.every = default, cpus, every
         self.clock, self.ticks, self.own = clock, ticks, own
-        self.compiled = False
+        self.compiled, self._told = False, False
         self._last = (self.clock(), self.ticks(), self.own())
 
     def restart(self, every: float) -> None:
         """A new run in this process (``configure_runtime``; a black-box search's trials): its own interval (0:
         never re-checked) and compile setting.  The measuring goes on across runs (this process's own CPU time is
         subtracted whatever it ran), so trials shorter than ``every`` are followed too."""
-        self.every, self.compiled = every, False
+        self.every, self.compiled, self._told = every, False, False
 
     def check(self) -> Optional[int]:
         """Called at each step (cheap until ``every`` seconds passed): the new thread count when it changed it,
         else None."""
-        if not self.every or self.compiled:
+        if not self.every:
             return None
         now = self.clock()
         if now - self._last[0] < self.every:
@@ -117,6 +117,14 @@ class FreeCoreWatch:
         busy = others_busy_cores(ticks0, self._last[1], self._last[2] - own0, now - t0)
         threads, current = free_core_threads(self.default, self.cpus, busy), torch.get_num_threads()
         if busy is None or threads == current:
+            return None
+        if self.compiled:  # kept, but said (once per run): the run may be several times slower from here
+            if not self._told:
+                self._told = True
+                log.warning("%.1f of %d cores were busy with other processes over the last %.0f s, but this compiled "
+                            "run keeps its %d thread(s): a new count would compile the cell's step again. Give "
+                            "num_threads=%d (at a resume too) to run on the free cores", busy, self.cpus, now - t0,
+                            current, threads)
             return None
         torch.set_num_threads(threads)
         log.info("%.1f of %d cores were busy with other processes over the last %.0f s: running on %d thread(s) "
