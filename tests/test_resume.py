@@ -600,6 +600,23 @@ def test_sigkill_at_random_moments_then_resume_ends_like_an_uninterrupted_run(tm
     assert trial_records(cut) == trial_records(whole)
 
 
+def test_a_resume_on_another_thread_count_than_the_checkpoints_says_it_will_not_match(interrupted_run, caplog):
+    """The floats depend on the thread count (num_threads: null takes the cores free at each start): a resume that
+    runs on another count than the checkpoint was written on says so (a fresh user's resume went from 2 threads to
+    1 without a word)."""
+    import logging
+
+    assert torch.load(interrupted_run / CHECKPOINT, weights_only=False)["threads"] == 1  # SEARCH: num_threads=1
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level(logging.WARNING):
+            search(compose_cfg("search", [f"resume={interrupted_run}", "progress=false", "num_threads=2"]))
+        assert "written by a process on 1 CPU thread(s) and this one runs on 2" in caplog.text
+        assert "resume with num_threads=1 to match" in caplog.text
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_resuming_another_scripts_run_names_the_script(interrupted_run):
     with pytest.raises(ConfigError, match=r"is a run of search.py: resume it with `python search.py resume="):
         resume("train", str(interrupted_run), train)

@@ -387,7 +387,7 @@ class Keeper:
         payload = self.snapshot()  # under torchrun a collective (the global batch's hidden states)
         if distributed.is_writer():  # the ranks hold the same state: rank 0 writes it
             payload.update({"kind": self.kind, "config": OmegaConf.to_container(self.cfg, resolve=True),
-                            "state": self.state, "rng": rng_state()})
+                            "state": self.state, "rng": rng_state(), "threads": torch.get_num_threads()})
             save_resume_checkpoint(self.run_dir, payload)
         self.last_saved_step = self.state["step"]
         if self.writer is not None:  # the events up to this checkpoint, never further (nas.engine.tb.CommittedWriter)
@@ -417,6 +417,11 @@ class Keeper:
         self._restore(ckpt)
         log.info("resumed %s at step %d from %s", self.run_dir, self.state["step"],
                  os.path.join(self.run_dir, CHECKPOINT))
+        saved, now = ckpt.get("threads"), torch.get_num_threads()
+        if saved is not None and saved != now and (self.device is None or torch.device(self.device).type == "cpu"):
+            log.warning("the checkpoint was written by a process on %d CPU thread(s) and this one runs on %d: the "
+                        "floats, and so the figures, will not match an uninterrupted run bit for bit (resume with "
+                        "num_threads=%d to match)", saved, now, saved)
         return ckpt
 
     def _restore(self, ckpt: dict) -> None:
