@@ -441,3 +441,9 @@ def test_ctrl_c_while_the_strategy_proposes_stops_before_training_and_resumes_ex
     keep = ("trial", "genotype", "value", "best_value")
     assert [{k: r[k] for k in keep} for r in records(tmp_path / "cut")] == \
         [{k: r[k] for k in keep} for r in records(tmp_path / "whole")]
+
+
+def test_a_trials_log_line_rounds_its_figure_to_six_significant_digits():
+    from nas.engine.blackbox import _figure
+
+    assert [_figure(v) for v in (4723.2807236491235, 0.8345123, 12, None)] == ["4723.28", "0.834512", "12", "None"]

@@ -132,6 +132,36 @@ def test_a_search_whose_last_place_another_worker_took_meanwhile_ends_without_tr
     assert study.trials[2].user_attrs.get("over_budget") is True
 
 
+def test_a_worker_that_joins_a_study_whose_budget_is_used_up_says_so(tmp_path, caplog):
+    """A second worker started after the first one met the study's budget trains nothing and says why (a fresh
+    user saw only "done in 0.3 s: 0 trials"); each trial's line names its study trial, its figure rounded."""
+    cfg = cfg_for(["strategy=bayesian", "strategy.trials=2", f"strategy.storage=sqlite:///{tmp_path}/study.db"])
+    with caplog.at_level(logging.INFO):
+        search_black_box(cfg, str(tmp_path / "a"), evaluate=toy(cfg)[0])
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("trial ")]
+    assert [line.split(":")[0] for line in lines] == ["trial 1 (study trial 0)", "trial 2 (study trial 1)"]
+    assert "filled already" not in caplog.text
+    caplog.clear()
+    evaluate, calls = toy(cfg)
+    with caplog.at_level(logging.INFO):
+        search_black_box(cfg, str(tmp_path / "b"), evaluate=evaluate)
+    assert not calls
+    assert "study 'nas' had its budget of 2 trials filled already (other workers' trials): this worker trained " \
+           "nothing" in caplog.text
+
+
+def test_a_worker_whose_sampler_differs_from_the_studys_first_one_is_warned(tmp_path, caplog):
+    strat, _ = strategy_on(tmp_path, "bayesian")
+    assert strat.study.user_attrs["sampler"] == strat.sampler_name == "tpe"
+    with caplog.at_level(logging.WARNING):
+        strategy_on(tmp_path, "bayesian")
+        assert not caplog.records
+        strategy_on(tmp_path, "random")
+    assert [r.getMessage() for r in caplog.records] == [
+        "study 'nas' was started by a worker proposing with tpe; this one proposes with random, so the study mixes "
+        "both samplers' proposals (intended? else give this worker the other's strategy)"]
+
+
 def test_random_search_over_workers_never_repeats_a_genotype_and_stops_when_the_space_is_used_up(tmp_path, caplog):
     """Alone, random search never draws a genotype twice and ends when the space is exhausted; three workers on
     one study do the same together: an 8-genotype space and a budget of 20 trials give 8 trainings, each

@@ -255,6 +255,11 @@ def write_pareto(run_dir: str, records: list, front: list, objectives: list, dir
 
 
 @scoped  # the run dir this call takes is given back when it returns
+def _figure(value) -> str:
+    """A trial's metric for the log: 6 significant digits (``4723.28``, ``0.834512``); None (failed) as is."""
+    return f"{value:.6g}" if isinstance(value, (int, float)) else str(value)
+
+
 def search_black_box(cfg, run_dir: Optional[str] = None,
                      evaluate: Optional[Callable[[Genotype, str], TrialResult]] = None) -> dict:
     """Run a black-box search (random or Bayesian) as configured; returns the metrics of ``metrics.json``.
@@ -307,6 +312,7 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
              if cfg.strategy.budget_tokens else "", f"{strategy.size:,}", run_dir)
     # the search's wall seconds across resumes: the earlier processes' (as the last record has them) + this one's
     clock = Clock(trials.search_seconds)
+    budget_met = False
     bar = tqdm(total=cfg.strategy.trials, desc=cfg.strategy.name, unit="trial", disable=not cfg.progress,
                dynamic_ncols=True)
     try:
@@ -392,13 +398,21 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
                            search_seconds=clock.now())
                 if was_best:
                     log_genotype(writer, proposal.genotype, trials.n)
-                log.info("trial %d: %s = %s%s (best %s), %.1f s, %d tokens: %s", trials.n, metric, result.value,
-                         "" if result.pruned is None else f" (pruned after epoch {result.pruned})", trials.best,
-                         result.wall_seconds, result.train_tokens, proposal.genotype)
+                log.info("trial %d%s: %s = %s%s (best %s), %.1f s, %d tokens: %s", trials.n,
+                         f" (study trial {number})" if cfg.strategy.get("storage") and number is not None else "",
+                         metric, _figure(result.value),
+                         "" if result.pruned is None else f" (pruned after epoch {result.pruned})",
+                         _figure(trials.best), result.wall_seconds, result.train_tokens, proposal.genotype)
                 bar.update(1)
                 bar.set_postfix(best=f"{trials.best:.4g}" if trials.best is not None else "-")
+            else:  # the loop's condition ended it: the trial budget is met (not the tokens', not an exhausted space)
+                budget_met = True
     finally:
         bar.close()
+    if budget_met and trials.n == 0 and cfg.strategy.get("storage"):
+        log.info("study %r had its budget of %d trials filled already (other workers' trials): this worker trained "
+                 "nothing; strategy.trials=<more> with the same study goes on with it", cfg.strategy.study_name,
+                 cfg.strategy.trials)
     best_genotype, best_value = trials.best_genotype, trials.best
     shared = strategy.study_best() if hasattr(strategy, "study_best") else None
     # the three evaluations of the best trial: this worker's record of it (None when another worker of a shared

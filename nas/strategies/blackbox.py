@@ -466,6 +466,14 @@ class BayesianStrategy:
         if made != self.directions:
             raise ConfigError(f"study {cfg.study_name!r} in {storage} was created to {' / '.join(made)}, this run needs "
                               f"to {' / '.join(self.directions)}")
+        if cfg.storage:  # a shared study remembers the sampler of its first worker; another one is said once
+            first = self.study.user_attrs.get("sampler")
+            if first is None:
+                self.study.set_user_attr("sampler", self.sampler_name)
+            elif first != self.sampler_name:
+                log.warning("study %r was started by a worker proposing with %s; this one proposes with %s, so the "
+                            "study mixes both samplers' proposals (intended? else give this worker the other's "
+                            "strategy)", cfg.study_name, first, self.sampler_name)
 
     def _continued(self, running: list):
         """A pruned search's own study, resumed: its interrupted trial (the newest RUNNING one with its params) goes
