@@ -84,7 +84,8 @@ class FreeCoreWatch:
 
     A compiled run (``compile=true``, :func:`compile_model`) keeps its count, with one warning per run when the free
     cores differ from it: Dynamo guards compiled code on the thread count ("GLOBAL_STATE changed: num_threads"), so
-    each new count would compile the cell's step again (minutes on 2 cores).  Runs that must match bit for bit give ``num_threads=``: the count changes the floats.
+    each new count would compile the cell's step again (minutes on 2 cores).  Runs that must match bit for bit give
+    ``num_threads=``: the count changes the floats.
 
     Args: ``default``: torch's own count (the most this sets); ``cpus``: the cores this process may use;
         ``clock``, ``ticks``, ``own``: time sources (tests pass their own).
