@@ -80,6 +80,8 @@ def resolve_arch(arch: str, base_dir: Optional[str] = None) -> Tuple[Genotype, s
 
         close = difflib.get_close_matches(arch.lower(), names, n=1) if os.sep not in arch else []
         hint = f"; did you mean arch={close[0]}?" if close else ""
+        if os.sep in arch or arch.lower().endswith(".json"):  # meant as a file
+            raise GenotypeError(_usage(f"arch={arch!r}: no such file or directory ({path})"))
         raise GenotypeError(_usage(f"arch={arch!r} is neither a published genotype nor an existing file ({path})"
                                    f"{hint}"))
     return Genotype.load(path), path
@@ -87,4 +89,4 @@ def resolve_arch(arch: str, base_dir: Optional[str] = None) -> Tuple[Genotype, s
 
 def _usage(problem: str) -> str:
     return (f"{problem}{'' if problem.endswith('?') else '.'} Use arch=<name> with a published genotype ({', '.join(published_names())}) or "
-            "arch=<path/to/genotype.json> written by search.py")
+            "arch=<path/to/genotype.json, or a search run dir> written by search.py")

@@ -617,6 +617,23 @@ def test_a_resume_on_another_thread_count_than_the_checkpoints_says_it_will_not_
         torch.set_num_threads(before)
 
 
+def test_the_resume_hint_names_a_thread_count_chosen_from_the_free_cores(monkeypatch):
+    import nas.engine.common as common
+    from nas.engine.resume import interrupted
+
+    monkeypatch.setattr(common, "_WATCH", None)  # num_threads= or OMP_NUM_THREADS given: the user's own count
+    assert "num_threads" not in str(interrupted("/r", "search.py", "after step 3"))
+    monkeypatch.setattr(common, "_WATCH", common.FreeCoreWatch(2, 2, every=30.0))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        message = str(interrupted("/r", "search.py", "after step 3"))
+    finally:
+        torch.set_num_threads(before)
+    assert message.endswith("Resume with: python search.py resume=/r (it ran on 1 CPU thread(s), chosen from the free "
+                            "cores: add num_threads=1 for a continuation bit-identical to an uninterrupted run)")
+
+
 def test_resuming_another_scripts_run_names_the_script(interrupted_run):
     with pytest.raises(ConfigError, match=r"is a run of search.py: resume it with `python search.py resume="):
         resume("train", str(interrupted_run), train)

@@ -72,10 +72,12 @@ def test_resolve_arch_unknown_name_lists_valid_names(tmp_path):
         resolve_arch("ENSA", base_dir=str(tmp_path))
     with pytest.raises(GenotypeError) as err:  # a path is not guessed at, and nothing close is not either
         resolve_arch(os.path.join("runs", "darts_v2"), base_dir=str(tmp_path))
-    assert "did you mean" not in str(err.value)
-    with pytest.raises(GenotypeError) as err:
+    assert "did you mean" not in str(err.value) and "': no such file or directory (" in str(err.value)
+    with pytest.raises(GenotypeError) as err:  # a file name is a file, not "neither a published genotype nor..."
         resolve_arch("my_cell.json", base_dir=str(tmp_path))
-    assert "did you mean" not in str(err.value)
+    assert "did you mean" not in str(err.value) and "arch='my_cell.json': no such file or directory" in str(err.value)
+    with pytest.raises(GenotypeError, match="nothing_close_at_all' is neither a published genotype"):
+        resolve_arch("nothing_close_at_all", base_dir=str(tmp_path))
 
 
 def test_resolve_arch_file_relative_to_launch_dir_and_run_dir(tmp_path):

@@ -425,7 +425,7 @@ def search_black_box(cfg, run_dir: Optional[str] = None,
     if shared is not None and better(shared[0], best_value, direction):  # another worker's trial of the study
         best_value, best_genotype = shared
         figures = trials.figures_of(best_genotype)
-        log.info("the shared study's best trial is another worker's: %s = %s", metric, best_value)
+        log.info("the shared study's best trial is another worker's: %s = %s", metric, _figure(best_value))
     if best_genotype is None:
         writer.close()
         raise SearchFailed(f"no trial of {cfg.strategy.name} succeeded (this worker's or, in a shared study, "

@@ -129,7 +129,7 @@ class FreeCoreWatch:
             return None
         torch.set_num_threads(threads)
         log.info("%.1f of %d cores were busy with other processes over the last %.0f s: running on %d thread(s) "
-                 "now, not %d (num_threads= fixes the count)", busy, self.cpus, now - t0, threads, current)
+                 "now, not %d (give num_threads=N to fix the count)", busy, self.cpus, now - t0, threads, current)
         return threads
 
 
@@ -167,8 +167,8 @@ def fit_threads_to_free_cores() -> Optional[int]:
     if threads == default:
         return None
     torch.set_num_threads(threads)
-    log.info("%.1f of %d cores are busy with other processes: running on %d thread(s), not %d (num_threads= "
-             "chooses)", busy, cpus, threads, default)
+    log.info("%.1f of %d cores are busy with other processes: running on %d thread(s), not %d (give num_threads=N "
+             "to fix the count)", busy, cpus, threads, default)
     return threads
 
 

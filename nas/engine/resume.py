@@ -111,7 +111,14 @@ def interrupted(run_dir: str, script: str, where: str, saved: Optional[str] = No
     signum = _stop["signal"] or signal.SIGINT
     name = signal.Signals(signum).name
     saved = saved or f"checkpoint {os.path.join(run_dir, CHECKPOINT)} written"
-    return Interrupted(f"{name}: stopped {where}; {saved}. Resume with: python {script} resume={run_dir}",
+    from nas.engine import common
+
+    threads = ""
+    if common._WATCH is not None and common._WATCH.every:  # a count chosen from the free cores (num_threads: null)
+        n = torch.get_num_threads()
+        threads = (f" (it ran on {n} CPU thread(s), chosen from the free cores: add num_threads={n} for a "
+                   "continuation bit-identical to an uninterrupted run)")
+    return Interrupted(f"{name}: stopped {where}; {saved}. Resume with: python {script} resume={run_dir}{threads}",
                        128 + int(signum))
 
 
